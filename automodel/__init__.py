@@ -1,0 +1,24 @@
+"""automodel: fine-tune Hugging Face LLMs with pure torch.func steps.
+
+    cfg = automodel.load_config("configs_toml/quickstart.toml", overrides=["optim.lr=3e-4"])
+    result = automodel.train(cfg)
+    result.output_dir, result.metrics["eval_loss"]
+"""
+
+from automodel.config import ConfigError, TrainConfig, load_config, validate
+from automodel.training.loop import TrainResult
+
+__version__ = "0.1.0"
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Runs the recipe the config names. Accepts a loaded config, one built in code, or an attrs.evolve
+    variant; it is validated again here, since code-built configs skip the loader."""
+    from automodel import distributed
+    from automodel.recipes import RECIPES
+
+    validate(cfg, world_size=distributed.rank_info().world_size)
+    return RECIPES[cfg.recipe](cfg)
+
+
+__all__ = ["ConfigError", "TrainConfig", "TrainResult", "load_config", "train"]

@@ -1,0 +1,67 @@
+"""The `automodel` command.
+
+    automodel run --config X.toml [KEY=VALUE ...]          train (same as python launch/run.py)
+    automodel config show --config X.toml [KEY=VALUE ...]  the fully resolved config as TOML
+    automodel config docs                                  every key with type, default and doc (Markdown)
+"""
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from automodel.config import ConfigError, load_config, to_toml
+
+OVERRIDES_HELP = ("dotted overrides with TOML values, e.g. optim.lr=3e-5 train.max_steps=20 "
+                  "'model.name_or_path=\"./my-model\"' (a value that is not valid TOML is taken as a string)")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="TOML config file")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="automodel", description="Fine-tune Hugging Face LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train with a config")
+    _add_config_args(run)
+    run.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    config = sub.add_parser("config", help="inspect configs")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    _add_config_args(config_sub.add_parser("show", help="print the resolved config as TOML, defaults included"))
+    config_sub.add_parser("docs", help="print the reference of every config key (Markdown)")
+    return parser
+
+
+def run_command(config: str, overrides: Sequence[str]) -> int:
+    import automodel
+
+    try:
+        cfg = load_config(config, overrides)
+        result = automodel.train(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    del result
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "run":
+        return run_command(args.config, args.overrides)
+    if args.config_command == "docs":
+        from automodel.config.docs import config_reference
+
+        sys.stdout.write(config_reference())
+        return 0
+    try:
+        sys.stdout.write(to_toml(load_config(args.config, args.overrides)))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""The configuration schema: frozen attrs sections, the single source of defaults.
+
+Every field carries a one-line doc in its metadata; `docs/config.md` is generated from it
+(`automodel config docs`), so the documentation cannot drift from the code.
+"""
+
+
+from typing import Any, Literal, Optional
+
+import attrs
+
+
+def field(default: Any = attrs.NOTHING, doc: str = "", factory: Any = None) -> Any:
+    """An attrs field with a one-line doc. Sections are keyword-only, so defaults may come in any order."""
+    if factory is not None:
+        return attrs.field(factory=factory, metadata={"doc": doc})
+    return attrs.field(default=default, metadata={"doc": doc})
+
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+@attrs.frozen(kw_only=True)
+class ModelConfig:
+    """The model to fine-tune."""
+
+    name_or_path: str = field("", "Hugging Face hub id or local directory; may be empty with init = \"random\".")
+    init: Literal["pretrained", "random"] = field(
+        "pretrained", "\"pretrained\" loads weights from name_or_path; \"random\" builds the architecture from config."
+    )
+    dtype: Dtype = field("float32", "Dtype of the model weights (and of the forward pass).")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = field(
+        "sdpa", "Attention kernel passed to transformers."
+    )
+    trust_remote_code: bool = field(False, "Allow model code from the hub repository to run. Off unless you trust it.")
+    config: dict[str, Any] = field(
+        doc="HF config fields applied on top of the model's config; with init = \"random\", "
+        "`model_type` (e.g. \"llama\") plus any fields define the architecture.",
+        factory=dict,
+    )
+
+
+@attrs.frozen(kw_only=True)
+class TokenizerConfig:
+    """The tokenizer; defaults to the model's own."""
+
+    name_or_path: str = field("", "Hub id or local directory; empty means model.name_or_path.")
+
+
+@attrs.frozen(kw_only=True)
+class DataSourceConfig:
+    """One dataset: where it comes from and how its rows become prompt and response."""
+
+    source: str = field(doc="Hub dataset id, or a local file (.json, .jsonl, .csv, .parquet, .txt) or directory.")
+    format: Literal["squad", "instruction"] = field(
+        "squad", "How a row becomes (prompt, response): squad (context, question, answers) or instruction."
+    )
+    split: str = field("train", "Split to read; datasets slicing such as \"train[:90%]\" works.")
+    limit: Optional[int] = field(None, "Use only the first `limit` rows (after split); unset means all.")
+    columns: dict[str, str] = field(
+        doc="Maps the format's fields to your column names, e.g. { output = \"answer\" }.", factory=dict
+    )
+
+
+@attrs.frozen(kw_only=True)
+class DataConfig:
+    """Datasets, tokenisation and sequence length."""
+
+    seq_len: int = field(512, "Maximum tokens per sample (prompt + response + special tokens).")
+    truncate: Literal["drop", "right"] = field(
+        "drop", "Samples longer than seq_len: \"drop\" them, or cut tokens from the \"right\"; counts are reported."
+    )
+    prompt_template: Literal["plain", "alpaca"] = field(
+        "plain", "Instruction format only: how instruction and input become the prompt."
+    )
+    train: Optional[DataSourceConfig] = field(None, "The training set (required).")
+    validation: Optional[DataSourceConfig] = field(None, "The held-out set for eval loss and exact match; optional.")
+
+
+@attrs.frozen(kw_only=True)
+class OptimConfig:
+    """AdamW."""
+
+    lr: float = field(1e-5, "Peak learning rate.")
+    weight_decay: float = field(0.0, "Decoupled weight decay, applied to matrices only (not to biases or norms).")
+    betas: tuple[float, float] = field((0.9, 0.999), "Adam betas.")
+    eps: float = field(1e-8, "Adam epsilon.")
+    clip_grad_norm: float = field(1.0, "Clip gradients to this global L2 norm; 0 turns clipping off.")
+
+
+@attrs.frozen(kw_only=True)
+class ScheduleConfig:
+    """Learning-rate schedule: linear warmup, then the chosen shape down to min_lr."""
+
+    kind: Literal["constant", "linear", "cosine", "wsd"] = field(
+        "cosine", "constant, linear decay, cosine decay, or wsd (warmup-stable-decay)."
+    )
+    warmup_steps: int = field(0, "Steps of linear warmup from 0 to optim.lr.")
+    min_lr: float = field(0.0, "Learning rate the decay heads to (linear, cosine, wsd); reached one step after the last.")
+    decay_fraction: float = field(0.1, "wsd only: fraction of the steps spent in the final linear decay.")
+
+
+@attrs.frozen(kw_only=True)
+class TrainingConfig:
+    """Batching, length of training, evaluation cadence."""
+
+    global_batch_size: int = field(32, "Samples per optimizer step, over all ranks and accumulation steps.")
+    micro_batch_size: int = field(4, "Samples per forward/backward on one rank; accumulation = global / (micro * ranks).")
+    max_steps: Optional[int] = field(None, "Optimizer steps to run; give this or epochs.")
+    epochs: Optional[float] = field(None, "Passes over the training set (may be fractional); give this or max_steps.")
+    eval_every: int = field(0, "Evaluate every N steps (and always at the end); 0 means only at the end.")
+    log_every: int = field(10, "Log a line and a metrics.jsonl row every N steps.")
+    grad_method: Literal["autograd", "grad_and_value"] = field(
+        "autograd", "autograd: functional_call + torch.autograd.grad (module speed); grad_and_value: torch.func."
+    )
+
+
+@attrs.frozen(kw_only=True)
+class EvalConfig:
+    """Held-out evaluation."""
+
+    micro_batch_size: int = field(0, "Samples per eval forward; 0 means train.micro_batch_size.")
+    max_batches: int = field(0, "Evaluate loss on at most this many micro-batches; 0 means the whole validation set.")
+    generate_samples: int = field(
+        0, "Greedy-decode this many validation prompts and report exact match of the answer; 0 turns it off."
+    )
+    max_new_tokens: int = field(32, "Token budget per generated answer.")
+    at_start: bool = field(False, "Also evaluate before the first step, to show where training started.")
+
+
+@attrs.frozen(kw_only=True)
+class DistributedConfig:
+    """How the step runs."""
+
+    backend: Literal["functional"] = field(
+        "functional", "functional: torch.func step with pure AdamW (\"deepspeed\" arrives with the DeepSpeed backend)."
+    )
+
+
+@attrs.frozen(kw_only=True)
+class CheckpointConfig:
+    """What is written at the end of a run."""
+
+    save_final: bool = field(True, "Write the trained model (safetensors + config + tokenizer) to <output_dir>/final.")
+
+
+@attrs.frozen(kw_only=True)
+class LoggingConfig:
+    """Console, progress bar and metrics.jsonl."""
+
+    progress_bar: Literal["auto", "on", "off"] = field("auto", "tqdm bar: auto shows it only on a terminal.")
+    peak_tflops: float = field(
+        0.0, "Accelerator peak TFLOP/s for MFU; 0 uses a built-in table of known GPUs (no MFU on CPU)."
+    )
+
+
+@attrs.frozen(kw_only=True)
+class TrainConfig:
+    """A whole fine-tuning run."""
+
+    recipe: Literal["llm_finetune"] = field("llm_finetune", "Which recipe runs the config.")
+    seed: int = field(42, "Seeds model init, data order and dropout.")
+    output_dir: str = field("runs/default", "Where config.toml, metrics.jsonl and final/ are written.")
+    model: ModelConfig = field(factory=ModelConfig, doc="")
+    tokenizer: TokenizerConfig = field(factory=TokenizerConfig, doc="")
+    data: DataConfig = field(factory=DataConfig, doc="")
+    optim: OptimConfig = field(factory=OptimConfig, doc="")
+    schedule: ScheduleConfig = field(factory=ScheduleConfig, doc="")
+    train: TrainingConfig = field(factory=TrainingConfig, doc="")
+    eval: EvalConfig = field(factory=EvalConfig, doc="")
+    distributed: DistributedConfig = field(factory=DistributedConfig, doc="")
+    checkpoint: CheckpointConfig = field(factory=CheckpointConfig, doc="")
+    logging: LoggingConfig = field(factory=LoggingConfig, doc="")

@@ -1,0 +1,74 @@
+"""Which samples a step sees (a pure function of seed, step, rank, world) and how they become tensors."""
+
+import functools
+from typing import Sequence
+
+import attrs
+import torch
+
+from automodel.config import ConfigError
+from automodel.data.tokenize import IGNORE_INDEX, TokenizedSet
+
+
+@attrs.frozen
+class BatchPlan:
+    """Each epoch is a seeded permutation of the samples; step s takes the next `global_batch_size` of it
+    (the tail that does not fill a batch is skipped). Rank r takes a contiguous slice of that global batch
+    and splits it into micro-batches. Nothing is replayed on resume: step s is computed directly."""
+
+    num_samples: int
+    global_batch_size: int
+    micro_batch_size: int
+    world_size: int = 1
+    seed: int = 0
+
+    def __attrs_post_init__(self):
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"the training set has {self.num_samples} samples, fewer than one global batch "
+                              f"({self.global_batch_size}); lower train.global_batch_size or add data")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_samples // self.global_batch_size
+
+    @property
+    def accumulation_steps(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.world_size)
+
+    def global_indices(self, step: int) -> list[int]:
+        epoch, offset = divmod(step, self.steps_per_epoch)
+        start = offset * self.global_batch_size
+        return _permutation(self.num_samples, self.seed, epoch)[start:start + self.global_batch_size]
+
+    def micro_batches(self, step: int, rank: int = 0) -> list[list[int]]:
+        """The sample indices of each of this rank's micro-batches at `step`."""
+        per_rank = self.global_batch_size // self.world_size
+        mine = self.global_indices(step)[rank * per_rank:(rank + 1) * per_rank]
+        m = self.micro_batch_size
+        return [mine[i:i + m] for i in range(0, per_rank, m)]
+
+
+@functools.lru_cache(maxsize=2)
+def _permutation(n: int, seed: int, epoch: int) -> list[int]:
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=gen).tolist()
+
+
+def collate(dataset: TokenizedSet, indices: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded to the longest sample: input_ids, attention_mask, labels (-100 on padding)."""
+    length = max(len(dataset.input_ids[i]) for i in indices)
+    ids = torch.full((len(indices), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(indices), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(indices), length), dtype=torch.long)
+    for row, i in enumerate(indices):
+        n = len(dataset.input_ids[i])
+        ids[row, :n] = torch.tensor(dataset.input_ids[i])
+        labels[row, :n] = torch.tensor(dataset.labels[i])
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def eval_batches(dataset: TokenizedSet, batch_size: int, max_batches: int = 0) -> list[list[int]]:
+    """The validation set in order, in batches; all of it unless max_batches > 0."""
+    batches = [list(range(i, min(i + batch_size, len(dataset)))) for i in range(0, len(dataset), batch_size)]
+    return batches[:max_batches] if max_batches > 0 else batches

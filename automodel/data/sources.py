@@ -1,0 +1,79 @@
+"""Rows from a hub dataset id or a local file, through the `datasets` library."""
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import datasets
+
+from automodel.config import ConfigError, DataSourceConfig
+
+# Local file extension -> `datasets` builder.
+BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+
+def load_rows(src: DataSourceConfig) -> datasets.Dataset:
+    """The rows of `src.split` (datasets slicing syntax works), cut to `src.limit`."""
+    path = Path(src.source)
+    squad_rows = _nested_squad_rows(path) if path.is_file() else None
+    if squad_rows is not None:
+        ds = _slice(datasets.Dataset.from_list(squad_rows), src.split, src.source)
+    elif path.is_file():
+        builder = BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise ConfigError(f"{src.source}: unsupported file type; use one of {', '.join(BUILDERS)}")
+        ds = _load(builder, src, data_files=str(path))
+    elif path.is_dir():
+        ds = _load(str(path), src)
+    else:
+        ds = _load(src.source, src)
+    if src.limit is not None:
+        ds = ds.select(range(min(src.limit, len(ds))))
+    return ds
+
+
+def _load(name: str, src: DataSourceConfig, **kwargs) -> datasets.Dataset:
+    try:
+        return datasets.load_dataset(name, split=src.split, **kwargs)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"data source `{src.source}` (split `{src.split}`) could not be loaded: {e}") from None
+    except ConnectionError as e:
+        raise ConfigError(f"data source `{src.source}`: not a local file and the hub is unreachable: {e}") from None
+
+
+def _slice(ds: datasets.Dataset, split: str, source: str) -> datasets.Dataset:
+    try:
+        (instr,) = datasets.ReadInstruction.from_spec(split).to_absolute({"train": len(ds)})
+    except (ValueError, KeyError, AssertionError) as e:
+        raise ConfigError(f"{source}: bad split `{split}` (a local file has one split, `train`): {e}") from None
+    return ds.select(range(instr.from_, instr.to))
+
+
+def _nested_squad_rows(path: Path) -> Optional[list[dict]]:
+    """Rows of the official SQuAD json ({"data": [{"title", "paragraphs": [{"context", "qas"}]}]}), one per
+    question in the hub's `rajpurkar/squad` schema; None for any other file."""
+    if path.suffix.lower() != ".json":
+        return None
+    with open(path, "rb") as f:
+        if not f.read(64).lstrip().startswith(b"{"):
+            return None  # a JSON array of rows
+    try:
+        with open(path) as f:
+            top = json.load(f)
+    except json.JSONDecodeError:
+        return None  # JSON lines saved as .json
+    articles = top.get("data") if isinstance(top, dict) else None
+    if not (isinstance(articles, list) and articles and isinstance(articles[0], dict)
+            and "paragraphs" in articles[0]):
+        return None
+    rows = []
+    for article in articles:
+        for para in article["paragraphs"]:
+            for qa in para["qas"]:
+                rows.append({
+                    "id": qa["id"], "title": article.get("title", ""), "context": para["context"],
+                    "question": qa["question"],
+                    "answers": {"text": [a["text"] for a in qa["answers"]],
+                                "answer_start": [a["answer_start"] for a in qa["answers"]]},
+                })
+    return rows

@@ -1,0 +1,83 @@
+"""Build the tokenizer and the causal LM that a config names: from the hub, a local dir, or from config."""
+
+from typing import Any
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from automodel.config import ConfigError, ModelConfig, TokenizerConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_tokenizer(tok_cfg: TokenizerConfig, model_cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer named in [tokenizer], else the model's. A missing pad token becomes EOS (padding is
+    masked out of attention and loss, so which id pads does not matter)."""
+    name = tok_cfg.name_or_path or model_cfg.name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=model_cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"tokenizer `{name}` could not be loaded (a hub id or a local directory): {e}") from None
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ConfigError(f"tokenizer `{name}` has neither a pad nor an EOS token; add one to the tokenizer")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def _hf_config(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> transformers.PretrainedConfig:
+    fields = dict(model_cfg.config)
+    if model_cfg.name_or_path:
+        hf_cfg = AutoConfig.from_pretrained(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
+        for key, value in fields.items():
+            setattr(hf_cfg, key, value)
+        return hf_cfg
+    model_type = fields.pop("model_type")
+    # Vocab size and special ids follow the tokenizer unless the config pins them.
+    fields.setdefault("vocab_size", len(tokenizer))
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        fields.setdefault(name, getattr(tokenizer, name))
+    try:
+        return AutoConfig.for_model(model_type, **fields)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"model.config: cannot build a `{model_type}` config: {e}") from None
+
+
+def build_model(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> torch.nn.Module:
+    """A causal LM in train mode. Random init is seeded, so the same config gives the same weights."""
+    dtype = DTYPES[model_cfg.dtype]
+    common: dict[str, Any] = dict(attn_implementation=model_cfg.attn_implementation,
+                                  trust_remote_code=model_cfg.trust_remote_code)
+    if model_cfg.init == "random":
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(_hf_config(model_cfg, tokenizer), dtype=dtype, **common)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, dtype=dtype, **model_cfg.config,
+                                                         **common)
+        except OSError as e:
+            raise ConfigError(f"model `{model_cfg.name_or_path}` could not be loaded: {e}") from None
+    vocab = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > vocab:
+        raise ConfigError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has {vocab} rows; "
+            "use the model's own tokenizer or set model.config.vocab_size"
+        )
+    model.train()
+    return model
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward): 6 N for the matmuls plus 12 L d T for attention
+    scores (PaLM appendix B), with the input embedding left out of N since it is a lookup."""
+    cfg = model.config
+    n = count_params(model) - model.get_input_embeddings().weight.numel()
+    layers = getattr(cfg, "num_hidden_layers", 0)
+    hidden = getattr(cfg, "hidden_size", 0)
+    return 6.0 * n + 12.0 * layers * hidden * seq_len

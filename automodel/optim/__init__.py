@@ -1,0 +1,8 @@
+"""Pure optimizers and schedules."""
+
+from automodel.optim.adamw import (AdamWHyper, AdamWState, adamw_init, adamw_update, clip_by_global_norm,
+                                   no_decay_names)
+from automodel.optim.schedules import lr_at
+
+__all__ = ["AdamWHyper", "AdamWState", "adamw_init", "adamw_update", "clip_by_global_norm", "lr_at",
+           "no_decay_names"]

@@ -1,0 +1,1 @@
+"""TrainState, the pure step, evaluation and the loop."""

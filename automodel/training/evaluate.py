@@ -1,0 +1,75 @@
+"""Held-out evaluation: token-weighted loss, and exact match of greedily decoded answers."""
+
+import re
+import string
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from automodel.data import TokenizedSet
+from automodel.training.state import Tensors
+
+
+@torch.no_grad()
+def eval_loss(model: nn.Module, loss_fn: Callable, params: Tensors,
+              batches: Iterable[dict[str, torch.Tensor]]) -> tuple[float, int]:
+    """(summed token loss / label tokens over every batch, label tokens): each token counts once, however
+    the set is batched. Dropout is off while it runs."""
+    was_training = model.training
+    model.eval()
+    try:
+        total = torch.zeros((), dtype=torch.float64)
+        count = 0
+        for batch in batches:
+            loss_sum, n = loss_fn(params, batch)
+            total += loss_sum.double().cpu()
+            count += int(n)
+    finally:
+        model.train(was_training)
+    return (total / max(count, 1)).item(), count
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's official normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+@torch.no_grad()
+def greedy_answers(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]],
+                   max_new_tokens: int, batch_size: int, device: torch.device) -> list[str]:
+    """Greedy continuations of token-id prompts, decoded without special tokens, stopping at EOS."""
+    was_training = model.training
+    model.eval()
+    pad = tokenizer.pad_token_id
+    answers = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            width = max(map(len, chunk))
+            # Left padding, so every prompt ends where generation starts.
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+            answers += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    finally:
+        model.train(was_training)
+    return answers
+
+
+def exact_match(model: nn.Module, tokenizer: PreTrainedTokenizerBase, dataset: TokenizedSet, samples: int,
+                max_new_tokens: int, batch_size: int, device: torch.device) -> tuple[float, list[tuple[str, str]]]:
+    """(fraction of the first `samples` validation rows whose decoded answer equals a reference after
+    normalisation, [(prediction, first reference), ...])."""
+    n = min(samples, len(dataset))
+    prompts = [dataset.input_ids[i][:dataset.prompt_lens[i]] for i in range(n)]
+    predictions = greedy_answers(model, tokenizer, prompts, max_new_tokens, batch_size, device)
+    hits = sum(normalize_answer(p) in {normalize_answer(r) for r in dataset.references[i]}
+               for i, p in enumerate(predictions))
+    return hits / max(n, 1), [(p, dataset.references[i][0]) for i, p in enumerate(predictions)]
+

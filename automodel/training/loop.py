@@ -1,0 +1,78 @@
+"""The training loop: batches in, the pure step, and around it every side effect (log, eval, progress)."""
+
+import math
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import attrs
+import torch
+
+from automodel.data import BatchPlan, TokenizedSet, collate
+from automodel.loggers import RunLogger
+from automodel.training.state import TrainState
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@attrs.frozen
+class TrainResult:
+    output_dir: Path
+    metrics: dict  # steps, train_loss, eval_loss, exact_match (and exact_match_at_start), wall_s
+    final_dir: Optional[Path] = None  # the saved HF model, when checkpoint.save_final
+
+
+def run_loop(
+    state: TrainState,
+    *,
+    train_step: Callable,
+    plan: BatchPlan,
+    train_set: TokenizedSet,
+    max_steps: int,
+    rank: int,
+    device: torch.device,
+    pad_id: int,
+    logger: RunLogger,
+    log_every: int,
+    eval_every: int = 0,
+    evaluate: Optional[Callable[[TrainState], dict]] = None,
+    flops_per_token: float = 0.0,
+    peak_flops: Optional[float] = None,
+) -> tuple[TrainState, dict]:
+    """Steps from state.step to max_steps. Returns the final state and the last logged row.
+
+    Timing covers whole log windows (no per-step device sync): ms/step and tokens/s (non-padding input
+    tokens over all ranks) are window averages; the loss is that of the logged step.
+    """
+    last_row: dict = {}
+    window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
+    while state.step < max_steps:
+        cpu_batches = [collate(train_set, idx, pad_id) for idx in plan.micro_batches(state.step, rank)]
+        window_tokens += sum(int(b["attention_mask"].sum()) for b in cpu_batches) * plan.world_size
+        micro_batches = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in cpu_batches]
+
+        state, metrics = train_step(state, micro_batches)
+
+        window_steps += 1
+        logger.advance()
+        if state.step % log_every == 0 or state.step == max_steps:
+            loss = metrics.loss.item()  # the one device sync per log window
+            if not math.isfinite(loss):
+                raise NonFiniteLoss(f"the loss is {loss} at step {state.step}; lower optim.lr, keep "
+                                    f"optim.clip_grad_norm on, or use model.dtype = \"float32\"")
+            seconds = time.perf_counter() - window_start
+            tokens_per_s = window_tokens / seconds
+            last_row = {
+                "step": state.step, "loss": loss, "lr": metrics.lr, "grad_norm": metrics.grad_norm.item(),
+                "tokens_per_s": tokens_per_s, "ms_per_step": 1000 * seconds / window_steps,
+                "epoch": state.data_position / (plan.steps_per_epoch * plan.global_batch_size),
+                "mfu": flops_per_token * tokens_per_s / peak_flops if peak_flops else None,
+            }
+            logger.row(last_row)
+            window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
+        if evaluate is not None and eval_every and state.step % eval_every == 0 and state.step < max_steps:
+            logger.row(evaluate(state))
+            window_start = time.perf_counter()  # eval time is not step time
+    return state, last_row

@@ -1,0 +1,91 @@
+"""The training state: an immutable record that a step maps to a new one."""
+
+import contextlib
+from typing import Iterator
+
+import attrs
+import torch
+from torch import nn
+
+from automodel.optim import AdamWState, adamw_init
+
+Tensors = dict[str, torch.Tensor]
+
+
+@attrs.frozen
+class TrainState:
+    step: int  # optimizer updates applied
+    params: Tensors  # trainable tensors only, by parameter name
+    opt_state: AdamWState
+    rng: dict[str, torch.Tensor]  # generator states ("cpu", and "cuda" on a GPU) for dropout
+    data_position: int  # samples of the training order consumed (step x global batch)
+
+
+def rng_snapshot(device: torch.device) -> dict[str, torch.Tensor]:
+    rng = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return rng
+
+
+@contextlib.contextmanager
+def rng_scope(rng: dict[str, torch.Tensor], device: torch.device) -> Iterator[list]:
+    """Runs the body with the global generators set from `rng` and leaves the caller's untouched; the
+    yielded list receives the generator states at the end of the body."""
+    out: list = []
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], device)
+        yield out
+        out.append(rng_snapshot(device))
+
+
+class ParamBinding:
+    """Separates a module's trainable tensors from the module, so the state alone owns them.
+
+    The module keeps its structure, buffers and frozen weights; each trainable parameter is replaced by a
+    meta placeholder (tied aliases share one placeholder), so weights are not held twice. `bound(params)`
+    puts real tensors back temporarily, for generate() and save_pretrained().
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._aliases: dict[str, list[str]] = {}
+        first_name: dict[int, str] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            if p.requires_grad:
+                canonical = first_name.setdefault(id(p), name)
+                self._aliases.setdefault(canonical, []).append(name)
+
+    def take(self) -> Tensors:
+        """The trainable tensors (detached, sharing storage); the module is left holding placeholders."""
+        params = {name: self.model.get_parameter(name).detach() for name in self._aliases}
+        self._assign({name: nn.Parameter(torch.empty_like(p, device="meta")) for name, p in params.items()})
+        return params
+
+    def _assign(self, tensors: dict[str, torch.Tensor]) -> None:
+        for canonical, names in self._aliases.items():
+            for name in names:
+                module_name, _, attr = name.rpartition(".")
+                self.model.get_submodule(module_name)._parameters[attr] = tensors[canonical]
+
+    @contextlib.contextmanager
+    def bound(self, params: Tensors) -> Iterator[nn.Module]:
+        placeholders = {name: self.model.get_parameter(name) for name in self._aliases}
+        self._assign({name: nn.Parameter(t, requires_grad=False) for name, t in params.items()})
+        try:
+            yield self.model
+        finally:
+            self._assign(placeholders)
+
+
+def init_state(params: Tensors, device: torch.device, seed: int) -> TrainState:
+    gen = torch.Generator().manual_seed(seed)
+    rng = {"cpu": gen.get_state()}
+    if device.type == "cuda":
+        cuda_gen = torch.Generator(device=device).manual_seed(seed)
+        rng["cuda"] = cuda_gen.get_state()
+    return TrainState(step=0, params=params, opt_state=adamw_init(params), rng=rng, data_position=0)
+

@@ -1,0 +1,48 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Nothing here may reach the hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def shared_data(relative: str) -> Path:
+    """A file under ../shared/data, or a skip that says why."""
+    path = SHARED_DATA / relative
+    if not path.exists():
+        pytest.skip(f"needs the shared test data at {path} (absent on this machine)")
+    return path
+
+
+def tiny_llama(vocab_size: int = 64, seed: int = 0, **overrides) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    fields = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                  tie_word_embeddings=False)
+    fields.update(overrides)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(LlamaConfig(**fields), attn_implementation="sdpa")
+
+
+def random_batch(n: int, length: int, vocab: int, seed: int) -> dict[str, torch.Tensor]:
+    """n rows of random tokens, ragged lengths (right padding), the first third of each row masked as prompt."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (n, length), generator=gen)
+    lengths = torch.randint(length // 2, length + 1, (n,), generator=gen)
+    mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
+    labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
+    labels[:, : length // 3] = -100
+    return {"input_ids": ids * mask, "attention_mask": mask, "labels": labels}
+
+
+def split_batch(batch: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
+    n = batch["input_ids"].shape[0]
+    return [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, n, size)]
