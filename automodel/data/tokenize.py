@@ -48,16 +48,16 @@ def tokenize_examples(examples: Sequence[Example], tokenizer: PreTrainedTokenize
     for example, p, r in zip(examples, prompts, responses):
         ids = p + r + eos
         labels = [IGNORE_INDEX] * len(p) + r + eos
-        if len(ids) > seq_len:
-            if truncate == "drop":
-                dropped += 1
-                continue
-            ids, labels = ids[:seq_len], labels[:seq_len]
-            truncated += 1
+        cut = len(ids) > seq_len
+        if cut and truncate == "drop":
+            dropped += 1
+            continue
+        ids, labels = ids[:seq_len], labels[:seq_len]
         # Labels are shifted by one in the loss, so position 0 never counts.
         if all(t == IGNORE_INDEX for t in labels[1:]):
             dropped += 1
             continue
+        truncated += cut
         out_ids.append(ids)
         out_labels.append(labels)
         out_prompt_lens.append(len(p))
