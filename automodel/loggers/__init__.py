@@ -17,7 +17,9 @@ class RunLogger:
                  start_step: int = 0):
         self.enabled = enabled
         self.max_steps = max_steps
-        self._file = open(output_dir / "metrics.jsonl", "a") if enabled else None
+        # A run from step 0 starts the file afresh; a resumed one continues it.
+        mode = "a" if start_step > 0 else "w"
+        self._file = open(output_dir / "metrics.jsonl", mode) if enabled else None
         show = progress_bar == "on" or (progress_bar == "auto" and sys.stderr.isatty())
         self._bar: Optional[tqdm] = (tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True)
                                      if enabled and show else None)

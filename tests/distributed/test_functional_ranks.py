@@ -1,0 +1,36 @@
+"""The functional backend on 2 processes (gloo) trains exactly like 1 process on the same global batch."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+COMMON = ["train.max_steps=4", "train.log_every=1", "schedule.warmup_steps=1", "train.global_batch_size=32",
+          "train.micro_batch_size=8", "eval.generate_samples=0", "data.validation.limit=16", "eval.at_start=false",
+          "checkpoint.save_final=false", "logging.progress_bar=\"off\""]
+
+
+def losses(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r], [r["eval_loss"] for r in rows if "eval_loss" in r]
+
+
+def test_two_ranks_match_one_rank(tmp_path):
+    """1 rank x 4 accumulation x 8 == 2 ranks x 2 accumulation x 8: same loss every step."""
+    base = ["launch/run.py", "--config", "configs_toml/quickstart.toml", *COMMON]
+    one = subprocess.run([sys.executable, *base, f"output_dir={tmp_path / 'one'}"], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          *base, f"output_dir={tmp_path / 'two'}"], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 rank(s)" in two.stdout and "(2 accumulation x 8 per rank)" in two.stdout
+    train_one, eval_one = losses(tmp_path / "one")
+    train_two, eval_two = losses(tmp_path / "two")
+    assert len(train_one) == 4
+    assert train_two == pytest.approx(train_one, rel=1e-5)
+    assert eval_two == pytest.approx(eval_one, rel=1e-5)
