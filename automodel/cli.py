@@ -2,6 +2,8 @@
 
     automodel run --config X.toml [KEY=VALUE ...]          train (same as python launch/run.py)
     automodel config show --config X.toml [KEY=VALUE ...]  the fully resolved config as TOML
+    automodel config deepspeed --config X.toml [--world-size N] [KEY=VALUE ...]
+                                                           the DeepSpeed JSON the run would use
     automodel config docs                                  every key with type, default and doc (Markdown)
 """
 
@@ -29,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="inspect configs")
     config_sub = config.add_subparsers(dest="config_command", required=True)
     _add_config_args(config_sub.add_parser("show", help="print the resolved config as TOML, defaults included"))
+    ds = config_sub.add_parser("deepspeed", help="print the DeepSpeed JSON derived from the config")
+    ds.add_argument("--world-size", type=int, default=None, help="ranks to plan for (default: from the environment)")
+    _add_config_args(ds)
     config_sub.add_parser("docs", help="print the reference of every config key (Markdown)")
     return parser
 
@@ -36,13 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
 def run_command(config: str, overrides: Sequence[str]) -> int:
     import automodel
 
+    from automodel import distributed
+
     try:
-        cfg = load_config(config, overrides)
-        result = automodel.train(cfg)
+        automodel.train(load_config(config, overrides))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    del result
+    finally:
+        distributed.teardown()
     return 0
 
 
@@ -56,7 +63,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sys.stdout.write(config_reference())
         return 0
     try:
-        sys.stdout.write(to_toml(load_config(args.config, args.overrides)))
+        if args.config_command == "deepspeed":
+            import json
+
+            from automodel.distributed import rank_info
+            from automodel.distributed.deepspeed_config import deepspeed_config
+
+            world = args.world_size or rank_info().world_size
+            cfg = load_config(args.config, args.overrides, world_size=world)
+            print(json.dumps(deepspeed_config(cfg, world), indent=2))
+        else:
+            sys.stdout.write(to_toml(load_config(args.config, args.overrides)))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -178,6 +178,15 @@ def _make_converter() -> cattrs.Converter:
     conv.register_structure_hook_func(
         lambda tp: typing.get_origin(tp) is tuple and Ellipsis not in typing.get_args(tp), fixed_tuple
     )
+
+    def literal(value: Any, tp: Any) -> Any:
+        # Compare type too: `true == 1` must not pass for `zero_stage`.
+        for choice in typing.get_args(tp):
+            if type(value) is type(choice) and value == choice:
+                return value
+        raise _TypeMismatch("expected one of " + ", ".join(repr(c) for c in typing.get_args(tp)))
+
+    conv.register_structure_hook_func(lambda tp: typing.get_origin(tp) is typing.Literal, literal)
     return conv
 
 
@@ -289,6 +298,21 @@ def validate(cfg: TrainConfig, world_size: int = 1, source: str = "config") -> T
         src = getattr(cfg.data, name)
         if src is not None and src.limit is not None and src.limit < 1:
             problems.append(f"data.{name}.limit must be >= 1 (got {src.limit}); leave it out for all rows")
+    d = cfg.distributed
+    if d.backend == "functional" and (d.offload_optimizer != "none" or d.offload_params != "none"
+                                      or d.deepspeed_overrides):
+        problems.append('distributed.offload_* and distributed.deepspeed_overrides need distributed.backend = '
+                        '"deepspeed"')
+    if d.offload_params != "none" and d.zero_stage != 3:
+        problems.append(f"distributed.offload_params needs distributed.zero_stage = 3 (got {d.zero_stage})")
+    if d.offload_optimizer != "none" and d.zero_stage == 0:
+        problems.append("distributed.offload_optimizer needs distributed.zero_stage >= 1")
+    if d.deepspeed_overrides:
+        from automodel.distributed.deepspeed_config import check_overrides
+
+        problems.extend(check_overrides(d.deepspeed_overrides))
+    if cfg.checkpoint.every < 0 or cfg.checkpoint.keep_last < 1:
+        problems.append("checkpoint.every must be >= 0 and checkpoint.keep_last >= 1")
     if cfg.eval.generate_samples > 0 and cfg.data.validation is None:
         problems.append("eval.generate_samples needs a [data.validation] set")
     if problems:

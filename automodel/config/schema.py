@@ -113,6 +113,10 @@ class TrainingConfig:
     grad_method: Literal["autograd", "grad_and_value"] = field(
         "autograd", "autograd: functional_call + torch.autograd.grad (module speed); grad_and_value: torch.func."
     )
+    resume: str = field(
+        "auto", "\"auto\": continue from the newest complete checkpoint in output_dir if there is one; "
+        "\"never\": start afresh; or the path of a checkpoint directory."
+    )
 
 
 @attrs.frozen(kw_only=True)
@@ -130,17 +134,31 @@ class EvalConfig:
 
 @attrs.frozen(kw_only=True)
 class DistributedConfig:
-    """How the step runs."""
+    """How the step runs across ranks."""
 
-    backend: Literal["functional"] = field(
-        "functional", "functional: torch.func step with pure AdamW (\"deepspeed\" arrives with the DeepSpeed backend)."
+    backend: Literal["functional", "deepspeed"] = field(
+        "functional", "functional: torch.func step, pure AdamW, explicit all-reduce; deepspeed: a DeepSpeed engine."
+    )
+    zero_stage: Literal[0, 1, 2, 3] = field(
+        3, "DeepSpeed ZeRO stage: 0 = plain data parallel, 1 = shard optimizer state, 2 = + gradients, 3 = + weights."
+    )
+    offload_optimizer: Literal["none", "cpu"] = field(
+        "none", "DeepSpeed: keep optimizer state (and the update) in CPU memory; stages 1-3."
+    )
+    offload_params: Literal["none", "cpu"] = field("none", "DeepSpeed: keep partitioned weights in CPU memory; stage 3.")
+    deepspeed_overrides: dict[str, Any] = field(
+        doc="Merged into the generated DeepSpeed JSON (see `automodel config deepspeed`); top-level keys are "
+        "checked, batch-size keys are refused (they come from [train]).",
+        factory=dict,
     )
 
 
 @attrs.frozen(kw_only=True)
 class CheckpointConfig:
-    """What is written at the end of a run."""
+    """Resumable checkpoints and the final model."""
 
+    every: int = field(0, "Save a resumable checkpoint every N steps; 0 means only at the end of the run.")
+    keep_last: int = field(2, "How many complete checkpoints to keep (older ones are deleted).")
     save_final: bool = field(True, "Write the trained model (safetensors + config + tokenizer) to <output_dir>/final.")
 
 

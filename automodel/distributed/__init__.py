@@ -1,6 +1,7 @@
 """Ranks: who am I (from the deepspeed launcher, torchrun or Slurm variables) and the gradient all-reduce."""
 
 import os
+import socket
 import attrs
 import torch
 import torch.distributed as dist
@@ -32,15 +33,19 @@ def device_for(info: RankInfo) -> torch.device:
     return torch.device("cpu")
 
 
-def setup(info: RankInfo, device: torch.device) -> AllReduce:
-    """Joins the process group when there are several ranks and returns the SUM all-reduce (None on one)."""
-    if info.world_size == 1:
-        return None
-    if not dist.is_initialized():
+def setup(info: RankInfo, device: torch.device, group_on_one_rank: bool = False) -> AllReduce:
+    """Joins the process group when there are several ranks (or when asked: DeepSpeed wants one even on a
+    single rank) and returns the SUM all-reduce of tensor lists (None on one rank)."""
+    if (info.world_size > 1 or group_on_one_rank) and not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+        if "MASTER_PORT" not in os.environ:
+            if info.world_size > 1:
+                raise RuntimeError("MASTER_PORT is not set; start several ranks with deepspeed, torchrun or srun")
+            os.environ["MASTER_PORT"] = str(_free_port())
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=info.rank,
                                 world_size=info.world_size)
+    if info.world_size == 1:
+        return None
 
     def all_reduce(tensors: list[torch.Tensor]) -> None:
         # One flat buffer per dtype: a collective per tensor costs a round trip each, and casting a token
@@ -57,6 +62,12 @@ def setup(info: RankInfo, device: torch.device) -> AllReduce:
                 offset += t.numel()
 
     return all_reduce
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def teardown() -> None:

@@ -17,9 +17,13 @@ class RunLogger:
                  start_step: int = 0):
         self.enabled = enabled
         self.max_steps = max_steps
-        # A run from step 0 starts the file afresh; a resumed one continues it.
-        mode = "a" if start_step > 0 else "w"
-        self._file = open(output_dir / "metrics.jsonl", mode) if enabled else None
+        # A run from step 0 starts the file afresh; a resumed one continues it, without the rows of the
+        # steps it is about to redo (logged after its checkpoint by the run that stopped).
+        path = output_dir / "metrics.jsonl"
+        if enabled and start_step > 0 and path.exists():
+            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start_step]
+            path.write_text("".join(ln + "\n" for ln in kept))
+        self._file = open(path, "a" if start_step > 0 else "w") if enabled else None
         show = progress_bar == "on" or (progress_bar == "auto" and sys.stderr.isatty())
         self._bar: Optional[tqdm] = (tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True)
                                      if enabled and show else None)

@@ -9,22 +9,21 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from automodel.data import TokenizedSet
-from automodel.training.state import Tensors
 
 
 @torch.no_grad()
-def eval_loss(model: nn.Module, loss_fn: Callable, params: Tensors,
+def eval_loss(model: nn.Module, loss_sum: Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]],
               batches: Iterable[dict[str, torch.Tensor]]) -> tuple[float, int]:
     """(summed token loss / label tokens over every batch, label tokens): each token counts once, however
-    the set is batched. Dropout is off while it runs."""
+    the set is batched. `model` is put in eval mode (no dropout) while it runs."""
     was_training = model.training
     model.eval()
     try:
         total = torch.zeros((), dtype=torch.float64)
         count = 0
         for batch in batches:
-            loss_sum, n = loss_fn(params, batch)
-            total += loss_sum.double().cpu()
+            loss, n = loss_sum(batch)
+            total += loss.double().cpu()
             count += int(n)
     finally:
         model.train(was_training)
@@ -41,7 +40,7 @@ def normalize_answer(text: str) -> str:
 
 @torch.no_grad()
 def greedy_answers(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]],
-                   max_new_tokens: int, batch_size: int, device: torch.device) -> list[str]:
+                   max_new_tokens: int, batch_size: int, device: torch.device, **generate_kwargs) -> list[str]:
     """Greedy continuations of token-id prompts, decoded without special tokens, stopping at EOS."""
     was_training = model.training
     model.eval()
@@ -55,7 +54,8 @@ def greedy_answers(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts
             ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+                                 do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                                 **generate_kwargs)
             answers += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     finally:
         model.train(was_training)
@@ -63,12 +63,13 @@ def greedy_answers(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts
 
 
 def exact_match(model: nn.Module, tokenizer: PreTrainedTokenizerBase, dataset: TokenizedSet, samples: int,
-                max_new_tokens: int, batch_size: int, device: torch.device) -> tuple[float, list[tuple[str, str]]]:
+                max_new_tokens: int, batch_size: int, device: torch.device,
+                **generate_kwargs) -> tuple[float, list[tuple[str, str]]]:
     """(fraction of the first `samples` validation rows whose decoded answer equals a reference after
     normalisation, [(prediction, first reference), ...])."""
     n = min(samples, len(dataset))
     prompts = [dataset.input_ids[i][:dataset.prompt_lens[i]] for i in range(n)]
-    predictions = greedy_answers(model, tokenizer, prompts, max_new_tokens, batch_size, device)
+    predictions = greedy_answers(model, tokenizer, prompts, max_new_tokens, batch_size, device, **generate_kwargs)
     hits = sum(normalize_answer(p) in {normalize_answer(r) for r in dataset.references[i]}
                for i, p in enumerate(predictions))
     return hits / max(n, 1), [(p, dataset.references[i][0]) for i, p in enumerate(predictions)]

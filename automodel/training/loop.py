@@ -40,6 +40,8 @@ def run_loop(
     evaluate: Optional[Callable[[TrainState], dict]] = None,
     flops_per_token: float = 0.0,
     peak_flops: Optional[float] = None,
+    checkpoint_every: int = 0,
+    save_checkpoint: Optional[Callable[[TrainState], None]] = None,
 ) -> tuple[TrainState, dict]:
     """Steps from state.step to max_steps. Returns the final state and the last logged row.
 
@@ -75,4 +77,8 @@ def run_loop(
         if evaluate is not None and eval_every and state.step % eval_every == 0 and state.step < max_steps:
             logger.row(evaluate(state))
             window_start = time.perf_counter()  # eval time is not step time
+        if save_checkpoint is not None and checkpoint_every and state.step % checkpoint_every == 0 \
+                and state.step < max_steps:
+            save_checkpoint(state)
+            window_start = time.perf_counter()
     return state, last_row

@@ -1,7 +1,7 @@
 """The training state: an immutable record that a step maps to a new one."""
 
 import contextlib
-from typing import Iterator
+from typing import Any, Iterator
 
 import attrs
 import torch
@@ -19,6 +19,7 @@ class TrainState:
     opt_state: AdamWState
     rng: dict[str, torch.Tensor]  # generator states ("cpu", and "cuda" on a GPU) for dropout
     data_position: int  # samples of the training order consumed (step x global batch)
+    engine: Any = None  # DeepSpeed backend: the engine, which owns params and optimizer; only its step touches it
 
 
 def rng_snapshot(device: torch.device) -> dict[str, torch.Tensor]:
@@ -81,11 +82,16 @@ class ParamBinding:
             self._assign(placeholders)
 
 
-def init_state(params: Tensors, device: torch.device, seed: int) -> TrainState:
-    gen = torch.Generator().manual_seed(seed)
-    rng = {"cpu": gen.get_state()}
+def initial_rng(seed: int, rank: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Generator states for dropout, distinct per rank."""
+    seed = seed + 7919 * rank
+    rng = {"cpu": torch.Generator().manual_seed(seed).get_state()}
     if device.type == "cuda":
-        cuda_gen = torch.Generator(device=device).manual_seed(seed)
-        rng["cuda"] = cuda_gen.get_state()
-    return TrainState(step=0, params=params, opt_state=adamw_init(params), rng=rng, data_position=0)
+        rng["cuda"] = torch.Generator(device=device).manual_seed(seed).get_state()
+    return rng
+
+
+def init_state(params: Tensors, device: torch.device, seed: int, rank: int = 0) -> TrainState:
+    return TrainState(step=0, params=params, opt_state=adamw_init(params), rng=initial_rng(seed, rank, device),
+                      data_position=0)
 

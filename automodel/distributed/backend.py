@@ -1,0 +1,88 @@
+"""What a recipe needs from a backend, as one record of functions; `functional` and `deepspeed` build it."""
+
+import contextlib
+from pathlib import Path
+from typing import Callable, ContextManager, Optional
+
+import attrs
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from automodel.checkpoint.export import save_hf_model
+from automodel.optim import AdamWHyper, AdamWState, no_decay_names
+from automodel.training.state import ParamBinding, TrainState, init_state
+from automodel.training.step import AllReduce, Batch, StepMetrics, make_loss_fn, make_train_step
+
+
+@attrs.frozen
+class Backend:
+    name: str
+    state: TrainState  # the initial state
+    step: Callable[[TrainState, list[Batch]], tuple[TrainState, StepMetrics]]
+    loss_sum: Callable[[TrainState, Batch], tuple[torch.Tensor, torch.Tensor]]  # (summed loss, label tokens)
+    model_for_generation: Callable[[TrainState], ContextManager[nn.Module]]
+    save: Callable[[TrainState, Path], None]  # every rank, into a staging directory
+    load: Callable[[TrainState, Path], TrainState]  # every rank; returns the restored state
+    export: Callable[[TrainState, PreTrainedTokenizerBase, Path], None]  # every rank (may be collective)
+    trainable_params: int
+    generate_kwargs: dict = attrs.field(factory=dict)  # e.g. synced_gpus under ZeRO-3
+
+
+def build_functional(model: nn.Module, *, optim, clip_grad_norm: float, lr_fn: Callable[[int], float],
+                     device: torch.device, grad_method: str, all_reduce: AllReduce, rank: int, world_size: int,
+                     seed: int) -> Backend:
+    """The torch.func step with pure AdamW; several ranks all-reduce the gradient dict, nothing else."""
+    binding = ParamBinding(model)
+    params = binding.take()
+    hyper = AdamWHyper(betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay,
+                       no_decay=no_decay_names(params))
+    step = make_train_step(model, hyper=hyper, lr_fn=lr_fn, clip_grad_norm=clip_grad_norm, device=device,
+                           grad_method=grad_method, all_reduce=all_reduce, world_size=world_size)
+    loss_fn = make_loss_fn(model)
+
+    def save(state: TrainState, tmp: Path) -> None:
+        if rank == 0:  # every rank holds the same weights and moments
+            save_file(_contiguous(state.params), tmp / "params.safetensors")
+            save_file(_contiguous(state.opt_state.exp_avg), tmp / "exp_avg.safetensors")
+            save_file(_contiguous(state.opt_state.exp_avg_sq), tmp / "exp_avg_sq.safetensors")
+
+    def load(state: TrainState, path: Path) -> TrainState:
+        dev = str(device)
+        loaded = {name: load_file(path / f"{name}.safetensors", device=dev)
+                  for name in ("params", "exp_avg", "exp_avg_sq")}
+        if set(loaded["params"]) != set(state.params):
+            missing = sorted(set(state.params) ^ set(loaded["params"]))[:5]
+            raise ValueError(f"{path}: its parameters do not match this model's (differ: {missing})")
+        params = {k: loaded["params"][k].to(state.params[k].dtype) for k in state.params}
+        opt = AdamWState(count=state.step, exp_avg=loaded["exp_avg"], exp_avg_sq=loaded["exp_avg_sq"])
+        return attrs.evolve(state, params=params, opt_state=opt)
+
+    def export(state: TrainState, tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
+        if rank == 0:
+            with binding.bound(state.params) as bound:
+                save_hf_model(bound, tokenizer, out)
+
+    return Backend(
+        name="functional", state=init_state(params, device, seed, rank), step=step,
+        loss_sum=lambda state, batch: loss_fn(state.params, batch),
+        model_for_generation=lambda state: binding.bound(state.params),
+        save=save, load=load, export=export, trainable_params=sum(p.numel() for p in params.values()),
+    )
+
+
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous() for k, v in tensors.items()}
+
+
+def model_init_context(backend: str, ds_config: Optional[dict], pretrained: bool) -> ContextManager:
+    """Where the model must be built. DeepSpeed ZeRO-3 loading pretrained weights: inside transformers'
+    HfDeepSpeedConfig, so from_pretrained creates the weights already partitioned. A model built from
+    config is built whole (seeded, so every backend starts from the same weights) and partitioned by
+    deepspeed.initialize."""
+    if backend == "deepspeed" and pretrained and ds_config["zero_optimization"]["stage"] == 3:
+        from automodel.distributed.deepspeed_backend import zero3_init
+
+        return zero3_init(ds_config)
+    return contextlib.nullcontext()

@@ -1,0 +1,119 @@
+"""The DeepSpeed backend: ZeRO 0-3 (with CPU offload) behind the same step interface and loss function.
+
+DeepSpeed divides each backward by the accumulation count A and averages gradients over the R ranks,
+so micro-batch m is fed `l_m * A * R / N` (N = label tokens of the global batch): the update is then the
+gradient of sum_m l_m / N, exactly as in the functional backend (tests pin the two together).
+"""
+
+import contextlib
+from pathlib import Path
+from typing import Callable, Iterator
+
+import attrs
+import deepspeed
+import torch
+import torch.distributed as dist
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+from transformers.integrations import HfDeepSpeedConfig
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+from automodel.checkpoint.export import save_hf_model
+from automodel.distributed.backend import Backend
+from automodel.loss import count_label_tokens, token_cross_entropy
+from automodel.models import numel
+from automodel.training.state import TrainState, initial_rng, rng_scope
+from automodel.training.step import Batch, StepMetrics
+
+ENGINE_TAG = "engine"
+
+
+@contextlib.contextmanager
+def zero3_init(ds_config: dict) -> Iterator[None]:
+    """While inside, transformers builds models partitioned across ranks (a collective on every rank)."""
+    keep_alive = HfDeepSpeedConfig(ds_config)
+    try:
+        yield
+    finally:
+        del keep_alive
+        unset_hf_deepspeed_config()  # later model builds (e.g. for export checks) must not be collectives
+
+
+def _is_matrix(p: torch.Tensor) -> bool:
+    return len(getattr(p, "ds_shape", p.shape)) >= 2  # ZeRO-3 flattens partitions; ds_shape is the real one
+
+
+def build_deepspeed(model: nn.Module, *, ds_config: dict, optim, lr_fn: Callable[[int], float],
+                    device: torch.device, rank: int, world_size: int, seed: int) -> Backend:
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for _, p in trainable if _is_matrix(p)], "weight_decay": optim.weight_decay},
+              {"params": [p for _, p in trainable if not _is_matrix(p)], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if "optimizer" in ds_config:  # optimizer offload: DeepSpeed's CPU AdamW, built from the JSON
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+    else:  # the same torch AdamW arithmetic as the functional backend
+        opt = torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, foreach=True)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
+    stage = ds_config["zero_optimization"]["stage"]
+    trainable_params = sum(numel(p) for _, p in trainable)
+
+    def all_reduce_(t: torch.Tensor) -> torch.Tensor:
+        if world_size > 1:
+            dist.all_reduce(t)
+        return t
+
+    def step(state: TrainState, micro_batches: list[Batch]) -> tuple[TrainState, StepMetrics]:
+        n = all_reduce_(torch.stack([count_label_tokens(b["labels"]) for b in micro_batches]).sum())
+        scale = len(micro_batches) * world_size / n
+        lr = lr_fn(state.step)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=device)
+        grad_norm = None
+        with rng_scope(state.rng, device) as rng_out:
+            for i, batch in enumerate(micro_batches):
+                out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+                loss_sum, _ = token_cross_entropy(out.logits, batch["labels"])
+                engine.backward(loss_sum * scale)
+                if stage == 0 and i == len(micro_batches) - 1:
+                    # Stage 0 reports no norm; the last backward has all-reduced the gradients, so read them.
+                    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+                    grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+                engine.step()
+                total = total + loss_sum.detach()
+        if grad_norm is None:
+            grad_norm = torch.as_tensor(float(engine.get_global_grad_norm()))
+        samples = world_size * sum(b["input_ids"].shape[0] for b in micro_batches)
+        new_state = attrs.evolve(state, step=state.step + 1, rng=rng_out[0],
+                                 data_position=state.data_position + samples)
+        return new_state, StepMetrics(loss=all_reduce_(total) / n, grad_norm=grad_norm, lr=lr, label_tokens=n)
+
+    def loss_sum(state: TrainState, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        return token_cross_entropy(out.logits, batch["labels"])
+
+    @contextlib.contextmanager
+    def model_for_generation(state: TrainState) -> Iterator[nn.Module]:
+        yield engine.module
+
+    def save(state: TrainState, tmp: Path) -> None:
+        engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, client_state={}, save_latest=False)
+
+    def load(state: TrainState, path: Path) -> TrainState:
+        loaded, _ = engine.load_checkpoint(str(path), tag=ENGINE_TAG, load_optimizer_states=True,
+                                           load_lr_scheduler_states=False)
+        if loaded is None:
+            raise ValueError(f"{path}: DeepSpeed found no engine state under {path / ENGINE_TAG}")
+        return state
+
+    def export(state: TrainState, tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
+        # ZeRO-3: gather one tensor at a time onto rank 0 only (a collective: every rank calls it).
+        full = engine._zero3_consolidated_16bit_state_dict() if stage == 3 else None
+        if rank == 0:
+            save_hf_model(engine.module, tokenizer, out, state_dict=full)
+
+    state = TrainState(step=0, params={}, opt_state=None, rng=initial_rng(seed, rank, device), data_position=0,
+                       engine=engine)
+    return Backend(name=f"deepspeed (ZeRO-{stage})", state=state, step=step, loss_sum=loss_sum,
+                   model_for_generation=model_for_generation, save=save, load=load, export=export,
+                   trainable_params=trainable_params, generate_kwargs={"synced_gpus": stage == 3 and world_size > 1})

@@ -1,0 +1,146 @@
+"""The DeepSpeed backend on 2 CPU processes: agreement with the functional backend, export, resume, bf16."""
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.distributed import launch
+
+pytest.importorskip("deepspeed")
+
+QUIET = ["logging.progress_bar=\"off\"", "eval.at_start=false", "eval.generate_samples=0", "data.validation.limit=16"]
+# 1 rank x 4 accumulation x 8 (the reference) == 2 ranks x 2 accumulation x 8.
+AGREE = QUIET + ["train.max_steps=4", "train.log_every=1", "schedule.warmup_steps=1", "train.global_batch_size=32",
+                 "train.micro_batch_size=8"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference")
+    proc = launch.run("python", AGREE + [f"output_dir={out}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("name, launcher, overrides", [
+    ("functional", "deepspeed", []),  # the functional backend under the deepspeed launcher (torchrun: test_functional_ranks)
+    ("zero0", "deepspeed", ["distributed.backend=deepspeed", "distributed.zero_stage=0"]),
+    ("zero2", "deepspeed", ["distributed.backend=deepspeed", "distributed.zero_stage=2"]),
+    ("zero3", "deepspeed", ["distributed.backend=deepspeed", "distributed.zero_stage=3"]),
+    ("zero3-offload", "deepspeed", ["distributed.backend=deepspeed", "distributed.zero_stage=3",
+                                    "distributed.offload_optimizer=cpu", "distributed.offload_params=cpu"]),
+])
+def test_two_ranks_match_the_single_process_functional_run(reference, tmp_path, name, launcher, overrides):
+    out = tmp_path / name
+    proc = launch.run(launcher, AGREE + overrides + [f"output_dir={out}"])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "2 rank(s)" in proc.stdout and "(2 accumulation x 8 per rank)" in proc.stdout
+    ref = launch.train_losses(reference)
+    got = launch.train_losses(out)
+    assert list(got) == [1, 2, 3, 4]
+    assert list(got.values()) == pytest.approx(list(ref.values()), rel=1e-5)
+    assert launch.eval_losses(out) == pytest.approx(launch.eval_losses(reference), rel=1e-5)
+
+    # The final export is the full model, gathered (under ZeRO-3 from shards) onto rank 0.
+    exported = load_file(out / "final" / "model.safetensors")
+    expected = load_file(reference / "final" / "model.safetensors")
+    assert set(exported) == set(expected)
+    for key, tensor in expected.items():
+        assert exported[key].shape == tensor.shape, key
+        torch.testing.assert_close(exported[key], tensor, rtol=1e-4, atol=1e-5)
+    if name == "zero3":  # and it reloads with the eval loss the trainer reported
+        assert reload_eval_loss(out) == pytest.approx(launch.eval_losses(out)[-1], rel=1e-5)
+
+
+def reload_eval_loss(run_dir):
+    """Eval loss of <run>/final loaded with AutoModelForCausalLM, on the run's own validation set."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from automodel.config import load_config
+    from automodel.data import build, collate, eval_batches
+    from automodel.loss import token_cross_entropy
+
+    cfg = load_config(run_dir / "config.toml", world_size=1)
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "final").eval()
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "final")
+    _, val = build(cfg.data, tokenizer)
+    total = count = 0
+    with torch.no_grad():
+        for idx in eval_batches(val, cfg.train.micro_batch_size):
+            b = collate(val, idx, tokenizer.pad_token_id)
+            s, n = token_cross_entropy(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+                                       b["labels"])
+            total, count = total + s.item(), count + n.item()
+    return total / count
+
+
+RESUME = QUIET + ["train.log_every=1", "schedule.kind=constant", "schedule.warmup_steps=0",
+                  "checkpoint.every=2", "checkpoint.keep_last=2", "checkpoint.save_final=false",
+                  "distributed.backend=deepspeed", "optim.lr=1e-3"]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path, stage):
+    common = RESUME + [f"distributed.zero_stage={stage}"]
+    whole = tmp_path / "whole"
+    proc = launch.run("deepspeed", common + ["train.max_steps=8", f"output_dir={whole}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    # Kill -9 a long run as soon as its step-4 checkpoint is complete, mid-training.
+    cut = tmp_path / "cut"
+    victim = launch.start("deepspeed", common + ["train.max_steps=1000", f"output_dir={cut}"])
+    deadline = time.time() + 300
+    while not (cut / "checkpoints" / "step_000004" / "COMPLETE").exists():
+        assert victim.poll() is None and time.time() < deadline, victim.stdout.read()[-3000:]
+        time.sleep(0.05)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+    # Debris a crash can leave: a half-written checkpoint and one never marked complete.
+    shutil.copytree(cut / "checkpoints" / "step_000004", cut / "checkpoints" / ".tmp-step_000010")
+    shutil.copytree(cut / "checkpoints" / "step_000004", cut / "checkpoints" / "step_000012")
+    (cut / "checkpoints" / "step_000012" / "COMPLETE").unlink()
+    newest = max(int(p.name[5:]) for p in (cut / "checkpoints").glob("step_*") if (p / "COMPLETE").exists())
+    assert newest >= 4
+
+    proc = launch.run("deepspeed", common + ["train.max_steps=8", f"output_dir={cut}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from {cut / 'checkpoints' / f'step_{newest:06d}'} at step {newest}" in proc.stdout
+    whole_losses, cut_losses = launch.train_losses(whole), launch.train_losses(cut)
+    assert list(cut_losses) == list(range(1, 9))  # every step once: rows the killed run logged were replaced
+    assert [cut_losses[s] for s in range(1, 9)] == [whole_losses[s] for s in range(1, 9)]  # identical
+    assert launch.eval_losses(cut)[-1] == launch.eval_losses(whole)[-1]
+    kept = sorted(p.name for p in (cut / "checkpoints").glob("step_*") if (p / "COMPLETE").exists())
+    assert kept[-2:] == ["step_000006", "step_000008"] and len(kept) == 2
+    assert (cut / "checkpoints" / "latest").read_text().strip() == "step_000008"
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_bf16_trains_on_stages_1_to_3(tmp_path, stage):
+    out = tmp_path / f"bf16-{stage}"
+    proc = launch.run("deepspeed", QUIET + ["train.max_steps=5", "train.log_every=1", "schedule.warmup_steps=1",
+                                            "model.dtype=bfloat16", "distributed.backend=deepspeed",
+                                            f"distributed.zero_stage={stage}", "checkpoint.save_final=false",
+                                            f"output_dir={out}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = list(launch.train_losses(out).values())
+    assert len(losses) == 5 and losses[-1] < losses[0] - 1.0
+
+
+def test_shipped_cpu_twin_of_llm_toml_runs(tmp_path):
+    from tests.conftest import shared_data
+
+    shared_data("squad-v1.1/dev-v1.1.json")  # the config reads ../shared/data
+    out = tmp_path / "llm_cpu"
+    cmd = launch.command("deepspeed") + ["launch/run.py", "--config", "configs_toml/llm_cpu.toml", "train.max_steps=3",
+                                         "schedule.warmup_steps=1", "data.train.limit=64", "data.validation.limit=8",
+                                         "eval.generate_samples=2", "logging.progress_bar=\"off\"", f"output_dir={out}"]
+    proc = subprocess.run(cmd, cwd=launch.REPO, env=launch.env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "deepspeed (ZeRO-3) backend" in proc.stdout and "exact match" in proc.stdout
+    assert (out / "final" / "model.safetensors").is_file() and (out / "checkpoints" / "step_000003").is_dir()
