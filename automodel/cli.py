@@ -5,6 +5,7 @@
     automodel config deepspeed --config X.toml [--world-size N] [KEY=VALUE ...]
                                                            the DeepSpeed JSON the run would use
     automodel config docs                                  every key with type, default and doc (Markdown)
+    automodel merge --base B --adapter A --out O           merge a LoRA adapter into its base model
 """
 
 import argparse
@@ -35,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--world-size", type=int, default=None, help="ranks to plan for (default: from the environment)")
     _add_config_args(ds)
     config_sub.add_parser("docs", help="print the reference of every config key (Markdown)")
+    merge = sub.add_parser("merge", help="merge a PEFT LoRA adapter into its base model (offline)")
+    merge.add_argument("--base", required=True, help="base model: hub id or local directory")
+    merge.add_argument("--adapter", required=True, help="adapter directory (adapter_config.json + weights)")
+    merge.add_argument("--out", required=True, help="output directory for the merged HF model")
+    merge.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     return parser
 
 
@@ -57,6 +63,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
         return run_command(args.config, args.overrides)
+    if args.command == "merge":
+        from automodel.models import DTYPES
+        from automodel.peft import merge
+
+        try:
+            out = merge(args.base, args.adapter, args.out, DTYPES[args.dtype])
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"merged model saved to {out}")
+        return 0
     if args.config_command == "docs":
         from automodel.config.docs import config_reference
 

@@ -20,6 +20,7 @@ from automodel.config.schema import (
     LoggingConfig,
     ModelConfig,
     OptimConfig,
+    PeftConfig,
     ScheduleConfig,
     TokenizerConfig,
     TrainConfig,
@@ -28,7 +29,7 @@ from automodel.config.schema import (
 
 __all__ = [
     "CheckpointConfig", "ConfigError", "DataConfig", "DataSourceConfig", "DistributedConfig", "EvalConfig",
-    "LoggingConfig", "ModelConfig", "OptimConfig", "ScheduleConfig", "TokenizerConfig", "TrainConfig",
+    "LoggingConfig", "ModelConfig", "OptimConfig", "PeftConfig", "ScheduleConfig", "TokenizerConfig", "TrainConfig",
     "TrainingConfig", "all_key_paths", "from_dict", "load_config", "parse_override", "save_config", "to_dict",
     "to_toml", "validate",
 ]

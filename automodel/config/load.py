@@ -313,6 +313,13 @@ def validate(cfg: TrainConfig, world_size: int = 1, source: str = "config") -> T
         problems.extend(check_overrides(d.deepspeed_overrides))
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep_last < 1:
         problems.append("checkpoint.every must be >= 0 and checkpoint.keep_last >= 1")
+    if cfg.peft is not None:
+        if cfg.peft.rank < 1 or cfg.peft.alpha <= 0 or not 0.0 <= cfg.peft.dropout < 1.0:
+            problems.append("peft.rank must be >= 1, peft.alpha > 0 and peft.dropout in [0, 1)")
+        if not cfg.peft.target_modules:
+            problems.append('peft.target_modules is empty; e.g. ["all-linear"] or ["*_proj"]')
+    if cfg.checkpoint.export_merged and cfg.peft is None:
+        problems.append("checkpoint.export_merged needs a [peft] section (a full fine-tune's final/ is already whole)")
     if cfg.eval.generate_samples > 0 and cfg.data.validation is None:
         problems.append("eval.generate_samples needs a [data.validation] set")
     if problems:

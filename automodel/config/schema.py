@@ -41,6 +41,27 @@ class ModelConfig:
 
 
 @attrs.frozen(kw_only=True)
+class PeftConfig:
+    """LoRA through the peft library. Leave the [peft] section out for full fine-tuning."""
+
+    method: Literal["lora"] = field("lora", "The adapter method.")
+    rank: int = field(8, "LoRA rank r.")
+    alpha: float = field(16.0, "LoRA alpha; updates are scaled by alpha / r (alpha / sqrt(r) with use_rslora).")
+    dropout: float = field(0.0, "Dropout on the LoRA branch's input.")
+    target_modules: list[str] = field(
+        doc="Glob patterns over module names (full, e.g. \"model.layers.*.self_attn.q_proj\", or last part, e.g. "
+        "\"*_proj\"), or \"all-linear\" for every linear layer except the output head.",
+        factory=lambda: ["all-linear"],
+    )
+    exclude_modules: list[str] = field(doc="Glob patterns of modules to leave out of target_modules.", factory=list)
+    use_rslora: bool = field(False, "Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
+    use_dora: bool = field(False, "Weight-decomposed LoRA (DoRA).")
+    modules_to_save: list[str] = field(
+        doc="Modules trained in full alongside the adapters and saved with them (e.g. [\"lm_head\"]).", factory=list
+    )
+
+
+@attrs.frozen(kw_only=True)
 class TokenizerConfig:
     """The tokenizer; defaults to the model's own."""
 
@@ -159,7 +180,13 @@ class CheckpointConfig:
 
     every: int = field(0, "Save a resumable checkpoint every N steps; 0 means only at the end of the run.")
     keep_last: int = field(2, "How many complete checkpoints to keep (older ones are deleted).")
-    save_final: bool = field(True, "Write the trained model (safetensors + config + tokenizer) to <output_dir>/final.")
+    save_final: bool = field(
+        True, "Write the trained model (safetensors + config + tokenizer), or with [peft] the adapter, to "
+        "<output_dir>/final."
+    )
+    export_merged: bool = field(
+        False, "With [peft]: also write the base model with the adapter merged in to <output_dir>/final_merged."
+    )
 
 
 @attrs.frozen(kw_only=True)
@@ -180,6 +207,7 @@ class TrainConfig:
     seed: int = field(42, "Seeds model init, data order and dropout.")
     output_dir: str = field("runs/default", "Where config.toml, metrics.jsonl and final/ are written.")
     model: ModelConfig = field(factory=ModelConfig, doc="")
+    peft: Optional[PeftConfig] = field(None, "LoRA; absent means full fine-tuning.")
     tokenizer: TokenizerConfig = field(factory=TokenizerConfig, doc="")
     data: DataConfig = field(factory=DataConfig, doc="")
     optim: OptimConfig = field(factory=OptimConfig, doc="")

@@ -31,6 +31,9 @@ ENGINE_TAG = "engine"
 @contextlib.contextmanager
 def zero3_init(ds_config: dict) -> Iterator[None]:
     """While inside, transformers builds models partitioned across ranks (a collective on every rank)."""
+    # DeepSpeed's config reads the world size from its own comm layer: attach it to our process group first,
+    # or it plans for one rank and rejects the batch sizes.
+    deepspeed.init_distributed()
     keep_alive = HfDeepSpeedConfig(ds_config)
     try:
         yield
@@ -96,19 +99,29 @@ def build_deepspeed(model: nn.Module, *, ds_config: dict, optim, lr_fn: Callable
     def model_for_generation(state: TrainState) -> Iterator[nn.Module]:
         yield engine.module
 
+    has_frozen = any(not p.requires_grad for p in model.parameters())
+
     def save(state: TrainState, tmp: Path) -> None:
-        engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, client_state={}, save_latest=False)
+        # Frozen weights (a LoRA base) never change: leave them out of every checkpoint.
+        engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, client_state={}, save_latest=False,
+                               exclude_frozen_parameters=has_frozen)
 
     def load(state: TrainState, path: Path) -> TrainState:
         loaded, _ = engine.load_checkpoint(str(path), tag=ENGINE_TAG, load_optimizer_states=True,
-                                           load_lr_scheduler_states=False)
+                                           load_lr_scheduler_states=False, load_module_strict=not has_frozen)
         if loaded is None:
             raise ValueError(f"{path}: DeepSpeed found no engine state under {path / ENGINE_TAG}")
         return state
 
     def export(state: TrainState, tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
-        # ZeRO-3: gather one tensor at a time onto rank 0 only (a collective: every rank calls it).
-        full = engine._zero3_consolidated_16bit_state_dict() if stage == 3 else None
+        full = None
+        if stage == 3 and has_frozen:
+            # An adapter: gather only the trainable tensors (small), never the frozen base.
+            with deepspeed.zero.GatheredParameters([p for _, p in trainable], modifier_rank=None):
+                full = {n: p.detach().clone() for n, p in trainable} if rank == 0 else None
+        elif stage == 3:
+            # A whole model: gathered one tensor at a time onto rank 0 only (every rank must call it).
+            full = engine._zero3_consolidated_16bit_state_dict()
         if rank == 0:
             save_hf_model(engine.module, tokenizer, out, state_dict=full)
 

@@ -2,6 +2,7 @@
 
 Features:
 - any `AutoModelForCausalLM` (hub id, local dir, or an architecture built from [model.config]);
+- full fine-tuning, or LoRA through peft ([peft]): only adapter tensors are trained and saved;
 - SQuAD and instruction data, prompt tokens masked out of the loss;
 - two backends behind one step interface: a pure torch.func step (pure AdamW, explicit all-reduce over
   ranks) and DeepSpeed ZeRO 0-3 with CPU offload; exact loss normalisation over micro-batches and ranks,
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 from automodel import checkpoint, data, distributed, models
+from automodel import peft as peft_lora
 from automodel.config import ConfigError, TrainConfig, save_config
 from automodel.distributed.backend import build_functional, model_init_context
 from automodel.distributed.deepspeed_config import deepspeed_config
@@ -47,6 +49,11 @@ def run(cfg: TrainConfig) -> TrainResult:
     ds_config = deepspeed_config(cfg, ranks.world_size) if use_deepspeed else None
     with model_init_context(cfg.distributed.backend, ds_config, pretrained=cfg.model.init == "pretrained"):
         model = models.build_model(cfg.model, tokenizer, cfg.seed)
+    # LoRA (no-op without [peft]). A base built from config is saved, so the adapter has a base to load onto.
+    base_path = cfg.model.name_or_path or str(out / "base")
+    if cfg.peft is not None and cfg.model.init == "random" and is_main:
+        checkpoint.save_hf_model(model, tokenizer, out / "base")
+    model = peft_lora.apply(model, cfg.peft, cfg.seed, base_path)
     train_set, val_set = data.build(cfg.data, tokenizer)
     plan = data.BatchPlan(len(train_set), cfg.train.global_batch_size, cfg.train.micro_batch_size,
                           ranks.world_size, cfg.seed)
@@ -135,7 +142,13 @@ def run(cfg: TrainConfig) -> TrainResult:
 
     final_dir = out / "final" if cfg.checkpoint.save_final else None
     if final_dir is not None:
-        backend.export(state, tokenizer, final_dir)
+        backend.export(state, tokenizer, final_dir)  # with [peft]: the adapter only
+    if cfg.checkpoint.export_merged and is_main:
+        adapter_dir = final_dir or out / "final"
+        if final_dir is None:
+            backend.export(state, tokenizer, adapter_dir)
+        peft_lora.merge(base_path, str(adapter_dir), str(out / "final_merged"), models.DTYPES[cfg.model.dtype])
+        logger.info(f"merged model saved to {out / 'final_merged'}")
     distributed.barrier()
     metrics["wall_s"] = time.perf_counter() - started
     logger.info(_summary(metrics, final_dir))

@@ -144,3 +144,66 @@ def test_shipped_cpu_twin_of_llm_toml_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "deepspeed (ZeRO-3) backend" in proc.stdout and "exact match" in proc.stdout
     assert (out / "final" / "model.safetensors").is_file() and (out / "checkpoints" / "step_000003").is_dir()
+
+
+def test_lora_under_zero3_matches_functional_lora_and_saves_the_whole_adapter(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    lora = ["peft.rank=4", 'peft.target_modules=["*_proj"]', "optim.lr=1e-2"]
+    functional, zero3 = tmp_path / "functional", tmp_path / "zero3"
+    proc = launch.run("python", AGREE + lora + [f"output_dir={functional}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = launch.run("deepspeed", AGREE + lora + ["distributed.backend=deepspeed", "distributed.zero_stage=3",
+                                                   f"output_dir={zero3}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Adapters only: r (in + out) summed over 4 layers x (q, k, v, o: 128 -> 128; gate, up: 128 -> 384; down).
+    assert "(40,960 trainable)" in proc.stdout
+    assert list(launch.train_losses(zero3).values()) == pytest.approx(
+        list(launch.train_losses(functional).values()), rel=1e-5)
+
+    # Gathered from 2 ranks, the adapter holds full-size tensors, equal to the single-process ones.
+    got = load_file(zero3 / "final" / "adapter_model.safetensors")
+    want = load_file(functional / "final" / "adapter_model.safetensors")
+    assert set(got) == set(want) and len(got) == 4 * 7 * 2
+    for key, tensor in want.items():
+        assert got[key].shape == tensor.shape and 4 in tensor.shape, key
+        torch.testing.assert_close(got[key], tensor, rtol=1e-4, atol=1e-5)
+    assert any(torch.count_nonzero(t) for k, t in got.items() if "lora_B" in k)  # trained, not placeholders
+
+    # PeftModel.from_pretrained(base, adapter) reproduces the eval loss the trainer reported.
+    base = AutoModelForCausalLM.from_pretrained(zero3 / "base")
+    model = PeftModel.from_pretrained(base, zero3 / "final").eval()
+    from tests.peft.test_lora import eval_loss_of
+    from automodel.config import load_config
+    from transformers import AutoTokenizer
+
+    cfg = load_config(zero3 / "config.toml", world_size=2)
+    loss = eval_loss_of(model, cfg, AutoTokenizer.from_pretrained(zero3 / "final"))
+    assert loss == pytest.approx(launch.eval_losses(zero3)[-1], rel=1e-5)
+
+
+def test_shipped_lora_twin_on_a_pretrained_base_under_zero3(tmp_path):
+    """llm_lora_cpu.toml as shipped: a pretrained base loaded partitioned (ZeRO-3), LoRA, merged export."""
+    from tests.conftest import shared_data, tiny_llama
+    from transformers import AutoTokenizer
+
+    gpt2 = shared_data("gpt2-tokenizer")
+    base = tmp_path / "base"
+    tiny_llama(vocab_size=50257, max_position_embeddings=384).save_pretrained(base)
+    AutoTokenizer.from_pretrained(gpt2).save_pretrained(base)
+    out = tmp_path / "lora"
+    cmd = launch.command("deepspeed") + ["launch/run.py", "--config", "configs_toml/llm_lora_cpu.toml",
+                                         f"model.name_or_path={base}", "train.max_steps=3", "schedule.warmup_steps=1",
+                                         "data.train.limit=32", "data.validation.limit=8", "eval.generate_samples=2",
+                                         "logging.progress_bar=\"off\"", f"output_dir={out}"]
+    proc = subprocess.run(cmd, cwd=launch.REPO, env=launch.env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "PeftModelForCausalLM" in proc.stdout and "deepspeed (ZeRO-3) backend" in proc.stdout
+    adapter = load_file(out / "final" / "adapter_model.safetensors")
+    assert len(adapter) == 2 * 7 * 2 and all(8 in t.shape for t in adapter.values())  # rank 8, full size
+    merged = load_file(out / "final_merged" / "model.safetensors")
+    original = load_file(base / "model.safetensors")
+    assert merged.keys() == original.keys()
+    changed = [k for k in original if not torch.equal(merged[k], original[k])]
+    assert changed and all(k.endswith("_proj.weight") for k in changed)  # only adapted weights moved
