@@ -292,6 +292,12 @@ def validate(cfg: TrainConfig, world_size: int = 1, source: str = "config") -> T
             problems.append('model.init = "random" without model.name_or_path needs tokenizer.name_or_path')
     if cfg.data.train is None:
         problems.append("[data.train] is required: set data.train.source (a hub dataset id or a local file)")
+    if not 0.0 <= cfg.data.validation_fraction < 1.0:
+        problems.append(f"data.validation_fraction must be in [0, 1) (got {cfg.data.validation_fraction})")
+    if cfg.data.validation_fraction > 0 and cfg.data.validation is not None:
+        problems.append("data.validation_fraction and [data.validation] both define a validation set; keep one")
+    if cfg.data.packing and cfg.model.attn_implementation == "flex_attention":
+        problems.append('data.packing works with sdpa, eager and flash_attention_2, not "flex_attention"')
     if cfg.data.seq_len < 2:
         problems.append(f"data.seq_len must be >= 2 (got {cfg.data.seq_len})")
     for name in ("train", "validation"):

@@ -73,8 +73,9 @@ class DataSourceConfig:
     """One dataset: where it comes from and how its rows become prompt and response."""
 
     source: str = field(doc="Hub dataset id, or a local file (.json, .jsonl, .csv, .parquet, .txt) or directory.")
-    format: Literal["squad", "instruction"] = field(
-        "squad", "How a row becomes (prompt, response): squad (context, question, answers) or instruction."
+    format: Literal["squad", "instruction", "chat", "text"] = field(
+        "squad", "How a row becomes tokens: squad (context, question, answers), instruction (instruction, input, "
+        "output), chat (messages or ShareGPT conversations), text (documents, concatenated and chunked)."
     )
     split: str = field("train", "Split to read; datasets slicing such as \"train[:90%]\" works.")
     limit: Optional[int] = field(None, "Use only the first `limit` rows (after split); unset means all.")
@@ -93,6 +94,26 @@ class DataConfig:
     )
     prompt_template: Literal["plain", "alpaca"] = field(
         "plain", "Instruction format only: how instruction and input become the prompt."
+    )
+    chat_template: str = field(
+        "", "Chat format: empty uses the tokenizer's own template; \"chatml\" a built-in one; anything else is a "
+        "Jinja template (text, not code)."
+    )
+    train_on: Literal["assistant", "last_turn", "all"] = field(
+        "assistant", "Chat format: which tokens the loss covers: every assistant turn, the last one, or all."
+    )
+    packing: bool = field(
+        False, "Pack several training samples into each seq_len row (per-sample positions, no attention across "
+        "samples)."
+    )
+    on_bad_row: Literal["error", "skip"] = field(
+        "error", "A row that does not fit its format: stop with its file, row and field, or skip and count it."
+    )
+    validation_fraction: float = field(
+        0.0, "Without [data.validation]: hold out this fraction of the training rows (seeded) as validation."
+    )
+    cache_dir: str = field(
+        "", "Where tokenised datasets are cached; empty means $AUTOMODEL_CACHE or ~/.cache/automodel."
     )
     train: Optional[DataSourceConfig] = field(None, "The training set (required).")
     validation: Optional[DataSourceConfig] = field(None, "The held-out set for eval loss and exact match; optional.")

@@ -1,19 +1,45 @@
-"""Row formats: how one dataset row becomes a prompt (masked out of the loss) and a response (trained).
+"""Row formats: how one dataset row becomes ordered text segments, each trained or masked.
 
-A format is a plain function `(row, columns, prompt_template) -> Example`, registered by name in
-FORMATS; configs pick one by name, so no config value imports code.
+A format is a plain function `(row, columns, options) -> Example`, registered by name in FORMATS;
+configs pick one by name, so no config value imports code.
 """
 
-from typing import Any, Callable, Mapping
+import json
+from typing import Any, Callable, Mapping, Optional
 
 import attrs
+
+Segment = tuple[str, bool]  # (text, trained)
 
 
 @attrs.frozen
 class Example:
-    prompt: str
-    response: str
-    references: tuple[str, ...]  # accepted answers for exact match (SQuAD has several)
+    segments: tuple[Segment, ...]  # in order; trained ones are what the loss covers
+    references: tuple[str, ...] = ()  # accepted answers for exact match (SQuAD has several)
+    add_special_tokens: bool = True  # the tokenizer's own specials (e.g. BOS) first; chat templates render theirs
+    add_eos: bool = True  # EOS after the last segment (trained when the last segment is)
+
+    @property
+    def prompt(self) -> str:
+        """The masked text before the first trained segment."""
+        out = []
+        for text, trained in self.segments:
+            if trained:
+                break
+            out.append(text)
+        return "".join(out)
+
+    @property
+    def response(self) -> str:
+        return "".join(text for text, trained in self.segments if trained)
+
+
+@attrs.frozen
+class FormatOptions:
+    prompt_template: str = "plain"
+    chat_template: str = ""  # "" = the tokenizer's; "chatml"; or a Jinja template
+    train_on: str = "assistant"
+    tokenizer: Any = None  # renders chat templates
 
 
 class BadRow(ValueError):
@@ -39,7 +65,7 @@ def _text(row: Mapping[str, Any], columns: Mapping[str, str], field: str, requir
     return value
 
 
-def squad(row: Mapping[str, Any], columns: Mapping[str, str], prompt_template: str) -> Example:
+def squad(row: Mapping[str, Any], columns: Mapping[str, str], options: FormatOptions) -> Example:
     """SQuAD: context + question -> the first answer. `answers` is {"text": [...]} as on the hub."""
     context = _text(row, columns, "context")
     question = _text(row, columns, "question")
@@ -53,7 +79,7 @@ def squad(row: Mapping[str, Any], columns: Mapping[str, str], prompt_template: s
                                 f"answer, got {answers!r:.80}")
     if not texts[0].strip():
         raise BadRow("answers", f"column `{column}` has an empty first answer")
-    return Example(prompt=f"Context: {context}\nQuestion: {question}\nAnswer:", response=f" {texts[0]}",
+    return Example(segments=((f"Context: {context}\nQuestion: {question}\nAnswer:", False), (f" {texts[0]}", True)),
                    references=tuple(texts))
 
 
@@ -71,22 +97,139 @@ PROMPT_TEMPLATES = {
 }
 
 
-def instruction(row: Mapping[str, Any], columns: Mapping[str, str], prompt_template: str) -> Example:
+def instruction(row: Mapping[str, Any], columns: Mapping[str, str], options: FormatOptions) -> Example:
     """Instruction tuning: `instruction` (+ optional `input`) -> `output`; map them with columns."""
     instr = _text(row, columns, "instruction")
     inp = _text(row, columns, "input", required=False)
     output = _text(row, columns, "output")
     if not output.strip():
         raise BadRow("output", f"column `{columns.get('output', 'output')}` is empty")
-    with_input, without_input = PROMPT_TEMPLATES[prompt_template]
+    with_input, without_input = PROMPT_TEMPLATES[options.prompt_template]
     prompt = (with_input if inp.strip() else without_input).format(instruction=instr, input=inp)
-    return Example(prompt=prompt, response=output, references=(output,))
+    return Example(segments=((prompt, False), (output, True)), references=(output,))
 
 
-FORMATS: dict[str, Callable[[Mapping[str, Any], Mapping[str, str], str], Example]] = {
+# ---------------------------------------------------------------------------------------------
+# Chat: OpenAI-style messages or ShareGPT conversations, rendered with a chat template
+
+CHAT_TEMPLATES = {
+    "chatml": (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+        "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+}
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
+                  "function_call": "assistant", "observation": "tool", "tool": "tool"}
+
+
+def _content_text(content: Any, where: str) -> str:
+    """A message's content as text: a string, or OpenAI content parts ({"type": "text", "text"|"value": ...})."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, Mapping) and part.get("type", "text") == "text":
+                parts.append(str(part.get("text", part.get("value", ""))))
+            else:
+                raise BadRow("messages", f"{where}: only text content parts are supported here, got {part!r:.80}")
+        return "".join(parts)
+    if content is None:
+        return ""
+    raise BadRow("messages", f"{where}: content should be text or a list of parts, got {type(content).__name__}")
+
+
+def messages_of(row: Mapping[str, Any], columns: Mapping[str, str]) -> list[dict[str, str]]:
+    """[{"role", "content"}] from `messages` (OpenAI) or `conversations` (ShareGPT); tool calls kept as text."""
+    column = columns.get("messages")
+    if column is None:
+        column = "messages" if "messages" in row else "conversations" if "conversations" in row else None
+    if column is None or column not in row:
+        raise BadRow("messages", f"missing column `{column or 'messages'}` (columns here: {', '.join(row)}); map it "
+                                 "with data.<split>.columns.messages = \"<your column>\"")
+    turns = row[column]
+    if not isinstance(turns, list) or not turns:
+        raise BadRow("messages", f"column `{column}` should be a non-empty list of turns, got {turns!r:.80}")
+    out = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, Mapping):
+            raise BadRow("messages", f"turn {i} should be an object, got {turn!r:.80}")
+        if "from" in turn:  # ShareGPT
+            role = SHAREGPT_ROLES.get(turn["from"])
+            if role is None:
+                raise BadRow("messages", f"turn {i}: unknown ShareGPT role `{turn['from']}`; expected one of "
+                                         f"{', '.join(SHAREGPT_ROLES)}")
+            content = _content_text(turn.get("value"), f"turn {i}")
+        else:
+            role = turn.get("role")
+            if not isinstance(role, str):
+                raise BadRow("messages", f"turn {i} has no `role`")
+            content = _content_text(turn.get("content"), f"turn {i}")
+            if turn.get("tool_calls"):
+                content = (content + "\n" if content else "") + json.dumps(turn["tool_calls"], ensure_ascii=False)
+        out.append({"role": role, "content": content})
+    return out
+
+
+def render_chat_template(tokenizer: Any, template: str) -> Callable[[list[dict], bool], str]:
+    """(messages, add_generation_prompt) -> text, through the tokenizer's sandboxed Jinja renderer."""
+    chosen: Optional[str] = CHAT_TEMPLATES.get(template, template) or None
+    if chosen is None and not getattr(tokenizer, "chat_template", None):
+        from automodel.config import ConfigError
+
+        raise ConfigError("the tokenizer has no chat template; set data.chat_template = \"chatml\" (built in) or "
+                          "to a Jinja template")
+
+    def render(messages: list[dict], add_generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(messages, chat_template=chosen, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+
+    return render
+
+
+def chat(row: Mapping[str, Any], columns: Mapping[str, str], options: FormatOptions) -> Example:
+    """A conversation rendered with the chat template. Trained spans are found in the rendered text: for
+    assistant turn i, the text added between rendering turns [:i] with the generation prompt and rendering
+    turns [:i+1] (its content and end-of-turn marker)."""
+    messages = messages_of(row, columns)
+    assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not assistant:
+        raise BadRow("messages", "the conversation has no assistant turn to train on")
+    if not messages[assistant[-1]]["content"].strip():
+        raise BadRow("messages", "the last assistant turn is empty")
+    render = render_chat_template(options.tokenizer, options.chat_template)
+    full = render(messages, False)
+    segments: list[Segment] = []
+    done = 0
+    for i in assistant:
+        before = render(messages[:i], True)
+        through = render(messages[:i + 1], False)
+        if not (through.startswith(before) and full.startswith(through) and before.startswith(full[:done])):
+            from automodel.config import ConfigError
+
+            raise ConfigError("the chat template does not render conversations prefix by prefix (turn i's text "
+                              "changes when later turns are added), so assistant spans cannot be found; use "
+                              "data.chat_template = \"chatml\" or another template")
+        trained = options.train_on == "all" or options.train_on == "assistant" or i == assistant[-1]
+        segments += [(before[done:], options.train_on == "all"), (through[len(before):], trained)]
+        done = len(through)
+    segments.append((full[done:], options.train_on == "all"))
+    return Example(segments=tuple(s for s in segments if s[0]), references=(messages[assistant[-1]]["content"],),
+                   add_special_tokens=False, add_eos=False)
+
+
+def text(row: Mapping[str, Any], columns: Mapping[str, str], options: FormatOptions) -> Example:
+    """A plain document for continued pre-training; every token is trained (documents are concatenated
+    with EOS between them and cut into seq_len rows when tokenised)."""
+    doc = _text(row, columns, "text")
+    if not doc.strip():
+        raise BadRow("text", f"column `{columns.get('text', 'text')}` is empty")
+    return Example(segments=((doc, True),), add_special_tokens=False, add_eos=True)
+
+
+FORMATS: dict[str, Callable[[Mapping[str, Any], Mapping[str, str], FormatOptions], Example]] = {
     "squad": squad,
     "instruction": instruction,
+    "chat": chat,
+    "text": text,
 }
-
-# Format fields that `columns` may map, per format (for error messages and validation).
-FORMAT_FIELDS = {"squad": ("context", "question", "answers"), "instruction": ("instruction", "input", "output")}

@@ -1,5 +1,6 @@
 """Rows from a hub dataset id or a local file, through the `datasets` library."""
 
+import csv
 import json
 from pathlib import Path
 from typing import Optional
@@ -22,7 +23,8 @@ def load_rows(src: DataSourceConfig) -> datasets.Dataset:
         builder = BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise ConfigError(f"{src.source}: unsupported file type; use one of {', '.join(BUILDERS)}")
-        ds = _load(builder, src, data_files=str(path))
+        extra = _csv_as_text(path) if builder == "csv" else {}
+        ds = _load(builder, src, data_files=str(path), **extra)
     elif path.is_dir():
         ds = _load(str(path), src)
     else:
@@ -30,6 +32,14 @@ def load_rows(src: DataSourceConfig) -> datasets.Dataset:
     if src.limit is not None:
         ds = ds.select(range(min(src.limit, len(ds))))
     return ds
+
+
+def _csv_as_text(path: Path) -> dict:
+    """CSV cells stay text ("007" must not become the integer 7) and empty cells empty strings."""
+    with open(path, newline="") as f:
+        header = next(csv.reader(f), [])
+    return {"features": datasets.Features({name: datasets.Value("string") for name in header}),
+            "keep_default_na": False}
 
 
 def _load(name: str, src: DataSourceConfig, **kwargs) -> datasets.Dataset:

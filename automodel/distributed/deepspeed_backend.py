@@ -20,6 +20,7 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from automodel.checkpoint.export import save_hf_model
 from automodel.distributed.backend import Backend
+from automodel.data.packing import model_inputs
 from automodel.loss import count_label_tokens, token_cross_entropy
 from automodel.models import numel
 from automodel.training.state import TrainState, initial_rng, rng_scope
@@ -59,6 +60,9 @@ def build_deepspeed(model: nn.Module, *, ds_config: dict, optim, lr_fn: Callable
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
     stage = ds_config["zero_optimization"]["stage"]
     trainable_params = sum(numel(p) for _, p in trainable)
+    attn = getattr(engine.module.config, "_attn_implementation", "sdpa")
+    dtype = (torch.bfloat16 if ds_config["bf16"]["enabled"] else
+             torch.float16 if ds_config["fp16"]["enabled"] else torch.float32)  # the engine's compute dtype
 
     def all_reduce_(t: torch.Tensor) -> torch.Tensor:
         if world_size > 1:
@@ -75,7 +79,7 @@ def build_deepspeed(model: nn.Module, *, ds_config: dict, optim, lr_fn: Callable
         grad_norm = None
         with rng_scope(state.rng, device) as rng_out:
             for i, batch in enumerate(micro_batches):
-                out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+                out = engine(**model_inputs(batch, attn, dtype))
                 loss_sum, _ = token_cross_entropy(out.logits, batch["labels"])
                 engine.backward(loss_sum * scale)
                 if stage == 0 and i == len(micro_batches) - 1:
@@ -92,7 +96,7 @@ def build_deepspeed(model: nn.Module, *, ds_config: dict, optim, lr_fn: Callable
         return new_state, StepMetrics(loss=all_reduce_(total) / n, grad_norm=grad_norm, lr=lr, label_tokens=n)
 
     def loss_sum(state: TrainState, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        out = engine(**model_inputs(batch, attn, dtype))
         return token_cross_entropy(out.logits, batch["labels"])
 
     @contextlib.contextmanager

@@ -3,7 +3,8 @@
 Features:
 - any `AutoModelForCausalLM` (hub id, local dir, or an architecture built from [model.config]);
 - full fine-tuning, or LoRA through peft ([peft]): only adapter tensors are trained and saved;
-- SQuAD and instruction data, prompt tokens masked out of the loss;
+- SQuAD, instruction, chat (chat templates, assistant-only loss) and plain-text data, cached once
+  tokenised; optional packing with per-sample positions and block-diagonal attention;
 - two backends behind one step interface: a pure torch.func step (pure AdamW, explicit all-reduce over
   ranks) and DeepSpeed ZeRO 0-3 with CPU offload; exact loss normalisation over micro-batches and ranks,
   global-norm clipping, a pure LR schedule;
@@ -54,7 +55,9 @@ def run(cfg: TrainConfig) -> TrainResult:
     if cfg.peft is not None and cfg.model.init == "random" and is_main:
         checkpoint.save_hf_model(model, tokenizer, out / "base")
     model = peft_lora.apply(model, cfg.peft, cfg.seed, base_path)
-    train_set, val_set = data.build(cfg.data, tokenizer)
+    train_set, val_set = data.build(cfg.data, tokenizer, seed=cfg.seed, rank=ranks.rank, log=print)
+    if cfg.data.packing:
+        train_set = data.pack(train_set, cfg.data.seq_len)
     plan = data.BatchPlan(len(train_set), cfg.train.global_batch_size, cfg.train.micro_batch_size,
                           ranks.world_size, cfg.seed)
     max_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * plan.steps_per_epoch))
@@ -132,7 +135,8 @@ def run(cfg: TrainConfig) -> TrainResult:
     if state.step > start_step:
         save_checkpoint(state)
 
-    metrics = {"steps": state.step, "train_loss": last_row.get("loss"), "train_samples": state.data_position}
+    metrics = {"steps": state.step, "train_loss": last_row.get("loss"), "train_samples": state.data_position,
+               "padding_fraction": last_row.get("run_padding")}
     if val_set is not None:
         final_eval = evaluate(state)
         logger.row(final_eval)

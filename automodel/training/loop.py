@@ -45,14 +45,19 @@ def run_loop(
 ) -> tuple[TrainState, dict]:
     """Steps from state.step to max_steps. Returns the final state and the last logged row.
 
-    Timing covers whole log windows (no per-step device sync): ms/step and tokens/s (non-padding input
-    tokens over all ranks) are window averages; the loss is that of the logged step.
+    Timing covers whole log windows (no per-step device sync): ms/step, tokens/s (non-padding input
+    tokens over all ranks) and the padding fraction are window averages (run_padding: since the start
+    of this process); the loss is that of the logged step.
     """
     last_row: dict = {}
-    window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
+    window_start, window_tokens, window_steps, window_slots = time.perf_counter(), 0, 0, 0
+    run_tokens = run_slots = 0
     while state.step < max_steps:
         cpu_batches = [collate(train_set, idx, pad_id) for idx in plan.micro_batches(state.step, rank)]
-        window_tokens += sum(int(b["attention_mask"].sum()) for b in cpu_batches) * plan.world_size
+        tokens = sum(int(b["attention_mask"].sum()) for b in cpu_batches) * plan.world_size
+        slots = sum(b["input_ids"].numel() for b in cpu_batches) * plan.world_size
+        window_tokens, window_slots = window_tokens + tokens, window_slots + slots
+        run_tokens, run_slots = run_tokens + tokens, run_slots + slots
         micro_batches = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in cpu_batches]
 
         state, metrics = train_step(state, micro_batches)
@@ -71,9 +76,10 @@ def run_loop(
                 "tokens_per_s": tokens_per_s, "ms_per_step": 1000 * seconds / window_steps,
                 "epoch": state.data_position / (plan.steps_per_epoch * plan.global_batch_size),
                 "mfu": flops_per_token * tokens_per_s / peak_flops if peak_flops else None,
+                "padding": 1 - window_tokens / window_slots, "run_padding": 1 - run_tokens / run_slots,
             }
             logger.row(last_row)
-            window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
+            window_start, window_tokens, window_steps, window_slots = time.perf_counter(), 0, 0, 0
         if evaluate is not None and eval_every and state.step % eval_every == 0 and state.step < max_steps:
             logger.row(evaluate(state))
             window_start = time.perf_counter()  # eval time is not step time

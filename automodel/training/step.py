@@ -12,6 +12,7 @@ import attrs
 import torch
 from torch import nn
 
+from automodel.data.packing import model_inputs
 from automodel.loss import count_label_tokens, token_cross_entropy
 from automodel.optim import AdamWHyper, adamw_update, clip_by_global_norm
 from automodel.training.state import Tensors, TrainState, rng_scope
@@ -33,11 +34,11 @@ def make_loss_fn(model: nn.Module) -> Callable[[Tensors, Batch], tuple[torch.Ten
     """(params, batch) -> (summed token cross-entropy, label tokens), running `model` with `params` in
     place of its trainable weights."""
 
+    attn = getattr(model.config, "_attn_implementation", "sdpa")
+    dtype = next(iter(model.parameters())).dtype
+
     def loss_fn(params: Tensors, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        out = torch.func.functional_call(
-            model, params, (),
-            {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False},
-        )
+        out = torch.func.functional_call(model, params, (), model_inputs(batch, attn, dtype))
         return token_cross_entropy(out.logits, batch["labels"])
 
     return loss_fn

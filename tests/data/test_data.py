@@ -7,8 +7,8 @@ import torch
 from transformers import AutoTokenizer
 
 from automodel.config import ConfigError, DataConfig, DataSourceConfig
-from automodel.data import (IGNORE_INDEX, BatchPlan, build, collate, eval_batches, load_examples, load_rows,
-                            tokenize_examples)
+from automodel.data import (IGNORE_INDEX, BatchPlan, FormatOptions, build, collate, eval_batches, load_examples,
+                            load_rows, tokenize_examples)
 from tests.conftest import shared_data
 
 
@@ -32,7 +32,7 @@ def test_official_squad_json_is_flattened_to_the_hub_schema():
 
 def test_squad_prompt_is_masked_and_the_answer_is_trained(gpt2):
     src = DataSourceConfig(source=str(shared_data("squad-v1.1/dev-v1.1.json")), limit=50)
-    examples = load_examples(src, "plain")
+    examples = load_examples(src, FormatOptions())[0]
     tset = tokenize_examples(examples, gpt2, seq_len=512, truncate="drop", name="train")
     assert len(tset) + tset.dropped == 50
     for ids, labels, plen, ex in zip(tset.input_ids, tset.labels, tset.prompt_lens, examples):
@@ -45,7 +45,7 @@ def test_squad_prompt_is_masked_and_the_answer_is_trained(gpt2):
 
 def test_instruction_format_with_alpaca_template_and_column_mapping(gpt2, tmp_path):
     path = shared_data("llamafactory-demos/alpaca_en_demo.json")
-    examples = load_examples(DataSourceConfig(source=str(path), format="instruction", limit=20), "alpaca")
+    examples = load_examples(DataSourceConfig(source=str(path), format="instruction", limit=20), FormatOptions(prompt_template="alpaca"))[0]
     raw = json.loads(path.read_text())[:20]
     for ex, row in zip(examples, raw):
         assert ex.response == row["output"]
@@ -55,27 +55,28 @@ def test_instruction_format_with_alpaca_template_and_column_mapping(gpt2, tmp_pa
     qa = tmp_path / "qa.jsonl"
     qa.write_text('{"question": "2+2?", "answer": "4"}\n{"question": "Capital of France?", "answer": "Paris"}\n')
     src = DataSourceConfig(source=str(qa), format="instruction", columns={"instruction": "question", "output": "answer"})
-    examples = load_examples(src, "plain")
+    examples = load_examples(src, FormatOptions())[0]
     assert [(e.prompt, e.response) for e in examples] == [("2+2?\n", "4"), ("Capital of France?\n", "Paris")]
 
 
 def test_bad_rows_name_the_file_row_and_field(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": ""}\n')
-    with pytest.raises(ConfigError, match=r"bad.jsonl: row 1 \(split `train`\), field `output`: column `output` is empty"):
-        load_examples(DataSourceConfig(source=str(path), format="instruction"), "plain")
+    with pytest.raises(ConfigError, match=r"bad.jsonl: row 1 \(split `train`\), field `output`: column `output` is empty; "
+                                          r"fix the row or set data.on_bad_row = \"skip\""):
+        load_examples(DataSourceConfig(source=str(path), format="instruction"), FormatOptions())
     path.write_text('{"prompt": "a", "output": "b"}\n')
     with pytest.raises(ConfigError, match=r"row 0 .*field `instruction`: missing column `instruction` \(columns "
                                           r"here: prompt, output\); map it with data.<split>.columns.instruction"):
-        load_examples(DataSourceConfig(source=str(path), format="instruction"), "plain")
+        load_examples(DataSourceConfig(source=str(path), format="instruction"), FormatOptions())
     path.write_text('{"context": "c", "question": "q", "answers": {"text": []}}\n')
     with pytest.raises(ConfigError, match=r"row 0 .*field `answers`.*at least one answer"):
-        load_examples(DataSourceConfig(source=str(path), format="squad"), "plain")
+        load_examples(DataSourceConfig(source=str(path), format="squad"), FormatOptions())
 
 
 def test_too_long_samples_are_dropped_or_truncated_and_counted(gpt2):
     src = DataSourceConfig(source=str(shared_data("squad-v1.1/dev-v1.1.json")), limit=200)
-    examples = load_examples(src, "plain")
+    examples = load_examples(src, FormatOptions())[0]
     lengths = [len(gpt2(e.prompt)["input_ids"]) + len(gpt2(e.response, add_special_tokens=False)["input_ids"]) + 1
                for e in examples]
     too_long = sum(n > 160 for n in lengths)
@@ -114,7 +115,7 @@ def test_batch_order_is_a_pure_function_of_seed_and_step():
 
 def test_collate_pads_right_and_masks_padding(gpt2):
     src = DataSourceConfig(source=str(shared_data("squad-v1.1/dev-v1.1.json")), limit=4)
-    tset = tokenize_examples(load_examples(src, "plain"), gpt2, 512, "drop", "v")
+    tset = tokenize_examples(load_examples(src, FormatOptions())[0], gpt2, 512, "drop", "v")
     batch = collate(tset, [0, 1, 2, 3], pad_id=0)
     lengths = [len(x) for x in tset.input_ids]
     assert batch["input_ids"].shape == (4, max(lengths))

@@ -25,10 +25,12 @@ def test_two_ranks_match_one_rank(tmp_path):
                          text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          *base, f"output_dir={tmp_path / 'two'}"], cwd=REPO, capture_output=True, text=True,
-                         timeout=300)
+                          *base, f"output_dir={tmp_path / 'two'}", f"data.cache_dir={tmp_path / 'cache'}"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "2 rank(s)" in two.stdout and "(2 accumulation x 8 per rank)" in two.stdout
+    # With an empty cache, rank 0 tokenises and writes it while rank 1 waits and reads it.
+    assert "data: rank 0 tokenised train" in two.stdout and "rank 1 tokenised" not in two.stdout
     train_one, eval_one = losses(tmp_path / "one")
     train_two, eval_two = losses(tmp_path / "two")
     assert len(train_one) == 4
