@@ -28,7 +28,7 @@ CACHE_VERSION = 1  # bump when tokenisation changes, so old caches are not reuse
 @attrs.frozen
 class TokenizedSet:
     """A tokenised split. Row i: `input_ids[i]`, `labels[i]` (same length, -100 where masked),
-    `prompt_lens[i]` (tokens before the first trained one) and `references[i]` (answers for exact match).
+    `prompt_lens[i]` (tokens before the last trained span: the final answer's prompt) and `references[i]` (answers for exact match).
     Packed sets also carry `position_ids` (restarting at 0 for each sample in a row)."""
 
     input_ids: list[list[int]]
@@ -98,9 +98,19 @@ def tokenize_examples(examples: Sequence[Example], tokenizer: PreTrainedTokenize
         truncated += cut
         out_ids.append(ids)
         out_labels.append(labels)
-        out_prompt_lens.append(next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), len(labels)))
+        out_prompt_lens.append(_last_span_start(labels))
         out_refs.append(ex.references)
     return TokenizedSet(out_ids, out_labels, out_prompt_lens, out_refs, name, len(examples), dropped, truncated)
+
+
+def _last_span_start(labels: list[int]) -> int:
+    """Where the last run of trained labels starts: the prompt for exact match ends there (for a multi-turn
+    chat, before the final answer, which is the reference)."""
+    end = max(i for i, t in enumerate(labels) if t != IGNORE_INDEX)
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    return start
 
 
 def load_examples(src: DataSourceConfig, options: FormatOptions, rows: Optional[datasets.Dataset] = None,

@@ -47,6 +47,9 @@ def test_multi_turn_chat_trains_exactly_the_assistant_text(gpt2, train_on, expec
     ex = chat({"messages": CONVERSATION}, {}, FormatOptions(chat_template="chatml", train_on=train_on, tokenizer=gpt2))
     tset = tokenize_examples([ex], gpt2, 512, "drop", "t")
     assert trained_spans(tset, gpt2) == expected
+    # Exact match prompts with everything before the final answer, which is the reference.
+    assert gpt2.decode(tset.input_ids[0][:tset.prompt_lens[0]]).endswith("sunny<|im_end|>\n<|im_start|>assistant\n")
+    assert tset.references[0] == ("It is sunny.",)
     text = gpt2.decode(tset.input_ids[0])
     assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n") and text.endswith("It is sunny.<|im_end|>\n")
 
