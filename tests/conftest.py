@@ -49,3 +49,21 @@ def random_batch(n: int, length: int, vocab: int, seed: int) -> dict[str, torch.
 def split_batch(batch: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
     n = batch["input_ids"].shape[0]
     return [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, n, size)]
+
+
+def module_eval_loss(model: torch.nn.Module, data_cfg, batch_size: int, tokenizer) -> float:
+    """The token-weighted eval loss of a loaded model (plain module forward, no automodel step) on the
+    validation set that `data_cfg` describes: the reference that reported eval losses must match."""
+    from automodel.data import build, collate, eval_batches
+    from automodel.loss import token_cross_entropy
+
+    _, val = build(data_cfg, tokenizer, use_cache=False)
+    total = count = 0
+    model.eval()
+    with torch.no_grad():
+        for idx in eval_batches(val, batch_size):
+            b = collate(val, idx, tokenizer.pad_token_id)
+            s, n = token_cross_entropy(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+                                       b["labels"])
+            total, count = total + s.item(), count + n.item()
+    return total / count

@@ -1,6 +1,5 @@
 """Checkpoints of the functional backend: atomic layout, resume equivalence (with dropout), refusals."""
 
-import json
 import shutil
 
 import pytest

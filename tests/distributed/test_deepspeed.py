@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import module_eval_loss
 from tests.distributed import launch
 
 pytest.importorskip("deepspeed")
@@ -63,21 +64,10 @@ def reload_eval_loss(run_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from automodel.config import load_config
-    from automodel.data import build, collate, eval_batches
-    from automodel.loss import token_cross_entropy
 
     cfg = load_config(run_dir / "config.toml", world_size=1)
-    model = AutoModelForCausalLM.from_pretrained(run_dir / "final").eval()
-    tokenizer = AutoTokenizer.from_pretrained(run_dir / "final")
-    _, val = build(cfg.data, tokenizer)
-    total = count = 0
-    with torch.no_grad():
-        for idx in eval_batches(val, cfg.train.micro_batch_size):
-            b = collate(val, idx, tokenizer.pad_token_id)
-            s, n = token_cross_entropy(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
-                                       b["labels"])
-            total, count = total + s.item(), count + n.item()
-    return total / count
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    return module_eval_loss(model, cfg.data, cfg.train.micro_batch_size, AutoTokenizer.from_pretrained(run_dir / "final"))
 
 
 RESUME = QUIET + ["train.log_every=1", "schedule.kind=constant", "schedule.warmup_steps=0",
@@ -174,12 +164,12 @@ def test_lora_under_zero3_matches_functional_lora_and_saves_the_whole_adapter(tm
     # PeftModel.from_pretrained(base, adapter) reproduces the eval loss the trainer reported.
     base = AutoModelForCausalLM.from_pretrained(zero3 / "base")
     model = PeftModel.from_pretrained(base, zero3 / "final").eval()
-    from tests.peft.test_lora import eval_loss_of
-    from automodel.config import load_config
     from transformers import AutoTokenizer
 
+    from automodel.config import load_config
+
     cfg = load_config(zero3 / "config.toml", world_size=2)
-    loss = eval_loss_of(model, cfg, AutoTokenizer.from_pretrained(zero3 / "final"))
+    loss = module_eval_loss(model, cfg.data, cfg.train.micro_batch_size, AutoTokenizer.from_pretrained(zero3 / "final"))
     assert loss == pytest.approx(launch.eval_losses(zero3)[-1], rel=1e-5)
 
 

@@ -11,14 +11,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import automodel
-from automodel.config import ConfigError, PeftConfig, load_config
+from automodel.config import ConfigError, PeftConfig
 from automodel.config.schema import OptimConfig
-from automodel.data import build, collate, eval_batches
 from automodel.distributed.backend import build_functional
-from automodel.loss import token_cross_entropy
 from automodel.peft import apply, resolve_targets
-from tests.conftest import REPO, random_batch, shared_data, split_batch, tiny_llama
-from tests.recipes.test_llm_finetune import QUICKSTART, quickstart, read_rows
+from tests.conftest import REPO, module_eval_loss, random_batch, shared_data, split_batch, tiny_llama
+from tests.recipes.test_llm_finetune import quickstart, read_rows
 
 LORA = ["peft.rank=8", "peft.alpha=16.0", 'peft.target_modules=["*_proj"]']
 
@@ -64,18 +62,6 @@ def test_only_adapters_train_and_the_base_stays_bit_identical():
     assert all(not torch.equal(state.params[k], before[k]) for k in before if "lora_B" in k)
 
 
-def eval_loss_of(model, cfg, tokenizer):
-    _, val = build(cfg.data, tokenizer)
-    total = count = 0
-    with torch.no_grad():
-        for idx in eval_batches(val, cfg.train.micro_batch_size):
-            b = collate(val, idx, tokenizer.pad_token_id)
-            s, n = token_cross_entropy(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
-                                       b["labels"])
-            total, count = total + s.item(), count + n.item()
-    return total / count
-
-
 def test_adapter_and_merged_exports_reload_with_the_reported_eval_loss(tmp_path):
     cfg = quickstart(tmp_path, *LORA, "train.max_steps=20", "optim.lr=1e-2", "eval.generate_samples=0",
                      "data.validation.limit=64", "checkpoint.export_merged=true")
@@ -91,9 +77,9 @@ def test_adapter_and_merged_exports_reload_with_the_reported_eval_loss(tmp_path)
 
     tokenizer = AutoTokenizer.from_pretrained(adapter)
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / "base"), adapter).eval()
-    assert eval_loss_of(peft_model, cfg, tokenizer) == pytest.approx(result.metrics["eval_loss"], rel=1e-5)
+    assert module_eval_loss(peft_model, cfg.data, cfg.train.micro_batch_size, tokenizer) == pytest.approx(result.metrics["eval_loss"], rel=1e-5)
     merged = AutoModelForCausalLM.from_pretrained(out / "final_merged").eval()
-    assert eval_loss_of(merged, cfg, tokenizer) == pytest.approx(result.metrics["eval_loss"], rel=1e-4)
+    assert module_eval_loss(merged, cfg.data, cfg.train.micro_batch_size, tokenizer) == pytest.approx(result.metrics["eval_loss"], rel=1e-4)
 
     # The same merge offline, through the CLI.
     proc = subprocess.run([sys.executable, "-m", "automodel.cli", "merge", "--base", str(out / "base"),

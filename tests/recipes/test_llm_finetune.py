@@ -8,14 +8,11 @@ import sys
 
 import attrs
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import automodel
 from automodel.config import load_config
-from automodel.data import build, collate, eval_batches
-from automodel.loss import token_cross_entropy
-from tests.conftest import REPO, shared_data
+from tests.conftest import REPO, module_eval_loss, shared_data
 
 QUICKSTART = REPO / "configs_toml" / "quickstart.toml"
 ASSETS = REPO / "examples" / "quickstart"
@@ -58,17 +55,9 @@ def test_run_writes_config_metrics_and_a_model_that_reloads_with_the_same_eval_l
     # The export is a plain HF directory; its eval loss is the one the trainer reported.
     final = result.final_dir
     assert (final / "model.safetensors").is_file() and (final / "config.json").is_file()
-    model = AutoModelForCausalLM.from_pretrained(final).eval()
-    tokenizer = AutoTokenizer.from_pretrained(final)
-    _, val_set = build(cfg.data, tokenizer)
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for idx in eval_batches(val_set, cfg.train.micro_batch_size):
-            batch = collate(val_set, idx, tokenizer.pad_token_id)
-            loss_sum, n = token_cross_entropy(model(input_ids=batch["input_ids"],
-                                                    attention_mask=batch["attention_mask"]).logits, batch["labels"])
-            total, count = total + loss_sum.item(), count + n.item()
-    assert total / count == pytest.approx(result.metrics["eval_loss"], rel=1e-5)
+    model = AutoModelForCausalLM.from_pretrained(final)
+    loss = module_eval_loss(model, cfg.data, cfg.train.micro_batch_size, AutoTokenizer.from_pretrained(final))
+    assert loss == pytest.approx(result.metrics["eval_loss"], rel=1e-5)
     assert not list(out.glob(".tmp-*"))
 
 
