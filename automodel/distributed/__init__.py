@@ -37,11 +37,18 @@ def setup(info: RankInfo, device: torch.device, group_on_one_rank: bool = False)
     """Joins the process group when there are several ranks (or when asked: DeepSpeed wants one even on a
     single rank) and returns the SUM all-reduce of tensor lists (None on one rank)."""
     if (info.world_size > 1 or group_on_one_rank) and not dist.is_initialized():
+        # What launchers export; DeepSpeed reads them too (a plain `python` run or Slurm variables set none).
+        os.environ.setdefault("RANK", str(info.rank))
+        os.environ.setdefault("LOCAL_RANK", str(info.local_rank))
+        os.environ.setdefault("WORLD_SIZE", str(info.world_size))
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:
-            if info.world_size > 1:
-                raise RuntimeError("MASTER_PORT is not set; start several ranks with deepspeed, torchrun or srun")
-            os.environ["MASTER_PORT"] = str(_free_port())
+            if "SLURM_JOB_ID" in os.environ:  # every task of the job derives the same port
+                os.environ["MASTER_PORT"] = str(10000 + int(os.environ["SLURM_JOB_ID"]) % 50000)
+            elif info.world_size > 1:
+                raise RuntimeError("MASTER_PORT is not set; start several ranks with deepspeed or torchrun")
+            else:
+                os.environ["MASTER_PORT"] = str(_free_port())
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=info.rank,
                                 world_size=info.world_size)
     if info.world_size == 1:

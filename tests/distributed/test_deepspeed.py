@@ -59,6 +59,17 @@ def test_two_ranks_match_the_single_process_functional_run(reference, tmp_path, 
         assert reload_eval_loss(out) == pytest.approx(launch.eval_losses(out)[-1], rel=1e-5)
 
 
+def test_deepspeed_in_one_plain_process_matches_too(reference, tmp_path):
+    """`python launch/run.py` with backend = "deepspeed": no launcher, one rank, 4 accumulation steps."""
+    out = tmp_path / "one"
+    proc = launch.run("python", AGREE + ["distributed.backend=deepspeed", "distributed.zero_stage=2",
+                                         "checkpoint.save_final=false", f"output_dir={out}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 rank(s), deepspeed (ZeRO-2) backend" in proc.stdout
+    assert list(launch.train_losses(out).values()) == pytest.approx(list(launch.train_losses(reference).values()),
+                                                                    rel=1e-5)
+
+
 def reload_eval_loss(run_dir):
     """Eval loss of <run>/final loaded with AutoModelForCausalLM, on the run's own validation set."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
