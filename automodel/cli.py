@@ -49,11 +49,15 @@ def run_command(config: str, overrides: Sequence[str]) -> int:
 
     from automodel import distributed
 
+    from automodel.training.preemption import EXIT_PREEMPTED, Preempted
+
     try:
         automodel.train(load_config(config, overrides))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Preempted:
+        return EXIT_PREEMPTED  # "try again": a batch script requeues on it
     finally:
         distributed.teardown()
     return 0

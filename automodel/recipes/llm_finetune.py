@@ -11,6 +11,8 @@ Features:
 - atomic checkpoints every `checkpoint.every` steps and at the end; `train.resume = "auto"` continues
   from the newest complete one, reproducing the uninterrupted run step for step;
 - token-weighted eval loss and greedy exact match on the validation set;
+- preemption: on SIGUSR1/SIGTERM every rank stops at the same step boundary, checkpoints and exits with
+  status 75; the same command resumes;
 - console/tqdm progress, metrics.jsonl, the resolved config.toml, and a final HF model directory
   (gathered from ZeRO-3 shards onto rank 0).
 """
@@ -30,6 +32,7 @@ from automodel.optim import lr_at
 from automodel.training.evaluate import eval_loss, exact_match
 from automodel.training.loop import TrainResult, run_loop
 from automodel.training.metrics import peak_flops
+from automodel.training.preemption import Preempted, StopRequest
 from automodel.training.state import TrainState
 
 
@@ -125,13 +128,21 @@ def run(cfg: TrainConfig) -> TrainResult:
         logger.row(first_eval)
 
     start_step = state.step
-    state, last_row = run_loop(
-        state, train_step=backend.step, plan=plan, train_set=train_set, max_steps=max_steps, rank=ranks.rank,
-        device=device, pad_id=tokenizer.pad_token_id, logger=logger, log_every=cfg.train.log_every,
-        eval_every=cfg.train.eval_every, evaluate=evaluate if val_set is not None else None,
-        flops_per_token=flops_per_token, peak_flops=peak_flops(device, cfg.logging.peak_tflops),
-        checkpoint_every=cfg.checkpoint.every, save_checkpoint=save_checkpoint,
-    )
+    # SIGUSR1/SIGTERM (cluster preemption): checkpoint at the next step boundary and exit with status 75.
+    with StopRequest() as stop:
+        try:
+            state, last_row = run_loop(
+                state, train_step=backend.step, plan=plan, train_set=train_set, max_steps=max_steps,
+                rank=ranks.rank, device=device, pad_id=tokenizer.pad_token_id, logger=logger,
+                log_every=cfg.train.log_every, eval_every=cfg.train.eval_every,
+                evaluate=evaluate if val_set is not None else None, flops_per_token=flops_per_token,
+                peak_flops=peak_flops(device, cfg.logging.peak_tflops), checkpoint_every=cfg.checkpoint.every,
+                save_checkpoint=save_checkpoint, stop=stop,
+            )
+        except Preempted as e:
+            logger.info(str(e))
+            logger.close()
+            raise
     if state.step > start_step:
         save_checkpoint(state)
 

@@ -10,6 +10,7 @@ import torch
 
 from automodel.data import BatchPlan, TokenizedSet, collate
 from automodel.loggers import RunLogger
+from automodel.training.preemption import Preempted, StopRequest
 from automodel.training.state import TrainState
 
 
@@ -42,6 +43,7 @@ def run_loop(
     peak_flops: Optional[float] = None,
     checkpoint_every: int = 0,
     save_checkpoint: Optional[Callable[[TrainState], None]] = None,
+    stop: Optional[StopRequest] = None,
 ) -> tuple[TrainState, dict]:
     """Steps from state.step to max_steps. Returns the final state and the last logged row.
 
@@ -87,4 +89,8 @@ def run_loop(
                 and state.step < max_steps:
             save_checkpoint(state)
             window_start = time.perf_counter()
+        if stop is not None and state.step < max_steps and stop.agreed(device):
+            if save_checkpoint is not None and not (checkpoint_every and state.step % checkpoint_every == 0):
+                save_checkpoint(state)
+            raise Preempted(state.step, stop.received or "a signal on another rank")
     return state, last_row

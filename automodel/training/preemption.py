@@ -1,0 +1,52 @@
+"""Stopping at a step boundary when the cluster asks (SIGUSR1 from Slurm's --signal, SIGTERM on preemption).
+
+The handler only sets a flag; the loop checks it after each step, every rank agrees (one tiny all-reduce,
+so all ranks stop at the same step), a checkpoint is written and the run exits with EXIT_PREEMPTED.
+Running the same command again resumes from that checkpoint.
+"""
+
+import signal
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; a batch script can requeue on it
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class Preempted(Exception):
+    def __init__(self, step: int, signal_name: str):
+        super().__init__(f"stopped at step {step} on {signal_name}; a checkpoint was written, run the same command "
+                         "again to resume")
+        self.step = step
+
+
+class StopRequest:
+    """Installs the handlers for its lifetime (`with StopRequest() as stop:`) and restores the old ones."""
+
+    def __init__(self) -> None:
+        self.received: Optional[str] = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopRequest":
+        for sig in SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals cannot be handled here
+                pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def agreed(self, device: torch.device) -> bool:
+        """True on every rank if any rank received a signal (a collective when there are several ranks)."""
+        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
