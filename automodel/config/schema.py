@@ -206,7 +206,8 @@ class CheckpointConfig:
         "<output_dir>/final."
     )
     export_merged: bool = field(
-        False, "With [peft]: also write the base model with the adapter merged in to <output_dir>/final_merged."
+        False, "With [peft]: also write the base model with the adapter merged in to <output_dir>/final_merged "
+        "(the adapter is then written to final/ as well)."
     )
 
 

@@ -54,7 +54,7 @@ def run(cfg: TrainConfig) -> TrainResult:
     with model_init_context(cfg.distributed.backend, ds_config, pretrained=cfg.model.init == "pretrained"):
         model = models.build_model(cfg.model, tokenizer, cfg.seed)
     # LoRA (no-op without [peft]). A base built from config is saved, so the adapter has a base to load onto.
-    base_path = cfg.model.name_or_path or str(out / "base")
+    base_path = cfg.model.name_or_path if cfg.model.init == "pretrained" else str(out / "base")
     if cfg.peft is not None and cfg.model.init == "random" and is_main:
         checkpoint.save_hf_model(model, tokenizer, out / "base")
     model = peft_lora.apply(model, cfg.peft, cfg.seed, base_path)
@@ -155,14 +155,12 @@ def run(cfg: TrainConfig) -> TrainResult:
         if first_eval is not None and "exact_match" in first_eval:
             metrics["exact_match_at_start"] = first_eval["exact_match"]
 
-    final_dir = out / "final" if cfg.checkpoint.save_final else None
+    # Every rank calls export (under ZeRO-3 it gathers); with [peft] it writes the adapter, which the merge needs.
+    final_dir = out / "final" if cfg.checkpoint.save_final or cfg.checkpoint.export_merged else None
     if final_dir is not None:
-        backend.export(state, tokenizer, final_dir)  # with [peft]: the adapter only
+        backend.export(state, tokenizer, final_dir)
     if cfg.checkpoint.export_merged and is_main:
-        adapter_dir = final_dir or out / "final"
-        if final_dir is None:
-            backend.export(state, tokenizer, adapter_dir)
-        peft_lora.merge(base_path, str(adapter_dir), str(out / "final_merged"), models.DTYPES[cfg.model.dtype])
+        peft_lora.merge(base_path, str(final_dir), str(out / "final_merged"), models.DTYPES[cfg.model.dtype])
         logger.info(f"merged model saved to {out / 'final_merged'}")
     distributed.barrier()
     metrics["wall_s"] = time.perf_counter() - started
@@ -172,7 +170,9 @@ def run(cfg: TrainConfig) -> TrainResult:
 
 
 def _summary(metrics: dict, final_dir: Path | None) -> str:
-    parts = [f"done: {metrics['steps']} steps in {metrics['wall_s']:.1f}s", f"train loss {metrics['train_loss']:.4f}"]
+    parts = [f"done: {metrics['steps']} steps in {metrics['wall_s']:.1f}s"]
+    if metrics["train_loss"] is not None:  # None: resumed at the end, no step ran in this process
+        parts.append(f"train loss {metrics['train_loss']:.4f}")
     if "eval_loss" in metrics:
         parts.append(f"eval loss {metrics['eval_loss']:.4f}")
     if "exact_match" in metrics:

@@ -60,3 +60,12 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
     automodel.train(quickstart(tmp_path / "run", *COMMON, "train.max_steps=2"))
     with pytest.raises(automodel.ConfigError, match=r"written with global_batch_size = 16, this run has 32"):
         automodel.train(quickstart(tmp_path / "run", *COMMON, "train.max_steps=4", "train.global_batch_size=32"))
+
+
+def test_rerunning_a_finished_run_only_evaluates_and_exports(tmp_path):
+    cfg = quickstart(tmp_path / "run", *COMMON, "train.max_steps=2", "checkpoint.save_final=true")
+    first = automodel.train(cfg)
+    again = automodel.train(cfg)
+    assert again.metrics["steps"] == 2 and again.metrics["train_loss"] is None
+    assert again.metrics["eval_loss"] == first.metrics["eval_loss"]
+    assert (again.final_dir / "model.safetensors").is_file() and sorted(losses(again.output_dir)) == [1, 2]
