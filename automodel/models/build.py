@@ -74,8 +74,8 @@ def numel(p: torch.Tensor) -> int:
     return getattr(p, "ds_numel", p.numel())
 
 
-def count_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
-    return sum(numel(p) for p in model.parameters() if p.requires_grad or not trainable_only)
+def count_params(model: torch.nn.Module) -> int:
+    return sum(numel(p) for p in model.parameters())
 
 
 def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
