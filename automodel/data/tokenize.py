@@ -156,10 +156,10 @@ def _tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256((vocab + extra).encode()).hexdigest()
 
 
-def cache_key(src: DataSourceConfig, data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, carve: Any) -> str:
+def cache_key(src: DataSourceConfig, data_cfg: DataConfig, tokenizer_id: str, carve: Any) -> str:
     parts = [CACHE_VERSION, _source_identity(src.source), src.split, src.limit, src.format, sorted(src.columns.items()),
              data_cfg.seq_len, data_cfg.truncate, data_cfg.prompt_template, data_cfg.chat_template, data_cfg.train_on,
-             data_cfg.on_bad_row, carve, _tokenizer_identity(tokenizer)]
+             data_cfg.on_bad_row, carve, tokenizer_id]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:20]
 
 
@@ -200,8 +200,9 @@ def build(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 
         plan = [("train", data_cfg.train, ("train", data_cfg.validation_fraction, seed)),
                 ("validation", data_cfg.train, ("test", data_cfg.validation_fraction, seed))]
     sets: dict[str, TokenizedSet] = {}
+    tokenizer_id = _tokenizer_identity(tokenizer) if use_cache else ""  # hashes the whole vocabulary: once
     for name, src, carve in plan:
-        path = cache_root(data_cfg) / f"{name}-{cache_key(src, data_cfg, tokenizer, carve)}.npz"
+        path = cache_root(data_cfg) / f"{name}-{cache_key(src, data_cfg, tokenizer_id, carve)}.npz"
         if use_cache and rank == 0 and not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             save_set(_tokenize_split(name, src, carve, data_cfg, tokenizer, options, log, rank), path)
