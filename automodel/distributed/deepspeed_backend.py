@@ -12,7 +12,6 @@ from typing import Callable, Iterator
 import attrs
 import deepspeed
 import torch
-import torch.distributed as dist
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 from transformers.integrations import HfDeepSpeedConfig
@@ -24,7 +23,7 @@ from automodel.data.packing import model_inputs
 from automodel.loss import count_label_tokens, token_cross_entropy
 from automodel.models import numel
 from automodel.training.state import TrainState, initial_rng, rng_scope
-from automodel.training.step import Batch, StepMetrics
+from automodel.training.step import AllReduce, Batch, StepMetrics
 
 ENGINE_TAG = "engine"
 
@@ -48,7 +47,7 @@ def _is_matrix(p: torch.Tensor) -> bool:
 
 
 def build_deepspeed(model: nn.Module, *, ds_config: dict, optim, lr_fn: Callable[[int], float],
-                    device: torch.device, rank: int, world_size: int, seed: int) -> Backend:
+                    device: torch.device, all_reduce: AllReduce, rank: int, world_size: int, seed: int) -> Backend:
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [{"params": [p for _, p in trainable if _is_matrix(p)], "weight_decay": optim.weight_decay},
               {"params": [p for _, p in trainable if not _is_matrix(p)], "weight_decay": 0.0}]
@@ -64,13 +63,14 @@ def build_deepspeed(model: nn.Module, *, ds_config: dict, optim, lr_fn: Callable
     dtype = (torch.bfloat16 if ds_config["bf16"]["enabled"] else
              torch.float16 if ds_config["fp16"]["enabled"] else torch.float32)  # the engine's compute dtype
 
-    def all_reduce_(t: torch.Tensor) -> torch.Tensor:
-        if world_size > 1:
-            dist.all_reduce(t)
-        return t
+    def forward_loss(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        # Through the engine (its hooks gather ZeRO-3 weights); our loss, as in the functional backend.
+        return token_cross_entropy(engine(**model_inputs(batch, attn, dtype)).logits, batch["labels"])
 
     def step(state: TrainState, micro_batches: list[Batch]) -> tuple[TrainState, StepMetrics]:
-        n = all_reduce_(torch.stack([count_label_tokens(b["labels"]) for b in micro_batches]).sum())
+        n = torch.stack([count_label_tokens(b["labels"]) for b in micro_batches]).sum()
+        if all_reduce is not None:
+            all_reduce([n])
         scale = len(micro_batches) * world_size / n
         lr = lr_fn(state.step)
         for group in engine.optimizer.param_groups:
@@ -79,8 +79,7 @@ def build_deepspeed(model: nn.Module, *, ds_config: dict, optim, lr_fn: Callable
         grad_norm = None
         with rng_scope(state.rng, device) as rng_out:
             for i, batch in enumerate(micro_batches):
-                out = engine(**model_inputs(batch, attn, dtype))
-                loss_sum, _ = token_cross_entropy(out.logits, batch["labels"])
+                loss_sum, _ = forward_loss(batch)
                 engine.backward(loss_sum * scale)
                 if stage == 0 and i == len(micro_batches) - 1:
                     # Stage 0 reports no norm; the last backward has all-reduced the gradients, so read them.
@@ -93,11 +92,9 @@ def build_deepspeed(model: nn.Module, *, ds_config: dict, optim, lr_fn: Callable
         samples = world_size * sum(b["input_ids"].shape[0] for b in micro_batches)
         new_state = attrs.evolve(state, step=state.step + 1, rng=rng_out[0],
                                  data_position=state.data_position + samples)
-        return new_state, StepMetrics(loss=all_reduce_(total) / n, grad_norm=grad_norm, lr=lr, label_tokens=n)
-
-    def loss_sum(state: TrainState, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        out = engine(**model_inputs(batch, attn, dtype))
-        return token_cross_entropy(out.logits, batch["labels"])
+        if all_reduce is not None:
+            all_reduce([total])
+        return new_state, StepMetrics(loss=total / n, grad_norm=grad_norm, lr=lr, label_tokens=n)
 
     @contextlib.contextmanager
     def model_for_generation(state: TrainState) -> Iterator[nn.Module]:
@@ -131,6 +128,7 @@ def build_deepspeed(model: nn.Module, *, ds_config: dict, optim, lr_fn: Callable
 
     state = TrainState(step=0, params={}, opt_state=None, rng=initial_rng(seed, rank, device), data_position=0,
                        engine=engine)
-    return Backend(name=f"deepspeed (ZeRO-{stage})", state=state, step=step, loss_sum=loss_sum,
+    return Backend(name=f"deepspeed (ZeRO-{stage})", state=state, step=step,
+                   loss_sum=lambda state, batch: forward_loss(batch),
                    model_for_generation=model_for_generation, save=save, load=load, export=export,
                    trainable_params=trainable_params, generate_kwargs={"synced_gpus": stage == 3 and world_size > 1})

@@ -76,7 +76,7 @@ def run(cfg: TrainConfig) -> TrainResult:
         from automodel.distributed.deepspeed_backend import build_deepspeed
 
         backend = build_deepspeed(model, ds_config=ds_config, optim=cfg.optim, lr_fn=lr_fn, device=device,
-                                  rank=ranks.rank, world_size=ranks.world_size, seed=cfg.seed)
+                                  all_reduce=all_reduce, rank=ranks.rank, world_size=ranks.world_size, seed=cfg.seed)
     else:
         backend = build_functional(model.to(device), optim=cfg.optim, clip_grad_norm=cfg.optim.clip_grad_norm,
                                    lr_fn=lr_fn, device=device, grad_method=cfg.train.grad_method,
