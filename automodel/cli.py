@@ -6,6 +6,10 @@
                                                            the DeepSpeed JSON the run would use
     automodel config docs                                  every key with type, default and doc (Markdown)
     automodel merge --base B --adapter A --out O           merge a LoRA adapter into its base model
+    automodel launch --config X.toml --gpus-per-node G [--nodes N] [--slurm] [--sweep K=A,B ...] [KEY=VALUE ...]
+                                                           print and run the deepspeed command, or write an
+                                                           sbatch script (job array for sweeps)
+    automodel sweep status RUN_DIR                         each sweep task's state and final metrics
 """
 
 import argparse
@@ -41,7 +45,34 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--adapter", required=True, help="adapter directory (adapter_config.json + weights)")
     merge.add_argument("--out", required=True, help="output directory for the merged HF model")
     merge.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    _add_launch_parser(sub)
+    sweep = sub.add_parser("sweep", help="inspect sweeps")
+    sweep_sub = sweep.add_subparsers(dest="sweep_command", required=True)
+    status = sweep_sub.add_parser("status", help="state and final metrics of each task of a sweep")
+    status.add_argument("run_dir", help="the sweep's output_dir (holds sweep.json)")
     return parser
+
+
+def _add_launch_parser(sub) -> None:
+    launch = sub.add_parser(
+        "launch", help="print and run the deepspeed command, or write an sbatch script (--slurm)",
+        description="Without --slurm: print the one-node deepspeed command and run it. With --slurm: write "
+        "<output_dir>/slurm/job.sbatch (one srun task per rank; a job array with --sweep) and print the sbatch "
+        "command. Flags override the config's [launch] section.")
+    _add_config_args(launch)
+    launch.add_argument("--nodes", type=int, default=None, help="nodes (default: launch.nodes)")
+    launch.add_argument("--gpus-per-node", type=int, default=None,
+                        help="GPUs per node, one rank each; 0 runs CPU processes (default: launch.gpus_per_node)")
+    launch.add_argument("--nproc-per-node", type=int, default=None,
+                        help="ranks per node with --gpus-per-node 0 (default: launch.nproc_per_node or 1)")
+    launch.add_argument("--slurm", action="store_true", help="write an sbatch script instead of running")
+    launch.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
+                        help="sweep a key over values; several --sweep flags make a grid (repeatable)")
+    launch.add_argument("--sweep-file", default=None, help="TOML sweep: [grid] and/or [[runs]] (see docs/slurm.md)")
+    launch.add_argument("--max-parallel", type=int, default=None,
+                        help="at most M array tasks at once (--array=0-K%%M)")
+    launch.add_argument("--submit", action="store_true", help="with --slurm: also run sbatch")
+    launch.add_argument("--dry-run", action="store_true", help="print the command or script; write and run nothing")
 
 
 def run_command(config: str, overrides: Sequence[str]) -> int:
@@ -67,6 +98,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
         return run_command(args.config, args.overrides)
+    if args.command in ("launch", "sweep"):
+        return _launch_or_sweep(args)
     if args.command == "merge":
         from automodel.models import DTYPES
         from automodel.peft import merge
@@ -99,6 +132,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _launch_or_sweep(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from automodel.launcher.main import LaunchArgs, launch
+    from automodel.launcher.sweep import status_table
+
+    try:
+        if args.command == "sweep":
+            sys.stdout.write(status_table(Path(args.run_dir)))
+            return 0
+        return launch(LaunchArgs(
+            config=args.config, overrides=tuple(args.overrides), nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+            nproc_per_node=args.nproc_per_node, slurm=args.slurm, sweep=tuple(args.sweep),
+            sweep_file=args.sweep_file, max_parallel=args.max_parallel, submit=args.submit, dry_run=args.dry_run,
+        ))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

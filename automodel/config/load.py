@@ -8,6 +8,7 @@ Every failure is a ConfigError whose message names the file or override, the key
 
 import difflib
 import os
+import re
 import sys
 import typing
 from pathlib import Path
@@ -328,9 +329,37 @@ def validate(cfg: TrainConfig, world_size: int = 1, source: str = "config") -> T
         problems.append("checkpoint.export_merged needs a [peft] section (a full fine-tune's final/ is already whole)")
     if cfg.eval.generate_samples > 0 and cfg.data.validation is None:
         problems.append("eval.generate_samples needs a [data.validation] set")
+    problems.extend(_launch_problems(cfg.launch))
     if problems:
         raise ConfigError(f"{source}: " + f"\n{source}: ".join(problems))
     return cfg
+
+
+# Slurm's --time: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, or UNLIMITED.
+_SLURM_TIME = re.compile(r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+(:\d{1,2}){0,2}|UNLIMITED|INFINITE)$")
+
+
+def _launch_problems(launch: Any) -> list[str]:
+    problems = []
+    if launch.nodes < 1 or launch.gpus_per_node < 0 or launch.nproc_per_node < 0:
+        problems.append("launch.nodes must be >= 1, launch.gpus_per_node and launch.nproc_per_node >= 0")
+    s = launch.slurm
+    if not _SLURM_TIME.match(s.time):
+        problems.append(f'launch.slurm.time "{s.time}" is not a Slurm time; e.g. "04:00:00", "90" (minutes) '
+                        'or "2-00:00:00"')
+    if s.cpus_per_task < 1 or s.signal_seconds < 0 or s.max_requeues < 0:
+        problems.append("launch.slurm.cpus_per_task must be >= 1, signal_seconds and max_requeues >= 0")
+    for line in s.sbatch:
+        if not line.startswith("-") or "\n" in line:
+            problems.append(f'launch.slurm.sbatch entry "{line}": one sbatch option per entry, e.g. '
+                            '"--constraint=h100" (without "#SBATCH")')
+    for key in s.env:
+        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+            problems.append(f'launch.slurm.env key "{key}" is not a shell variable name')
+    for name in ("job_name", "partition", "account", "qos", "mem"):
+        if any(ch.isspace() for ch in getattr(s, name)):
+            problems.append(f"launch.slurm.{name} must not contain spaces")
+    return problems
 
 
 # ---------------------------------------------------------------------------------------------

@@ -222,6 +222,55 @@ class LoggingConfig:
 
 
 @attrs.frozen(kw_only=True)
+class SlurmConfig:
+    """The sbatch script `automodel launch --slurm` writes (one task per GPU, started by srun)."""
+
+    job_name: str = field("", "#SBATCH --job-name; empty means the name of output_dir.")
+    partition: str = field("", "#SBATCH --partition; empty leaves it to the cluster's default.")
+    account: str = field("", "#SBATCH --account; empty leaves it out.")
+    qos: str = field("", "#SBATCH --qos; empty leaves it out.")
+    time: str = field("04:00:00", "#SBATCH --time: the wall-clock limit of one job (or of each requeued start).")
+    cpus_per_task: int = field(8, "#SBATCH --cpus-per-task: CPU cores per rank (data loading, tokenisation).")
+    mem: str = field("", "#SBATCH --mem per node, e.g. \"200G\" (\"0\": all of it); empty leaves it out.")
+    exclusive: bool = field(False, "#SBATCH --exclusive: nodes are not shared with other jobs.")
+    signal_seconds: int = field(
+        300, "Slurm sends SIGUSR1 this many seconds before the time limit (--signal=USR1@N): the run checkpoints "
+        "at the next step and is requeued. 0 leaves the signal out."
+    )
+    requeue: bool = field(True, "#SBATCH --requeue: a preempted or signalled job goes back in the queue and resumes.")
+    max_requeues: int = field(20, "Stop requeueing after this many restarts (SLURM_RESTART_COUNT), to bound a loop.")
+    python: str = field(
+        "", "Interpreter the tasks run; empty means the one running `automodel launch` (with a container image: "
+        "\"python\")."
+    )
+    container_image: str = field("", "pyxis: srun --container-image (e.g. \"nvcr.io#nvidia/pytorch:25.01-py3\").")
+    container_mounts: list[str] = field(
+        doc="pyxis: srun --container-mounts entries, \"SRC:DST\"; the submit directory is mounted at the same path.",
+        factory=list,
+    )
+    setup: list[str] = field(
+        doc="Shell lines run before training, e.g. [\"module load cuda/12.4\", \"source .venv/bin/activate\"].",
+        factory=list,
+    )
+    sbatch: list[str] = field(
+        doc="Extra sbatch options, one per line without \"#SBATCH\", e.g. [\"--constraint=h100\", \"--mail-type=END\"].",
+        factory=list,
+    )
+    env: dict[str, str] = field(doc="Environment variables exported before training, e.g. {NCCL_DEBUG = \"WARN\"}.",
+                                factory=dict)
+
+
+@attrs.frozen(kw_only=True)
+class LaunchConfig:
+    """Defaults for `automodel launch`; its flags override them."""
+
+    nodes: int = field(1, "Nodes to run on (--nodes).")
+    gpus_per_node: int = field(8, "GPUs per node, one rank each (--gpus-per-node); 0 runs on CPU with gloo.")
+    nproc_per_node: int = field(0, "Ranks per node (--nproc-per-node); 0 means gpus_per_node, or 1 on CPU.")
+    slurm: SlurmConfig = field(factory=SlurmConfig, doc="")
+
+
+@attrs.frozen(kw_only=True)
 class TrainConfig:
     """A whole fine-tuning run."""
 
@@ -239,3 +288,4 @@ class TrainConfig:
     distributed: DistributedConfig = field(factory=DistributedConfig, doc="")
     checkpoint: CheckpointConfig = field(factory=CheckpointConfig, doc="")
     logging: LoggingConfig = field(factory=LoggingConfig, doc="")
+    launch: LaunchConfig = field(factory=LaunchConfig, doc="")

@@ -28,9 +28,29 @@ def rank_info() -> RankInfo:
 
 def device_for(info: RankInfo) -> torch.device:
     if torch.cuda.is_available():
-        torch.cuda.set_device(info.local_rank)
-        return torch.device("cuda", info.local_rank)
+        # A scheduler that binds one GPU per task shows each task a single device.
+        index = info.local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device("cpu")
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list: "gpu[003-005,9],cpu1" -> "gpu003" (what `scontrol show hostnames`
+    prints first), for a rendezvous address every task derives alike without calling scontrol."""
+    head = nodelist.strip()
+    depth = 0
+    for i, ch in enumerate(head):  # the first top-level comma ends the first entry
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            head = head[:i]
+            break
+    prefix, bracket, rest = head.partition("[")
+    if not bracket:
+        return head
+    first_range, _, suffix = rest.partition("]")
+    return prefix + first_range.split(",")[0].split("-")[0] + suffix
 
 
 def setup(info: RankInfo, device: torch.device, group_on_one_rank: bool = False) -> AllReduce:
@@ -41,7 +61,9 @@ def setup(info: RankInfo, device: torch.device, group_on_one_rank: bool = False)
         os.environ.setdefault("RANK", str(info.rank))
         os.environ.setdefault("LOCAL_RANK", str(info.local_rank))
         os.environ.setdefault("WORLD_SIZE", str(info.world_size))
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_ADDR" not in os.environ:
+            nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+            os.environ["MASTER_ADDR"] = first_host(nodelist) if nodelist else "127.0.0.1"
         if "MASTER_PORT" not in os.environ:
             if "SLURM_JOB_ID" in os.environ:  # every task of the job derives the same port
                 os.environ["MASTER_PORT"] = str(10000 + int(os.environ["SLURM_JOB_ID"]) % 50000)
@@ -87,4 +109,4 @@ def barrier() -> None:
         dist.barrier()
 
 
-__all__ = ["RankInfo", "barrier", "device_for", "rank_info", "setup", "teardown"]
+__all__ = ["RankInfo", "barrier", "device_for", "first_host", "rank_info", "setup", "teardown"]

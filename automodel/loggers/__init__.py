@@ -24,6 +24,9 @@ class RunLogger:
             kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start_step]
             path.write_text("".join(ln + "\n" for ln in kept))
         self._file = open(path, "a" if start_step > 0 else "w") if enabled else None
+        self._summary = output_dir / "summary.json"
+        if enabled:  # written again when this run finishes; until then the run is not done
+            self._summary.unlink(missing_ok=True)
         show = progress_bar == "on" or (progress_bar == "auto" and sys.stderr.isatty())
         self._bar: Optional[tqdm] = (tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True)
                                      if enabled and show else None)
@@ -44,6 +47,14 @@ class RunLogger:
         self.info(format_row(row, self.max_steps))
         if self._bar is not None and "loss" in row:
             self._bar.set_postfix(loss=f"{row['loss']:.4f}")
+
+    def summary(self, metrics: dict[str, Any]) -> None:
+        """summary.json: the final metrics of a finished run (what `automodel sweep status` reads)."""
+        if not self.enabled:
+            return
+        tmp = self._summary.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+        tmp.replace(self._summary)
 
     def advance(self) -> None:
         if self._bar is not None:

@@ -165,6 +165,7 @@ def run(cfg: TrainConfig) -> TrainResult:
     distributed.barrier()
     metrics["wall_s"] = time.perf_counter() - started
     logger.info(_summary(metrics, final_dir))
+    logger.summary({**metrics, "final_dir": str(final_dir) if final_dir else None})
     logger.close()
     return TrainResult(output_dir=out, metrics=metrics, final_dir=final_dir)
 

@@ -1,0 +1,135 @@
+"""A real one-node Slurm for the tests: Debian's slurmctld + slurmd + munge, installed when missing (as root,
+about a minute), a slurm.conf in a temporary directory (SLURM_CONF points the clients at it), started for the
+test session and shut down after it. `start` returns the reason instead when Slurm cannot run here."""
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Union
+
+PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
+
+
+def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, **kw)
+
+
+def _install() -> str:
+    """'' when Slurm's binaries are on PATH (installing them if we may), else why not."""
+    if all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch", "munged")):
+        return ""
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        return "Slurm is not installed and cannot be (needs root and apt-get: apt-get install " + " ".join(PACKAGES) + ")"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES]
+    done = _run(install, env=env, timeout=900)
+    if done.returncode != 0:  # a fresh machine may have no package lists yet
+        _run(["apt-get", "update", "-qq"], env=env, timeout=900)
+        done = _run(install, env=env, timeout=900)
+    if done.returncode != 0:
+        return f"apt-get install {' '.join(PACKAGES)} failed: {done.stderr.strip()[-500:]}"
+    return ""
+
+
+def _start_munge() -> str:
+    if _run(["bash", "-c", "munge -n | unmunge"]).returncode == 0:
+        return ""
+    key = Path("/etc/munge/munge.key")
+    if not key.exists():
+        key.parent.mkdir(parents=True, exist_ok=True)
+        key.write_bytes(os.urandom(1024))
+    shutil.chown(key, "munge", "munge")
+    key.chmod(0o400)
+    for d in ("/run/munge", "/var/log/munge", "/var/lib/munge"):
+        Path(d).mkdir(parents=True, exist_ok=True)
+        shutil.chown(d, "munge", "munge")
+    started = _run(["runuser", "-u", "munge", "--", "munged"])
+    if started.returncode != 0:
+        started = _run(["munged", "--force"])
+    for _ in range(50):
+        if _run(["bash", "-c", "munge -n | unmunge"]).returncode == 0:
+            return ""
+        time.sleep(0.1)
+    return f"munged did not start: {started.stderr.strip()}"
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def write_conf(root: Path) -> Path:
+    host = socket.gethostname().split(".")[0]
+    for d in ("state", "spool", "log"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    conf = root / "slurm.conf"
+    conf.write_text(f"""\
+ClusterName=automodeltest
+SlurmctldHost={host}
+SlurmctldPort=6817
+SlurmdPort=6818
+AuthType=auth/munge
+# Requeued jobs wait this long before starting again (default 120 s).
+AuthInfo=cred_expire=10
+SlurmUser=root
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool
+SlurmctldPidFile={root}/slurmctld.pid
+SlurmdPidFile={root}/slurmd.pid
+SlurmctldLogFile={root}/log/slurmctld.log
+SlurmdLogFile={root}/log/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+MpiDefault=none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+SchedulerType=sched/backfill
+MinJobAge=600
+KillWait=10
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+NodeName={host} CPUs={os.cpu_count()} RealMemory=20000 State=UNKNOWN
+PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
+""")
+    return conf
+
+
+def start(root: Path) -> Union[dict, str]:
+    """Starts the cluster; returns the environment for its clients (SLURM_CONF), or the reason it cannot run."""
+    why = _install() or _start_munge()
+    if why:
+        return why
+    if not (_port_free(6817) and _port_free(6818)):
+        return "ports 6817/6818 are taken (another Slurm is running here)"
+    conf = write_conf(root)
+    env = {**os.environ, "SLURM_CONF": str(conf)}
+    for daemon in (["slurmctld", "-c", "-f", str(conf)], ["slurmd", "-f", str(conf)]):
+        done = _run(daemon, env=env)
+        if done.returncode != 0:
+            stop(root, env)
+            return f"{daemon[0]} did not start: {done.stderr.strip()[-500:]}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        state = _run(["sinfo", "-h", "-o", "%t"], env=env).stdout.strip()
+        if state == "idle":
+            return {"SLURM_CONF": str(conf)}
+        time.sleep(0.5)
+    log = (root / "log" / "slurmd.log").read_text()[-1000:] if (root / "log" / "slurmd.log").exists() else ""
+    stop(root, env)
+    return f"the Slurm node did not become idle within 60 s (sinfo: {state!r}); slurmd log: {log}"
+
+
+def stop(root: Path, env: dict) -> None:
+    _run(["scancel", "--full", "--user", "root"], env={**os.environ, **env})
+    for name in ("slurmd", "slurmctld"):
+        pid_file = root / f"{name}.pid"
+        if pid_file.exists():
+            try:
+                os.kill(int(pid_file.read_text().strip()), 15)
+            except (ProcessLookupError, ValueError):
+                pass
+    time.sleep(1)
