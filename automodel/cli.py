@@ -95,7 +95,13 @@ def run_command(config: str, overrides: Sequence[str]) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may come before, between or after flags (`launch --sweep a=1,2 optim.lr=3e-5 --slurm`).
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     if args.command == "run":
         return run_command(args.config, args.overrides)
     if args.command in ("launch", "sweep"):

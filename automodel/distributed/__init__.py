@@ -50,7 +50,7 @@ def first_host(nodelist: str) -> str:
     if not bracket:
         return head
     first_range, _, suffix = rest.partition("]")
-    return prefix + first_range.split(",")[0].split("-")[0] + suffix
+    return prefix + first_range.split(",")[0].split("-")[0] + first_host(suffix)  # "r[1-2]-n[01-04]": r1-n01
 
 
 def setup(info: RankInfo, device: torch.device, group_on_one_rank: bool = False) -> AllReduce:

@@ -75,6 +75,8 @@ def render(job: SbatchJob, now: Optional[datetime.datetime] = None) -> str:
     if s.env or s.setup:
         lines.append("# From [launch.slurm] env and setup.")
         lines += [f"export {key}={shell_join([value])}" for key, value in s.env.items()]
+        if s.setup:  # the user's own lines: files they source cannot be followed from here
+            lines.append("# shellcheck disable=SC1090,SC1091")
         lines += list(s.setup)
         lines.append("")
     lines += [

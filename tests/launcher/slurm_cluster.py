@@ -34,9 +34,12 @@ def _install() -> str:
     return ""
 
 
-def _start_munge() -> str:
+MUNGE_PID = Path("/run/munge/munged.pid")
+
+
+def _start_munge(root: Path) -> str:
     if _run(["bash", "-c", "munge -n | unmunge"]).returncode == 0:
-        return ""
+        return ""  # already running: not ours to stop
     key = Path("/etc/munge/munge.key")
     if not key.exists():
         key.parent.mkdir(parents=True, exist_ok=True)
@@ -51,14 +54,16 @@ def _start_munge() -> str:
         started = _run(["munged", "--force"])
     for _ in range(50):
         if _run(["bash", "-c", "munge -n | unmunge"]).returncode == 0:
+            (root / "munged.ours").touch()
             return ""
         time.sleep(0.1)
     return f"munged did not start: {started.stderr.strip()}"
 
 
-def _port_free(port: int) -> bool:
+def _free_port() -> int:
     with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) != 0
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 def write_conf(root: Path) -> Path:
@@ -69,8 +74,8 @@ def write_conf(root: Path) -> Path:
     conf.write_text(f"""\
 ClusterName=automodeltest
 SlurmctldHost={host}
-SlurmctldPort=6817
-SlurmdPort=6818
+SlurmctldPort={_free_port()}
+SlurmdPort={_free_port()}
 AuthType=auth/munge
 # Requeued jobs wait this long before starting again (default 120 s).
 AuthInfo=cred_expire=10
@@ -100,11 +105,9 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
 
 def start(root: Path) -> Union[dict, str]:
     """Starts the cluster; returns the environment for its clients (SLURM_CONF), or the reason it cannot run."""
-    why = _install() or _start_munge()
+    why = _install() or _start_munge(root)
     if why:
         return why
-    if not (_port_free(6817) and _port_free(6818)):
-        return "ports 6817/6818 are taken (another Slurm is running here)"
     conf = write_conf(root)
     env = {**os.environ, "SLURM_CONF": str(conf)}
     for daemon in (["slurmctld", "-c", "-f", str(conf)], ["slurmd", "-f", str(conf)]):
@@ -125,8 +128,10 @@ def start(root: Path) -> Union[dict, str]:
 
 def stop(root: Path, env: dict) -> None:
     _run(["scancel", "--full", "--user", "root"], env={**os.environ, **env})
-    for name in ("slurmd", "slurmctld"):
-        pid_file = root / f"{name}.pid"
+    pid_files = [root / "slurmd.pid", root / "slurmctld.pid"]
+    if (root / "munged.ours").exists():
+        pid_files.append(MUNGE_PID)
+    for pid_file in pid_files:
         if pid_file.exists():
             try:
                 os.kill(int(pid_file.read_text().strip()), 15)
