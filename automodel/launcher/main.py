@@ -9,8 +9,8 @@ from typing import Optional, Sequence
 
 import attrs
 
-from automodel.config import ConfigError, load_config, to_toml
-from automodel.launcher import deepspeed_command, shell_join, submit_dir, topology
+from automodel.config import ConfigError, TrainConfig, load_config, to_toml
+from automodel.launcher import Topology, deepspeed_command, shell_join, submit_dir, topology
 from automodel.launcher.slurm import SbatchJob, render
 from automodel.launcher.sweep import (
     check_no_output_dir,
@@ -36,49 +36,75 @@ class LaunchArgs:
     dry_run: bool = False
 
 
-def launch(args: LaunchArgs) -> int:
-    base = load_config(args.config, args.overrides)
-    topo = topology(base.launch, args.nodes, args.gpus_per_node, args.nproc_per_node)
+@attrs.frozen
+class LaunchPlan:
+    base: TrainConfig                         # the config with the command line's overrides, validated
+    topo: Topology
+    points: list[tuple[str, ...]]             # the sweep's override sets (empty: a single run)
+    dirs: list[Path]                          # each point's run directory (relative when output_dir is)
+    task_overrides: list[tuple[str, ...]]     # each point's overrides plus its output_dir
+    max_parallel: int
+
+
+def plan(args: LaunchArgs) -> LaunchPlan:
+    """Loads and checks everything: the config and every sweep point must validate for the world size they
+    will run with now, not after hours in the queue."""
+    first = load_config(args.config, args.overrides)
+    topo = topology(first.launch, args.nodes, args.gpus_per_node, args.nproc_per_node)
     if args.sweep and args.sweep_file:
         raise ConfigError("give --sweep flags or --sweep-file, not both")
     points, max_parallel = grid_from_flags(args.sweep), 0
     if args.sweep_file:
-        plan = read_sweep_file(args.sweep_file)
-        points, max_parallel = list(plan.points), plan.max_parallel
+        from_file = read_sweep_file(args.sweep_file)
+        points, max_parallel = list(from_file.points), from_file.max_parallel
     if args.max_parallel is not None:
         if args.max_parallel < 0:
             raise ConfigError("--max-parallel must be >= 0 (0: no limit)")
         max_parallel = args.max_parallel
     check_no_output_dir(points)
-
-    # Every point must load and validate for this world size now, not after hours in the queue.
     base = load_config(args.config, args.overrides, world_size=topo.world_size)
-    sweep_root = Path(base.output_dir)
-    dirs = run_dirs(sweep_root, points)
+    dirs = run_dirs(Path(base.output_dir), points)
     task_overrides = [(*p, f"output_dir={shell_quote_toml(str(d))}") for p, d in zip(points, dirs)]
     for p, extra in zip(points, task_overrides):
         try:
             load_config(args.config, [*args.overrides, *extra], world_size=topo.world_size)
         except ConfigError as e:
             raise ConfigError(f"sweep point {' '.join(p)}: {e}") from None
+    return LaunchPlan(base, topo, points, dirs, task_overrides, max_parallel)
 
+
+def sbatch_job(args: LaunchArgs, p: LaunchPlan, workdir: Path) -> SbatchJob:
+    run_dir = (workdir / p.base.output_dir).resolve()
+    flags = [f"--nodes {p.topo.nodes}", f"--gpus-per-node {p.topo.gpus_per_node}"]
+    if not p.topo.gpus_per_node:
+        flags.append(f"--nproc-per-node {p.topo.nproc_per_node}")
+    return SbatchJob(
+        job_name=p.base.launch.slurm.job_name or run_dir.name, run_dir=run_dir,
+        config=run_dir / "slurm" / "config.toml", workdir=workdir, topo=p.topo, slurm=p.base.launch.slurm,
+        sweep=tuple(p.task_overrides), max_parallel=p.max_parallel, source=f"{args.config} ({' '.join(flags)})",
+    )
+
+
+def launch(args: LaunchArgs) -> int:
+    p = plan(args)
     if args.slurm:
-        return _slurm(args, base, topo, points, dirs, task_overrides, max_parallel)
+        return _slurm(args, p)
     if args.submit:
         raise ConfigError("--submit goes with --slurm")
-    commands = [deepspeed_command(args.config, [*args.overrides, *extra], topo) for extra in task_overrides] \
-        if points else [deepspeed_command(args.config, list(args.overrides), topo)]
+    commands = [deepspeed_command(args.config, [*args.overrides, *extra], p.topo) for extra in p.task_overrides] \
+        if p.points else [deepspeed_command(args.config, list(args.overrides), p.topo)]
     if args.dry_run:
         print("\n".join(shell_join(c) for c in commands))
         return 0
-    if points:
-        write_sweep_json(sweep_root / "sweep.json", args.config, points, [d.resolve() for d in dirs], None)
+    sweep_root = Path(p.base.output_dir)
+    if p.points:
+        write_sweep_json(sweep_root / "sweep.json", args.config, p.points, [d.resolve() for d in p.dirs], None)
     status = 0
     for i, command in enumerate(commands):  # a local sweep runs its points one after another
-        print(f"[{i + 1}/{len(commands)}] {shell_join(command)}" if points else shell_join(command), flush=True)
+        print(f"[{i + 1}/{len(commands)}] {shell_join(command)}" if p.points else shell_join(command), flush=True)
         code = subprocess.call(command)
         status = status or code
-    if points:
+    if p.points:
         print(f"sweep done; summary: automodel sweep status {sweep_root}")
     return status
 
@@ -88,36 +114,26 @@ def shell_quote_toml(path: str) -> str:
     return '"' + path.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _slurm(args: LaunchArgs, base, topo, points, dirs, task_overrides, max_parallel: int) -> int:
+def _slurm(args: LaunchArgs, p: LaunchPlan) -> int:
     workdir = submit_dir()
-    run_dir = (workdir / base.output_dir).resolve()
-    slurm_dir = run_dir / "slurm"
-    script_path, config_path = slurm_dir / "job.sbatch", slurm_dir / "config.toml"
-    flags = [f"--nodes {topo.nodes}", f"--gpus-per-node {topo.gpus_per_node}"]
-    if not topo.gpus_per_node:
-        flags.append(f"--nproc-per-node {topo.nproc_per_node}")
-    job = SbatchJob(
-        job_name=base.launch.slurm.job_name or run_dir.name, run_dir=run_dir, config=config_path, workdir=workdir,
-        topo=topo, slurm=base.launch.slurm, sweep=tuple(task_overrides), max_parallel=max_parallel,
-        source=f"{args.config} ({' '.join(flags)})",
-    )
+    job = sbatch_job(args, p, workdir)
     script = render(job)
     if args.dry_run:
         sys.stdout.write(script)
-        if points:
-            for i, (p, d) in enumerate(zip(points, dirs)):
-                print(f"# task {i}: {' '.join(p)} -> {d}")
+        for i, (point, d) in enumerate(zip(p.points, p.dirs)):
+            print(f"# task {i}: {' '.join(point)} -> {d}")
         return 0
+    slurm_dir, script_path = job.run_dir / "slurm", job.run_dir / "slurm" / "job.sbatch"
     slurm_dir.mkdir(parents=True, exist_ok=True)
     # The config every task reads, frozen at launch: editing X.toml later does not change a queued or requeued job.
-    config_path.write_text(f"# Frozen by `automodel launch` from {args.config}; {script_path} runs it.\n"
-                           + to_toml(base))
+    job.config.write_text(f"# Frozen by `automodel launch` from {args.config}; {script_path} runs it.\n"
+                          + to_toml(p.base))
     script_path.write_text(script)
     os.chmod(script_path, 0o755)
-    if points:
-        write_sweep_json(run_dir / "sweep.json", args.config, points, [(workdir / d).resolve() for d in dirs],
-                         script_path)
-        print(f"sweep of {len(points)} task(s): {run_dir / 'sweep.json'}")
+    if p.points:
+        write_sweep_json(job.run_dir / "sweep.json", args.config, p.points,
+                         [(workdir / d).resolve() for d in p.dirs], script_path)
+        print(f"sweep of {len(p.points)} task(s): {job.run_dir / 'sweep.json'}")
     if not args.submit:
         print(f"sbatch {script_path}")
         return 0
