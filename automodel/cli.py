@@ -13,6 +13,7 @@
 """
 
 import argparse
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -88,7 +89,13 @@ def run_command(config: str, overrides: Sequence[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Preempted:
-        return EXIT_PREEMPTED  # "try again": a batch script requeues on it
+        # "Try again": the batch script requeues on it. Exit now, without the interpreter's shutdown: during it a
+        # SIGTERM kills with 143 (srun sends one to the other ranks as soon as the first one exits 75), and the
+        # checkpoint is already complete on every rank.
+        distributed.teardown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_PREEMPTED)
     finally:
         distributed.teardown()
     return 0

@@ -86,6 +86,9 @@ def render(job: SbatchJob, now: Optional[datetime.datetime] = None) -> str:
         "MASTER_PORT=$((10000 + SLURM_JOB_ID % 50000))",
         'OMP_NUM_THREADS="${OMP_NUM_THREADS:-$SLURM_CPUS_PER_TASK}"',
         "export MASTER_ADDR MASTER_PORT OMP_NUM_THREADS",
+        "# sbatch passes the submitting shell's environment on; a launcher's rank variables left there would win",
+        "# over srun's SLURM_PROCID/SLURM_NTASKS (they do, by design, when deepspeed or torchrun runs the ranks).",
+        "unset RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE",
         "",
     ]
     if job.sweep:

@@ -92,5 +92,6 @@ def run_loop(
         if stop is not None and state.step < max_steps and stop.agreed(device):
             if save_checkpoint is not None and not (checkpoint_every and state.step % checkpoint_every == 0):
                 save_checkpoint(state)
+            stop.checkpointed = save_checkpoint is not None
             raise Preempted(state.step, stop.received or "a signal on another rank")
     return state, last_row

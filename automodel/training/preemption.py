@@ -5,7 +5,9 @@ so all ranks stop at the same step), a checkpoint is written and the run exits w
 Running the same command again resumes from that checkpoint.
 """
 
+import os
 import signal
+import sys
 from typing import Optional
 
 import torch
@@ -22,11 +24,18 @@ class Preempted(Exception):
         self.step = step
 
 
+def _exit_preempted(signum: int, frame) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_PREEMPTED)
+
+
 class StopRequest:
     """Installs the handlers for its lifetime (`with StopRequest() as stop:`) and restores the old ones."""
 
     def __init__(self) -> None:
         self.received: Optional[str] = None
+        self.checkpointed = False  # set once every rank has written the stop's checkpoint
         self._previous: dict = {}
 
     def __enter__(self) -> "StopRequest":
@@ -39,7 +48,11 @@ class StopRequest:
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            # After the checkpoint, a signal that would kill the process anyway (default action) ends it with the
+            # resume status instead. Under srun --kill-on-bad-exit the first rank to exit 75 gets the others
+            # SIGTERMed while they tear down; they must still say 75, or the batch script would not requeue.
+            fast_exit = self.checkpointed and handler == signal.SIG_DFL
+            signal.signal(sig, _exit_preempted if fast_exit else handler)
 
     def _handle(self, signum: int, frame) -> None:
         self.received = signal.Signals(signum).name

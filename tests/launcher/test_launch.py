@@ -2,6 +2,7 @@
 checks made before anything is written. The real-Slurm runs are in test_slurm.py."""
 
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -184,3 +185,14 @@ def launch_file(capsys, tmp_path):
                  "--sweep-file", "configs_toml/sweep_lora_cpu.toml", f"output_dir={tmp_path}"])
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def test_local_sweep_prints_one_deepspeed_command_per_point(capsys, tmp_path):
+    code, out, err = launch(capsys, "--gpus-per-node", "0", "--nproc-per-node", "2", "--dry-run",
+                            f"output_dir={tmp_path}", "--sweep", "seed=1,2")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 2
+    assert shlex.split(lines[1])[1:] == ["--num_gpus", "2", "launch/run.py", "--config", QUICK, f"output_dir={tmp_path}",
+                                    "seed=2", f"output_dir=\"{tmp_path}/seed-2\""]
+    assert not list(tmp_path.iterdir())  # a dry run writes nothing

@@ -17,9 +17,9 @@ QUICK = ["--config", "configs_toml/quickstart.toml", "schedule.warmup_steps=0", 
          "launch.slurm.cpus_per_task=1", "train.global_batch_size=16", "train.micro_batch_size=8"]
 
 
-def submit(*argv) -> str:
+def submit(*argv, **extra_env: str) -> str:
     done = subprocess.run([*AUTOMODEL, "launch", "--slurm", "--submit", "--gpus-per-node", "0", *argv],
-                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+                          cwd=REPO, env={**env(), **extra_env}, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return re.search(r"submitted job (\d+)", done.stdout).group(1)
 
@@ -66,7 +66,8 @@ def test_array_sweep_runs_each_task_with_its_overrides(slurm, tmp_path):
 def test_two_rank_srun_deepspeed_job_matches_the_deepspeed_launcher(slurm, tmp_path):
     common = [*QUICK, "train.max_steps=4", "train.micro_batch_size=4", "distributed.backend=\"deepspeed\"",
               "distributed.zero_stage=3", "checkpoint.save_final=false", "--nproc-per-node", "2"]
-    job = submit(*common, f"output_dir={tmp_path / 'srun'}")
+    # A submitting shell with a launcher's rank variables left in it (sbatch passes them on) must not matter.
+    job = submit(*common, f"output_dir={tmp_path / 'srun'}", RANK="0", WORLD_SIZE="1")
     # Meanwhile the same config under the deepspeed launcher, by the command `automodel launch` prints and runs.
     local = subprocess.run([*AUTOMODEL, "launch", "--gpus-per-node", "0", *common, f"output_dir={tmp_path / 'ds'}"],
                            cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
