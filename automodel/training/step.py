@@ -60,7 +60,9 @@ def make_train_step(
     def grads_autograd(params: Tensors, batch: Batch, n: torch.Tensor):
         leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
         loss_sum, _ = loss_fn(leaves, batch)
-        return list(torch.autograd.grad(loss_sum / n, list(leaves.values()))), loss_sum.detach()
+        # Unused weights (a VLM's vision head or post-norm that the projector never reads) get zero gradients.
+        grads = torch.autograd.grad(loss_sum / n, list(leaves.values()), allow_unused=True, materialize_grads=True)
+        return list(grads), loss_sum.detach()
 
     def grads_func(params: Tensors, batch: Batch, n: torch.Tensor):
         def objective(p: Tensors):

@@ -1,0 +1,208 @@
+"""Image + text conversations for vision-language fine-tuning: three row forms -> one `VlmSample`, images
+loaded as RGB, and a collator that runs the processor's chat template and masks everything but the answers.
+
+Row forms (detected per row):
+- OpenAI content lists: `messages` whose contents are lists of parts, `{"type": "text", "text": ...}` and
+  `{"type": "image", "image"|"path"|"url": PATH}` (or `{"type": "image_url", "image_url": {"url": PATH}}`);
+- LLaMA-Factory: `messages` (or ShareGPT `conversations`) with `<image>` placeholders in string contents and an
+  `images` list, one entry per placeholder, in order;
+- column-mapped: an image column, a question and an answer (`columns.image`, `columns.question`,
+  `columns.answer`), one user turn and one assistant turn.
+
+Every sample must hold at least one image. That is what keeps ZeRO-3 from hanging: each rank's forward then runs
+the vision tower on every micro-batch, so all ranks gather the same parameters in the same order.
+"""
+
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import attrs
+import torch
+
+from automodel.data.formats import SHAREGPT_ROLES, BadRow
+
+IMAGE_PLACEHOLDER = "<image>"
+ImageRef = Union[str, Any]  # a path, or an already-decoded PIL image (datasets' Image feature)
+
+
+@attrs.frozen
+class VlmSample:
+    messages: tuple[dict, ...]   # {"role", "content": [{"type": "text", "text"} | {"type": "image"}]}
+    images: tuple[ImageRef, ...]  # in the order of the image parts
+
+
+def _resolve(ref: Any, base_dir: Optional[Path], where: str) -> ImageRef:
+    if isinstance(ref, Mapping) and "path" in ref:  # datasets' Image feature without decoding
+        ref = ref["path"] or ref.get("bytes")
+    if isinstance(ref, str):
+        if ref.startswith(("http://", "https://")):
+            raise BadRow("images", f"{where}: image {ref!r:.80} is a URL; download it and give a local path")
+        path = Path(ref)
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        return str(path)
+    if hasattr(ref, "convert"):  # a PIL image
+        return ref
+    raise BadRow("images", f"{where}: an image should be a path or an image, got {type(ref).__name__}")
+
+
+def _parts_from_string(text: str) -> list[dict]:
+    parts = []
+    for i, chunk in enumerate(text.split(IMAGE_PLACEHOLDER)):
+        if i:
+            parts.append({"type": "image"})
+        if chunk:
+            parts.append({"type": "text", "text": chunk})
+    return parts
+
+
+def sample_of(row: Mapping[str, Any], columns: Mapping[str, str], base_dir: Optional[Path] = None) -> VlmSample:
+    """One row in any of the three forms -> a VlmSample (BadRow names what is wrong)."""
+    image_col = columns.get("image", "image")
+    if image_col in row and "messages" not in row and "conversations" not in row:
+        return _column_mapped(row, columns, base_dir)
+    key = columns.get("messages") or ("messages" if "messages" in row else "conversations")
+    turns = row.get(key)
+    if not isinstance(turns, list) or not turns:
+        raise BadRow("messages", f"expected `messages` (or `conversations`) with image parts or `<image>` "
+                                 f"placeholders, or an `{image_col}` column; columns here: {', '.join(row)}")
+    listed = row.get(columns.get("images", "images")) or []
+    if not isinstance(listed, list):
+        listed = [listed]
+    messages, images, placeholders = [], [], 0
+    for i, turn in enumerate(turns):
+        role = SHAREGPT_ROLES.get(turn.get("from")) if "from" in turn else turn.get("role")
+        if not isinstance(role, str):
+            raise BadRow("messages", f"turn {i} has no role")
+        content = turn.get("value") if "from" in turn else turn.get("content")
+        if isinstance(content, str):
+            parts = _parts_from_string(content)
+            placeholders += sum(p["type"] == "image" for p in parts)
+        elif isinstance(content, list):
+            parts = []
+            for part in content:
+                kind = part.get("type") if isinstance(part, Mapping) else None
+                if kind == "text":
+                    parts.append({"type": "text", "text": str(part.get("text", part.get("value", "")))})
+                elif kind in ("image", "image_url"):
+                    ref = part.get("image", part.get("path", part.get("url")))
+                    if kind == "image_url":
+                        url = part.get("image_url")
+                        ref = url.get("url") if isinstance(url, Mapping) else url
+                    parts.append({"type": "image"})
+                    if ref is None:  # a bare {"type": "image"}: the row's `images` list supplies it
+                        placeholders += 1
+                    else:
+                        images.append(_resolve(ref, base_dir, f"turn {i}"))
+                else:
+                    raise BadRow("messages", f"turn {i}: unsupported content part {part!r:.80}")
+        else:
+            raise BadRow("messages", f"turn {i}: content should be text or a list of parts")
+        messages.append({"role": role, "content": parts})
+    if placeholders != len(listed):
+        raise BadRow("images", f"{placeholders} image placeholder(s) but {len(listed)} image(s) in `images`")
+    images += [_resolve(ref, base_dir, f"images[{j}]") for j, ref in enumerate(listed)]
+    return _checked(messages, images)
+
+
+def _column_mapped(row: Mapping[str, Any], columns: Mapping[str, str], base_dir: Optional[Path]) -> VlmSample:
+    image_col = columns.get("image", "image")
+    refs = row[image_col] if isinstance(row[image_col], list) else [row[image_col]]
+    texts = {}
+    for field in ("question", "answer"):
+        column = columns.get(field, field)
+        if not isinstance(row.get(column), str):
+            raise BadRow(field, f"column `{column}` should hold text (columns here: {', '.join(row)}); map it with "
+                                f"data.<split>.columns.{field} = \"<your column>\"")
+        texts[field] = row[column]
+    user = [{"type": "image"} for _ in refs] + [{"type": "text", "text": texts["question"]}]
+    messages = [{"role": "user", "content": user},
+                {"role": "assistant", "content": [{"type": "text", "text": texts["answer"]}]}]
+    return _checked(messages, [_resolve(r, base_dir, image_col) for r in refs])
+
+
+def _checked(messages: list[dict], images: list) -> VlmSample:
+    if not images:
+        raise BadRow("images", "no image: every sample of a VLM fine-tune needs at least one (text-only samples "
+                               "would run a different forward path on some ranks, which hangs ZeRO-3)")
+    if messages[-1]["role"] != "assistant":
+        raise BadRow("messages", "the last turn should be the assistant's answer")
+    return VlmSample(tuple(messages), tuple(images))
+
+
+def load_image(ref: ImageRef, crop_to_content: bool = False):
+    """An RGB PIL image. Palette and transparent images are composited on white first (a transparent page
+    would otherwise turn black). crop_to_content trims uniform margins (scanned or rendered pages)."""
+    from PIL import Image, ImageChops
+
+    image = ref if hasattr(ref, "convert") else Image.open(ref)
+    if image.mode in ("P", "LA", "RGBA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+    image = image.convert("RGB")
+    if crop_to_content:
+        background = Image.new("RGB", image.size, image.getpixel((0, 0)))
+        box = ImageChops.difference(image, background).getbbox()
+        if box is not None:
+            pad = 4
+            image = image.crop((max(0, box[0] - pad), max(0, box[1] - pad), min(image.width, box[2] + pad),
+                                min(image.height, box[3] + pad)))
+    return image
+
+
+class VlmCollator:
+    """Samples -> a model batch: the processor renders each conversation with its chat template, expands the image
+    placeholders and makes pixel_values (and whatever else it returns: image sizes, token type ids ...).
+    Labels are the input ids on assistant turns only; prompts, padding and image tokens are -100."""
+
+    def __init__(self, processor: Any, crop_to_content: bool = False, max_length: int = 0):
+        self.processor = processor
+        self.crop = crop_to_content
+        self.max_length = max_length
+        tokenizer = processor.tokenizer
+        self.image_token_id = getattr(processor, "image_token_id", None)
+        if self.image_token_id is None:
+            self.image_token_id = tokenizer.convert_tokens_to_ids(getattr(processor, "image_token", IMAGE_PLACEHOLDER))
+
+    def _render(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
+        return self.processor.apply_chat_template(list(messages), tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    def _length(self, text: str, images: list) -> int:
+        enc = self.processor(text=[text], images=images or None, return_tensors="pt")
+        return int(enc["input_ids"].shape[1])
+
+    def __call__(self, samples: Sequence[VlmSample]) -> dict[str, torch.Tensor]:
+        texts, images, spans = [], [], []
+        for sample in samples:
+            pil = [load_image(ref, self.crop) for ref in sample.images]
+            texts.append(self._render(sample.messages))
+            images.extend(pil)
+            # Each assistant turn's tokens: from the end of the prompt before it to the end of the prefix through it.
+            trained, used = [], 0
+            for i, message in enumerate(sample.messages):
+                used_before = used
+                used += sum(p["type"] == "image" for p in message["content"])
+                if message["role"] != "assistant":
+                    continue
+                start = self._length(self._render(sample.messages[:i], add_generation_prompt=True), pil[:used_before])
+                end = self._length(self._render(sample.messages[:i + 1]), pil[:used])
+                trained.append((start, end))
+            spans.append(trained)
+        batch = dict(self.processor(text=texts, images=images, padding=True, return_tensors="pt"))
+        ids = batch["input_ids"]
+        labels = torch.full_like(ids, -100)
+        for row, trained in enumerate(spans):
+            for start, end in trained:
+                labels[row, start:end] = ids[row, start:end]
+        labels[batch["attention_mask"] == 0] = -100
+        labels[ids == self.image_token_id] = -100
+        batch["labels"] = labels
+        if self.max_length and ids.shape[1] > self.max_length:
+            raise ValueError(f"a batch is {ids.shape[1]} tokens long, more than data.seq_len ({self.max_length}); "
+                             "raise data.seq_len or use smaller images")
+        return batch
+
+
+__all__ = ["IMAGE_PLACEHOLDER", "VlmCollator", "VlmSample", "load_image", "sample_of"]
