@@ -132,8 +132,9 @@ def run(cfg: TrainConfig) -> TrainResult:
     with StopRequest() as stop:
         try:
             state, last_row = run_loop(
-                state, train_step=backend.step, plan=plan, train_set=train_set, max_steps=max_steps,
-                rank=ranks.rank, device=device, pad_id=tokenizer.pad_token_id, logger=logger,
+                state, train_step=backend.step, plan=plan,
+                collate=lambda idx: data.collate(train_set, idx, tokenizer.pad_token_id), max_steps=max_steps,
+                rank=ranks.rank, device=device, logger=logger,
                 log_every=cfg.train.log_every, eval_every=cfg.train.eval_every,
                 evaluate=evaluate if val_set is not None else None, flops_per_token=flops_per_token,
                 peak_flops=peak_flops(device, cfg.logging.peak_tflops), checkpoint_every=cfg.checkpoint.every,

@@ -8,7 +8,7 @@ from typing import Callable, Optional
 import attrs
 import torch
 
-from automodel.data import BatchPlan, TokenizedSet, collate
+from automodel.data import BatchPlan
 from automodel.loggers import RunLogger
 from automodel.training.preemption import Preempted, StopRequest
 from automodel.training.state import TrainState
@@ -30,11 +30,10 @@ def run_loop(
     *,
     train_step: Callable,
     plan: BatchPlan,
-    train_set: TokenizedSet,
+    collate: Callable[[list[int]], dict[str, torch.Tensor]],
     max_steps: int,
     rank: int,
     device: torch.device,
-    pad_id: int,
     logger: RunLogger,
     log_every: int,
     eval_every: int = 0,
@@ -55,7 +54,7 @@ def run_loop(
     window_start, window_tokens, window_steps, window_slots = time.perf_counter(), 0, 0, 0
     run_tokens = run_slots = 0
     while state.step < max_steps:
-        cpu_batches = [collate(train_set, idx, pad_id) for idx in plan.micro_batches(state.step, rank)]
+        cpu_batches = [collate(idx) for idx in plan.micro_batches(state.step, rank)]
         tokens = sum(int(b["attention_mask"].sum()) for b in cpu_batches) * plan.world_size
         slots = sum(b["input_ids"].numel() for b in cpu_batches) * plan.world_size
         window_tokens, window_slots = window_tokens + tokens, window_slots + slots

@@ -140,3 +140,23 @@ def test_tiny_llava_learns_latex_from_real_formula_images(tmp_path):
     # The vision tower learned too: its weights moved.
     name = next(n for n in state.params if "vision_tower" in n and n.endswith("patch_embedding.weight"))
     assert not torch.equal(state.params[name], backend.state.params[name])
+
+
+def test_freeze_groups_and_lora_exclusion_on_llava(tmp_path):
+    from automodel.config import ConfigError
+    from automodel.models.vlm import freeze, lora_exclusions, parameter_groups
+
+    model = tiny_llava(tiny_processor(tmp_path, ["abc"]))
+    parts = parameter_groups(model)
+    assert parts["vision"] and all(n.startswith("model.vision_tower.") for n in parts["vision"])
+    assert parts["embeddings"] == ["model.language_model.embed_tokens.weight"]
+    assert "lm_head.weight" in parts["language"] and parts["embeddings"][0] in parts["language"]
+    assert not set(parts["vision"]) & set(parts["language"])
+    frozen = freeze(model, ["vision", "embeddings"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert frozen["vision"] == sum(p.numel() for n, p in model.named_parameters() if n in parts["vision"])
+    assert trainable == set(dict(model.named_parameters())) - set(parts["vision"]) - set(parts["embeddings"])
+    assert any(n.startswith("model.multi_modal_projector.") for n in trainable)  # the projector still trains
+    assert lora_exclusions(model) == ["model.vision_tower.*"]
+    with pytest.raises(ConfigError, match="unknown group `vison`"):
+        freeze(model, ["vison"])
