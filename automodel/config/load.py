@@ -329,10 +329,38 @@ def validate(cfg: TrainConfig, world_size: int = 1, source: str = "config") -> T
         problems.append("checkpoint.export_merged needs a [peft] section (a full fine-tune's final/ is already whole)")
     if cfg.eval.generate_samples > 0 and cfg.data.validation is None:
         problems.append("eval.generate_samples needs a [data.validation] set")
+    problems.extend(_vlm_problems(cfg))
     problems.extend(_launch_problems(cfg.launch))
     if problems:
         raise ConfigError(f"{source}: " + f"\n{source}: ".join(problems))
     return cfg
+
+
+def _vlm_problems(cfg: TrainConfig) -> list[str]:
+    problems = []
+    sources = [(n, getattr(cfg.data, n)) for n in ("train", "validation") if getattr(cfg.data, n) is not None]
+    vlm = cfg.recipe == "vlm_finetune"
+    for name, src in sources:
+        if (src.format == "vlm") != vlm:
+            problems.append(f'data.{name}.format = "{src.format}" with recipe = "{cfg.recipe}": image conversations '
+                            'use format = "vlm" with recipe = "vlm_finetune"')
+    if vlm:
+        if cfg.data.packing:
+            problems.append("data.packing is not supported by vlm_finetune (images make samples unpackable)")
+        if cfg.eval.generate_samples:
+            problems.append("eval.generate_samples is not supported by vlm_finetune yet; set it to 0 (eval loss "
+                            "is reported)")
+        if cfg.data.validation_fraction:
+            problems.append("data.validation_fraction is not supported by vlm_finetune; give [data.validation]")
+        if cfg.checkpoint.export_merged:
+            problems.append("checkpoint.export_merged is not supported by vlm_finetune yet; merge with peft")
+        bad = [g for g in cfg.model.freeze if g not in ("vision", "embeddings", "language")]
+        if bad:
+            problems.append(f"model.freeze: unknown part(s) {', '.join(bad)}; choose from vision, embeddings, "
+                            "language")
+    elif cfg.model.freeze:
+        problems.append('model.freeze is for recipe = "vlm_finetune" (a text LLM has no parts to choose)')
+    return problems
 
 
 # Slurm's --time: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, or UNLIMITED.

@@ -38,6 +38,11 @@ class ModelConfig:
         "`model_type` (e.g. \"llama\") plus any fields define the architecture.",
         factory=dict,
     )
+    freeze: list[str] = field(
+        doc="vlm_finetune: parts kept frozen, any of \"vision\" (the vision tower), \"embeddings\" (input "
+        "embeddings), \"language\" (the language model and its head); the projector between them trains.",
+        factory=list,
+    )
 
 
 @attrs.frozen(kw_only=True)
@@ -73,9 +78,11 @@ class DataSourceConfig:
     """One dataset: where it comes from and how its rows become prompt and response."""
 
     source: str = field(doc="Hub dataset id, or a local file (.json, .jsonl, .csv, .parquet, .txt) or directory.")
-    format: Literal["squad", "instruction", "chat", "text"] = field(
+    format: Literal["squad", "instruction", "chat", "text", "vlm"] = field(
         "squad", "How a row becomes tokens: squad (context, question, answers), instruction (instruction, input, "
-        "output), chat (messages or ShareGPT conversations), text (documents, concatenated and chunked)."
+        "output), chat (messages or ShareGPT conversations), text (documents, concatenated and chunked), vlm (image + text "
+        "conversations: OpenAI content lists, <image> placeholders with an images list, or image/question/answer "
+        "columns)."
     )
     split: str = field("train", "Split to read; datasets slicing such as \"train[:90%]\" works.")
     limit: Optional[int] = field(None, "Use only the first `limit` rows (after split); unset means all.")
@@ -114,6 +121,9 @@ class DataConfig:
     )
     cache_dir: str = field(
         "", "Where tokenised datasets are cached; empty means $AUTOMODEL_CACHE or ~/.cache/automodel."
+    )
+    crop_images: bool = field(
+        False, "vlm: crop each image to its content (trims uniform margins of scanned or rendered pages)."
     )
     train: Optional[DataSourceConfig] = field(None, "The training set (required).")
     validation: Optional[DataSourceConfig] = field(None, "The held-out set for eval loss and exact match; optional.")
@@ -274,7 +284,9 @@ class LaunchConfig:
 class TrainConfig:
     """A whole fine-tuning run."""
 
-    recipe: Literal["llm_finetune"] = field("llm_finetune", "Which recipe runs the config.")
+    recipe: Literal["llm_finetune", "vlm_finetune"] = field(
+        "llm_finetune", "Which recipe runs the config: text LLMs, or image-text-to-text models (docs/vlm.md)."
+    )
     seed: int = field(42, "Seeds model init, data order and dropout.")
     output_dir: str = field("runs/default", "Where config.toml, metrics.jsonl and final/ are written.")
     model: ModelConfig = field(factory=ModelConfig, doc="")

@@ -131,6 +131,34 @@ def _checked(messages: list[dict], images: list) -> VlmSample:
     return VlmSample(tuple(messages), tuple(images))
 
 
+def load_samples(src: Any, on_bad_row: str = "error") -> tuple[list[VlmSample], int]:
+    """A [data.train]/[data.validation] source in format "vlm" -> (samples, rows skipped). Relative image paths are
+    relative to the data file's directory. A bad row is an error naming the source and row, or (on_bad_row =
+    "skip") left out and counted."""
+    from automodel.config import ConfigError
+    from automodel.data.sources import load_rows
+
+    rows = load_rows(src)
+    local = Path(src.source)
+    base_dir = local.parent if local.is_file() else local if local.is_dir() else None
+    samples, skipped = [], 0
+    for i, row in enumerate(rows):
+        try:
+            sample = sample_of(row, src.columns, base_dir)
+            missing = [p for p in sample.images if isinstance(p, str) and not os.path.isfile(p)]
+            if missing:
+                raise BadRow("images", f"image file not found: {missing[0]}")
+        except BadRow as e:
+            if on_bad_row == "skip":
+                skipped += 1
+                continue
+            raise ConfigError(f"{src.source} row {i}: {e} (data.on_bad_row = \"skip\" leaves such rows out)") from None
+        samples.append(sample)
+    if not samples:
+        raise ConfigError(f"{src.source}: no usable samples ({skipped} rows skipped)")
+    return samples, skipped
+
+
 def load_image(ref: ImageRef, crop_to_content: bool = False):
     """An RGB PIL image. Palette and transparent images are composited on white first (a transparent page
     would otherwise turn black). crop_to_content trims uniform margins (scanned or rendered pages)."""
@@ -156,8 +184,10 @@ class VlmCollator:
     placeholders and makes pixel_values (and whatever else it returns: image sizes, token type ids ...).
     Labels are the input ids on assistant turns only; prompts, padding and image tokens are -100."""
 
-    def __init__(self, processor: Any, crop_to_content: bool = False, max_length: int = 0):
+    def __init__(self, processor: Any, crop_to_content: bool = False, max_length: int = 0,
+                 dtype: torch.dtype = torch.float32):
         self.processor = processor
+        self.dtype = dtype  # pixel values in the model's dtype
         self.crop = crop_to_content
         self.max_length = max_length
         tokenizer = processor.tokenizer
@@ -199,10 +229,13 @@ class VlmCollator:
         labels[batch["attention_mask"] == 0] = -100
         labels[ids == self.image_token_id] = -100
         batch["labels"] = labels
+        for key, value in batch.items():
+            if value.is_floating_point():
+                batch[key] = value.to(self.dtype)
         if self.max_length and ids.shape[1] > self.max_length:
             raise ValueError(f"a batch is {ids.shape[1]} tokens long, more than data.seq_len ({self.max_length}); "
                              "raise data.seq_len or use smaller images")
         return batch
 
 
-__all__ = ["IMAGE_PLACEHOLDER", "VlmCollator", "VlmSample", "load_image", "sample_of"]
+__all__ = ["IMAGE_PLACEHOLDER", "VlmCollator", "VlmSample", "load_image", "load_samples", "sample_of"]

@@ -114,9 +114,12 @@ def build_deepspeed(model: nn.Module, *, ds_config: dict, optim, lr_fn: Callable
             raise ValueError(f"{path}: DeepSpeed found no engine state under {path / ENGINE_TAG}")
         return state
 
+    # A PEFT model saves its adapter alone; a model with frozen parts (a VLM's vision tower) saves everything.
+    is_adapter = hasattr(engine.module, "peft_config")
+
     def export(state: TrainState, tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
         full = None
-        if stage == 3 and has_frozen:
+        if stage == 3 and is_adapter:
             # An adapter: gather only the trainable tensors (small), never the frozen base.
             with deepspeed.zero.GatheredParameters([p for _, p in trainable], modifier_rank=None):
                 full = {n: p.detach().clone() for n, p in trainable} if rank == 0 else None

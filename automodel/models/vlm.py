@@ -3,11 +3,12 @@
 (LLaVA, Gemma 3, Qwen-VL, Idefics, Mllama). The projector between the towers belongs to no group: it stays
 trainable unless every group around it is frozen and it is frozen by name."""
 
-from typing import Iterable
+from typing import Any, Iterable
 
+import torch
 import torch.nn as nn
 
-from automodel.config import ConfigError
+from automodel.config import ConfigError, ModelConfig, TokenizerConfig
 
 VISION_MODULES = ("vision_tower", "visual", "vision_model", "vision_encoder")
 LANGUAGE_MODULES = ("language_model", "text_model")
@@ -62,4 +63,61 @@ def lora_exclusions(model: nn.Module) -> list[str]:
     return [f"{m}.*" for m in _top_modules(model, VISION_MODULES)]
 
 
-__all__ = ["GROUPS", "freeze", "lora_exclusions", "parameter_groups"]
+def build_processor(tok_cfg: TokenizerConfig, model_cfg: ModelConfig) -> Any:
+    """AutoProcessor from [tokenizer] name_or_path, else the model's; right padding, a pad token."""
+    from transformers import AutoProcessor
+
+    name = tok_cfg.name_or_path or model_cfg.name_or_path
+    try:
+        processor = AutoProcessor.from_pretrained(name, trust_remote_code=model_cfg.trust_remote_code)
+    except (OSError, ValueError, ImportError) as e:
+        raise ConfigError(f"processor `{name}` could not be loaded (a hub id or a local directory with "
+                          f"preprocessor_config.json): {e}") from None
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is None or getattr(processor, "image_processor", None) is None:
+        raise ConfigError(f"`{name}` is not an image-text processor (no tokenizer or image processor)")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return processor
+
+
+def build_vlm(model_cfg: ModelConfig, processor: Any, seed: int) -> nn.Module:
+    """AutoModelForImageTextToText: pretrained, or built from [model.config] (model_type plus text_config and
+    vision_config tables; the image token and vocabulary follow the processor unless given)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from automodel.models.build import DTYPES
+
+    dtype = DTYPES[model_cfg.dtype]
+    common: dict[str, Any] = dict(attn_implementation=model_cfg.attn_implementation,
+                                  trust_remote_code=model_cfg.trust_remote_code)
+    if model_cfg.init == "random" and not model_cfg.name_or_path:
+        fields = dict(model_cfg.config)
+        model_type = fields.pop("model_type")
+        tokenizer = processor.tokenizer
+        fields.setdefault("image_token_index", tokenizer.convert_tokens_to_ids(processor.image_token))
+        fields["text_config"] = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+                                 **fields.get("text_config", {})}
+        try:
+            hf_cfg = AutoConfig.for_model(model_type, **fields)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"model.config: cannot build a `{model_type}` config: {e}") from None
+        torch.manual_seed(seed)
+        model = AutoModelForImageTextToText.from_config(hf_cfg, dtype=dtype, **common)
+    elif model_cfg.init == "random":
+        hf_cfg = AutoConfig.from_pretrained(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
+        torch.manual_seed(seed)
+        model = AutoModelForImageTextToText.from_config(hf_cfg, dtype=dtype, **common)
+    else:
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(model_cfg.name_or_path, dtype=dtype,
+                                                                **model_cfg.config, **common)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"model `{model_cfg.name_or_path}` could not be loaded as an image-text-to-text "
+                              f"model: {e}") from None
+    model.train()
+    return model
+
+
+__all__ = ["GROUPS", "build_processor", "build_vlm", "freeze", "lora_exclusions", "parameter_groups"]

@@ -1,0 +1,111 @@
+"""The VLM recipe end to end on real images: a tiny LLaVA learns LaTeX from im2latex formula pages (cropped to the
+ink), the export reloads with the Auto classes and gives the reported eval loss; ZeRO-3 on 2 ranks (micro-batches
+with different numbers of images per rank) matches the single-process run; text-only rows are refused."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import automodel
+from automodel.config import ConfigError, load_config
+from tests.conftest import REPO, shared_data
+from tests.data.test_vlm import im2latex_rows
+from tests.distributed import launch
+
+VLM_CPU = REPO / "configs_toml" / "vlm_cpu.toml"
+QUIET = ["logging.progress_bar=\"off\"", "eval.at_start=true"]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_tiny_llava_learns_latex_from_formula_images_and_reloads_with_the_reported_eval_loss(tmp_path):
+    rows = im2latex_rows(72)
+    train = write_jsonl(tmp_path / "train.jsonl", rows[:64])
+    val = write_jsonl(tmp_path / "val.jsonl", rows[64:])
+    cfg = load_config(VLM_CPU, [*QUIET, f"output_dir=\"{tmp_path / 'run'}\"", f"data.train.source=\"{train}\"",
+                                f"data.validation.source=\"{val}\"", "data.crop_images=true",
+                                "train.global_batch_size=16", "train.micro_batch_size=8", "train.max_steps=24",
+                                "train.eval_every=0", "train.log_every=4", "checkpoint.every=0"], world_size=1)
+    result = automodel.train(cfg)
+    rows_logged = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["eval_loss"] for r in rows_logged if "eval_loss" in r]
+    assert evals[-1] < 0.7 * evals[0], evals  # held-out formulas: it learned LaTeX, not the training rows
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from automodel.data.vlm import VlmCollator, load_samples
+    from automodel.loss import token_cross_entropy
+
+    model = AutoModelForImageTextToText.from_pretrained(result.final_dir).eval()
+    processor = AutoProcessor.from_pretrained(result.final_dir)
+    samples, _ = load_samples(cfg.data.validation)
+    batch = VlmCollator(processor, crop_to_content=True)(samples)
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    total, count = token_cross_entropy(logits, batch["labels"])
+    assert (total / count).item() == pytest.approx(result.metrics["eval_loss"], rel=1e-4)
+
+
+def test_zero3_on_two_ranks_matches_one_process_with_frozen_vision(tmp_path):
+    demo = shared_data("llamafactory-demos/mllm_demo.json")
+    # Samples hold 1 or 2 images, so the ranks' micro-batches differ in images; each still runs the vision tower.
+    common = [*QUIET, "train.max_steps=4", "train.log_every=1", "train.eval_every=0", "checkpoint.every=0",
+              'model.freeze=["vision"]', f"data.train.source=\"{demo}\"", f"data.validation.source=\"{demo}\""]
+    ref = tmp_path / "ref"
+    done = subprocess.run([sys.executable, "launch/run.py", "--config", str(VLM_CPU), *common, f"output_dir=\"{ref}\""],
+                          cwd=REPO, env=launch.env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    z3 = tmp_path / "z3"
+    done = subprocess.run([*launch.command("deepspeed"), "launch/run.py", "--config", str(VLM_CPU), *common,
+                           "distributed.backend=\"deepspeed\"", "distributed.zero_stage=3", f"output_dir=\"{z3}\""],
+                          cwd=REPO, env=launch.env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 rank(s), deepspeed" in done.stdout
+    assert "frozen: {'vision'" in done.stdout
+    got, want = launch.train_losses(z3), launch.train_losses(ref)
+    assert sorted(got) == [1, 2, 3, 4]
+    assert list(got.values()) == pytest.approx(list(want.values()), rel=1e-4)
+    assert launch.eval_losses(z3) == pytest.approx(launch.eval_losses(ref), rel=1e-4)
+    # The frozen tower is exported unchanged: same weights as the seeded initial model.
+    from safetensors.torch import load_file
+
+    a, b = load_file(z3 / "final" / "model.safetensors"), load_file(ref / "final" / "model.safetensors")
+    vision = [k for k in a if "vision_tower" in k]
+    assert vision and all(torch.equal(a[k], b[k]) for k in vision)
+
+
+def test_text_only_rows_are_refused_with_the_row_named(tmp_path):
+    demo = shared_data("llamafactory-demos/mllm_demo.json")
+    rows = json.loads(demo.read_text())
+    rows[2] = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{**r, "images": [str(demo.parent / p) for p in r.get("images", [])]} for r in rows]))
+    cfg = load_config(VLM_CPU, [*QUIET, f"output_dir=\"{tmp_path / 'run'}\"", f"data.train.source=\"{bad}\"",
+                                "train.max_steps=1"], world_size=1)
+    with pytest.raises(ConfigError, match=r"bad.json row 2: .*at least one.*ZeRO-3"):
+        automodel.train(cfg)
+    with pytest.raises(ConfigError, match='format = "vlm"'):
+        load_config(VLM_CPU, ['data.train.format="chat"'], world_size=1)
+
+
+def test_lora_goes_on_the_language_model_and_leaves_the_vision_tower_out(tmp_path):
+    demo = shared_data("llamafactory-demos/mllm_demo.json")
+    cfg = load_config(VLM_CPU, [*QUIET, f"output_dir=\"{tmp_path / 'run'}\"", f"data.train.source=\"{demo}\"",
+                                f"data.validation.source=\"{demo}\"", "peft.rank=4", "train.max_steps=2",
+                                "checkpoint.every=0"], world_size=1)
+    result = automodel.train(cfg)
+    adapter = json.loads((result.final_dir / "adapter_config.json").read_text())
+    from safetensors.torch import load_file
+
+    names = list(load_file(result.final_dir / "adapter_model.safetensors"))
+    assert names and all("lora_" in n for n in names)
+    assert not any("vision_tower" in n for n in names)
+    assert any("language_model" in n and "q_proj" in n for n in names)
+    assert any("multi_modal_projector" in n for n in names)  # the projector is no vision tower: it adapts too
+    assert adapter["r"] == 4
