@@ -47,6 +47,10 @@ def _resolve(ref: Any, base_dir: Optional[Path], where: str) -> ImageRef:
     raise BadRow("images", f"{where}: an image should be a path or an image, got {type(ref).__name__}")
 
 
+def _first(part: Mapping[str, Any], *keys: str) -> Any:
+    return next((part[k] for k in keys if part.get(k) is not None), None)
+
+
 def _parts_from_string(text: str) -> list[dict]:
     parts = []
     for i, chunk in enumerate(text.split(IMAGE_PLACEHOLDER)):
@@ -83,10 +87,11 @@ def sample_of(row: Mapping[str, Any], columns: Mapping[str, str], base_dir: Opti
             parts = []
             for part in content:
                 kind = part.get("type") if isinstance(part, Mapping) else None
+                # Arrow-loaded rows carry every key of every part, set to None where a part lacks it.
                 if kind == "text":
-                    parts.append({"type": "text", "text": str(part.get("text", part.get("value", "")))})
+                    parts.append({"type": "text", "text": str(_first(part, "text", "value") or "")})
                 elif kind in ("image", "image_url"):
-                    ref = part.get("image", part.get("path", part.get("url")))
+                    ref = _first(part, "image", "path", "url")
                     if kind == "image_url":
                         url = part.get("image_url")
                         ref = url.get("url") if isinstance(url, Mapping) else url

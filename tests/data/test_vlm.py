@@ -5,6 +5,7 @@ Ends with a few functional-step updates on real images: the loss falls."""
 import json
 from pathlib import Path
 
+import attrs
 import pytest
 import torch
 
@@ -75,6 +76,16 @@ def test_three_row_forms_become_the_same_conversation():
     assert a == sample_of(columns, {"image": "img", "question": "q", "answer": "a"}, base)
     assert a.images == ("/data/a.png",)
     assert a.messages[0]["content"] == [{"type": "image"}, {"type": "text", "text": "What is it?"}]
+
+    # As datasets loads them: every part has every key, None where absent; images decoded from an image column.
+    from PIL import Image
+
+    photo = Image.new("RGB", (8, 8))
+    arrow = {"messages": [{"role": "user", "content": [{"type": "image", "text": None, "image": None, "path": None},
+                                                       {"type": "text", "text": "What is it?", "image": None}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": "x^2", "image": None}]}],
+             "images": [photo]}
+    assert sample_of(arrow, {}) == attrs.evolve(a, images=(photo,))
 
     with pytest.raises(BadRow, match="1 image placeholder.*but 2"):
         sample_of({**factory, "images": ["a.png", "b.png"]}, {})
