@@ -86,3 +86,36 @@ def model_init_context(backend: str, ds_config: Optional[dict], pretrained: bool
 
         return zero3_init(ds_config)
     return contextlib.nullcontext()
+
+
+def build_backend(cfg, model: nn.Module, ds_config: Optional[dict], max_steps: int, device: torch.device,
+                  all_reduce: AllReduce, rank: int, world_size: int) -> Backend:
+    """The backend [distributed] names, with the config's optimizer and a pure LR schedule over max_steps."""
+    import functools
+
+    from automodel.optim import lr_at
+
+    lr_fn = functools.partial(lr_at, sched=cfg.schedule, base_lr=cfg.optim.lr, max_steps=max_steps)
+    if cfg.distributed.backend == "deepspeed":
+        from automodel.distributed.deepspeed_backend import build_deepspeed
+
+        return build_deepspeed(model, ds_config=ds_config, optim=cfg.optim, lr_fn=lr_fn, device=device,
+                               all_reduce=all_reduce, rank=rank, world_size=world_size, seed=cfg.seed)
+    return build_functional(model.to(device), optim=cfg.optim, clip_grad_norm=cfg.optim.clip_grad_norm, lr_fn=lr_fn,
+                            device=device, grad_method=cfg.train.grad_method, all_reduce=all_reduce, rank=rank,
+                            world_size=world_size, seed=cfg.seed)
+
+
+def resume(cfg, backend: Backend, out: Path, rank: int, world_size: int,
+           device: torch.device) -> tuple[TrainState, dict, Optional[Path]]:
+    """(state, checkpoint meta, the checkpoint resumed from or None) per train.resume."""
+    from automodel import checkpoint
+
+    meta = {"backend": backend.name, "global_batch_size": cfg.train.global_batch_size, "seed": cfg.seed,
+            "world_size": world_size}
+    path = checkpoint.store.resume_path(out, cfg.train.resume)
+    state = backend.state
+    if path is not None:
+        state = checkpoint.restore(backend.load, state, path, rank, device, meta)
+    return state, meta, path
+

@@ -8,7 +8,7 @@ requeues the job, which resumes. A launcher in between would have to forward the
 
 import datetime
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import attrs
 

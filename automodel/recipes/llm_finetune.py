@@ -17,7 +17,6 @@ Features:
   (gathered from ZeRO-3 shards onto rank 0).
 """
 
-import functools
 import math
 import time
 from pathlib import Path
@@ -25,10 +24,9 @@ from pathlib import Path
 from automodel import checkpoint, data, distributed, models
 from automodel import peft as peft_lora
 from automodel.config import ConfigError, TrainConfig, save_config
-from automodel.distributed.backend import build_functional, model_init_context
+from automodel.distributed.backend import build_backend, model_init_context, resume
 from automodel.distributed.deepspeed_config import deepspeed_config
 from automodel.loggers import RunLogger
-from automodel.optim import lr_at
 from automodel.training.evaluate import eval_loss, exact_match
 from automodel.training.loop import TrainResult, run_loop
 from automodel.training.metrics import peak_flops
@@ -70,25 +68,9 @@ def run(cfg: TrainConfig) -> TrainResult:
     flops_per_token = models.flops_per_token(model, cfg.data.seq_len)
     total_params = models.count_params(model)
 
-    # The backend owns weights and optimizer state and provides the pure step.
-    lr_fn = functools.partial(lr_at, sched=cfg.schedule, base_lr=cfg.optim.lr, max_steps=max_steps)
-    if use_deepspeed:
-        from automodel.distributed.deepspeed_backend import build_deepspeed
-
-        backend = build_deepspeed(model, ds_config=ds_config, optim=cfg.optim, lr_fn=lr_fn, device=device,
-                                  all_reduce=all_reduce, rank=ranks.rank, world_size=ranks.world_size, seed=cfg.seed)
-    else:
-        backend = build_functional(model.to(device), optim=cfg.optim, clip_grad_norm=cfg.optim.clip_grad_norm,
-                                   lr_fn=lr_fn, device=device, grad_method=cfg.train.grad_method,
-                                   all_reduce=all_reduce, rank=ranks.rank, world_size=ranks.world_size, seed=cfg.seed)
-
-    # Resume from the newest complete checkpoint (train.resume = "auto"), if any.
-    meta = {"backend": backend.name, "global_batch_size": cfg.train.global_batch_size, "seed": cfg.seed,
-            "world_size": ranks.world_size}
-    state = backend.state
-    resume_from = checkpoint.store.resume_path(out, cfg.train.resume)
-    if resume_from is not None:
-        state = checkpoint.restore(backend.load, state, resume_from, ranks.rank, device, meta)
+    # The backend owns weights and optimizer state and provides the pure step; resume per train.resume.
+    backend = build_backend(cfg, model, ds_config, max_steps, device, all_reduce, ranks.rank, ranks.world_size)
+    state, meta, resume_from = resume(cfg, backend, out, ranks.rank, ranks.world_size, device)
 
     logger = RunLogger(out, max_steps, cfg.logging.progress_bar, enabled=is_main, start_step=state.step)
     logger.info(f"model: {type(model).__name__}, {total_params:,} parameters ({backend.trainable_params:,} "

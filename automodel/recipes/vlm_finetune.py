@@ -15,7 +15,6 @@ Features:
 - eval loss on the validation set; final/ holds the model and its processor (Auto classes reload both).
 """
 
-import functools
 import math
 import time
 from pathlib import Path
@@ -26,11 +25,10 @@ from automodel import checkpoint, data, distributed, models
 from automodel import peft as peft_lora
 from automodel.config import ConfigError, TrainConfig, save_config
 from automodel.data.vlm import VlmCollator, load_samples
-from automodel.distributed.backend import build_functional, model_init_context
+from automodel.distributed.backend import build_backend, model_init_context, resume
 from automodel.distributed.deepspeed_config import deepspeed_config
 from automodel.loggers import RunLogger
 from automodel.models import vlm as vlm_models
-from automodel.optim import lr_at
 from automodel.training.evaluate import eval_loss
 from automodel.training.loop import TrainResult, run_loop
 from automodel.training.metrics import peak_flops
@@ -75,23 +73,9 @@ def run(cfg: TrainConfig) -> TrainResult:
         raise ConfigError(f"schedule.warmup_steps ({cfg.schedule.warmup_steps}) is larger than the run's "
                           f"{max_steps} steps ({cfg.train.epochs} epochs of {plan.steps_per_epoch})")
 
-    lr_fn = functools.partial(lr_at, sched=cfg.schedule, base_lr=cfg.optim.lr, max_steps=max_steps)
-    if use_deepspeed:
-        from automodel.distributed.deepspeed_backend import build_deepspeed
-
-        backend = build_deepspeed(model, ds_config=ds_config, optim=cfg.optim, lr_fn=lr_fn, device=device,
-                                  all_reduce=all_reduce, rank=ranks.rank, world_size=ranks.world_size, seed=cfg.seed)
-    else:
-        backend = build_functional(model.to(device), optim=cfg.optim, clip_grad_norm=cfg.optim.clip_grad_norm,
-                                   lr_fn=lr_fn, device=device, grad_method=cfg.train.grad_method,
-                                   all_reduce=all_reduce, rank=ranks.rank, world_size=ranks.world_size, seed=cfg.seed)
-
-    meta = {"backend": backend.name, "global_batch_size": cfg.train.global_batch_size, "seed": cfg.seed,
-            "world_size": ranks.world_size}
-    state = backend.state
-    resume_from = checkpoint.store.resume_path(out, cfg.train.resume)
-    if resume_from is not None:
-        state = checkpoint.restore(backend.load, state, resume_from, ranks.rank, device, meta)
+    # The backend owns weights and optimizer state and provides the pure step; resume per train.resume.
+    backend = build_backend(cfg, model, ds_config, max_steps, device, all_reduce, ranks.rank, ranks.world_size)
+    state, meta, resume_from = resume(cfg, backend, out, ranks.rank, ranks.world_size, device)
 
     logger = RunLogger(out, max_steps, cfg.logging.progress_bar, enabled=is_main, start_step=state.step)
     logger.info(f"model: {type(model).__name__}, {models.count_params(model):,} parameters "
