@@ -354,10 +354,6 @@ def _vlm_problems(cfg: TrainConfig) -> list[str]:
             problems.append("data.validation_fraction is not supported by vlm_finetune; give [data.validation]")
         if cfg.checkpoint.export_merged:
             problems.append("checkpoint.export_merged is not supported by vlm_finetune yet; merge with peft")
-        bad = [g for g in cfg.model.freeze if g not in ("vision", "embeddings", "language")]
-        if bad:
-            problems.append(f"model.freeze: unknown part(s) {', '.join(bad)}; choose from vision, embeddings, "
-                            "language")
     elif cfg.model.freeze:
         problems.append('model.freeze is for recipe = "vlm_finetune" (a text LLM has no parts to choose)')
     return problems

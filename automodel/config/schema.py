@@ -38,7 +38,7 @@ class ModelConfig:
         "`model_type` (e.g. \"llama\") plus any fields define the architecture.",
         factory=dict,
     )
-    freeze: list[str] = field(
+    freeze: list[Literal["vision", "embeddings", "language"]] = field(
         doc="vlm_finetune: parts kept frozen, any of \"vision\" (the vision tower), \"embeddings\" (input "
         "embeddings), \"language\" (the language model and its head); the projector between them trains.",
         factory=list,

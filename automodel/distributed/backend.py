@@ -2,7 +2,7 @@
 
 import contextlib
 from pathlib import Path
-from typing import Callable, ContextManager, Optional
+from typing import TYPE_CHECKING, Callable, ContextManager, Optional
 
 import attrs
 import torch
@@ -14,6 +14,9 @@ from automodel.checkpoint.export import save_hf_model
 from automodel.optim import AdamWHyper, AdamWState, no_decay_names
 from automodel.training.state import ParamBinding, TrainState, init_state
 from automodel.training.step import AllReduce, Batch, StepMetrics, make_loss_fn, make_train_step
+
+if TYPE_CHECKING:
+    from automodel.config import TrainConfig
 
 
 @attrs.frozen
@@ -88,7 +91,7 @@ def model_init_context(backend: str, ds_config: Optional[dict], pretrained: bool
     return contextlib.nullcontext()
 
 
-def build_backend(cfg, model: nn.Module, ds_config: Optional[dict], max_steps: int, device: torch.device,
+def build_backend(cfg: "TrainConfig", model: nn.Module, ds_config: Optional[dict], max_steps: int, device: torch.device,
                   all_reduce: AllReduce, rank: int, world_size: int) -> Backend:
     """The backend [distributed] names, with the config's optimizer and a pure LR schedule over max_steps."""
     import functools
@@ -106,7 +109,7 @@ def build_backend(cfg, model: nn.Module, ds_config: Optional[dict], max_steps: i
                             world_size=world_size, seed=cfg.seed)
 
 
-def resume(cfg, backend: Backend, out: Path, rank: int, world_size: int,
+def resume(cfg: "TrainConfig", backend: Backend, out: Path, rank: int, world_size: int,
            device: torch.device) -> tuple[TrainState, dict, Optional[Path]]:
     """(state, checkpoint meta, the checkpoint resumed from or None) per train.resume."""
     from automodel import checkpoint
@@ -118,4 +121,3 @@ def resume(cfg, backend: Backend, out: Path, rank: int, world_size: int,
     if path is not None:
         state = checkpoint.restore(backend.load, state, path, rank, device, meta)
     return state, meta, path
-

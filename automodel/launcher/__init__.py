@@ -1,8 +1,6 @@
 """From a config and a few flags to the commands that run it: a `deepspeed` command for one node, or an sbatch
 script (one srun task per GPU, job arrays for sweeps)."""
 
-import os
-import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -77,12 +75,3 @@ def python_for(slurm_python: str, container_image: str) -> str:
     if slurm_python:
         return slurm_python
     return "python" if container_image else sys.executable
-
-
-def shell_join(argv: Sequence[str]) -> str:
-    return " ".join(shlex.quote(a) for a in argv)
-
-
-def submit_dir() -> Path:
-    """Where relative paths in the config point: the directory `automodel launch` runs from."""
-    return Path(os.getcwd())

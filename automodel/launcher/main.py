@@ -2,6 +2,7 @@
 and run the deepspeed command, or write the sbatch script (and sweep.json) and print how to submit it."""
 
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Optional
 import attrs
 
 from automodel.config import ConfigError, TrainConfig, load_config, to_toml
-from automodel.launcher import Topology, deepspeed_command, shell_join, submit_dir, topology
+from automodel.launcher import Topology, deepspeed_command, topology
 from automodel.launcher.slurm import SbatchJob, render
 from automodel.launcher.sweep import (
     check_no_output_dir,
@@ -94,14 +95,14 @@ def launch(args: LaunchArgs) -> int:
     commands = [deepspeed_command(args.config, [*args.overrides, *extra], p.topo) for extra in p.task_overrides] \
         if p.points else [deepspeed_command(args.config, list(args.overrides), p.topo)]
     if args.dry_run:
-        print("\n".join(shell_join(c) for c in commands))
+        print("\n".join(shlex.join(c) for c in commands))
         return 0
     sweep_root = Path(p.base.output_dir)
     if p.points:
         write_sweep_json(sweep_root / "sweep.json", args.config, p.points, [d.resolve() for d in p.dirs], None)
     status = 0
     for i, command in enumerate(commands):  # a local sweep runs its points one after another
-        print(f"[{i + 1}/{len(commands)}] {shell_join(command)}" if p.points else shell_join(command), flush=True)
+        print(f"[{i + 1}/{len(commands)}] {shlex.join(command)}" if p.points else shlex.join(command), flush=True)
         code = subprocess.call(command)
         status = status or code
     if p.points:
@@ -115,7 +116,7 @@ def shell_quote_toml(path: str) -> str:
 
 
 def _slurm(args: LaunchArgs, p: LaunchPlan) -> int:
-    workdir = submit_dir()
+    workdir = Path.cwd()  # relative paths in the config are relative to it
     job = sbatch_job(args, p, workdir)
     script = render(job)
     if args.dry_run:

@@ -7,13 +7,14 @@ requeues the job, which resumes. A launcher in between would have to forward the
 """
 
 import datetime
+import shlex
 from pathlib import Path
 from typing import Optional
 
 import attrs
 
 from automodel.config.schema import SlurmConfig
-from automodel.launcher import Topology, entry_point, python_for, shell_join
+from automodel.launcher import Topology, entry_point, python_for
 from automodel.training.preemption import EXIT_PREEMPTED
 
 
@@ -69,12 +70,12 @@ def render(job: SbatchJob, now: Optional[datetime.datetime] = None) -> str:
         *_sbatch_lines(job),
         "",
         "set -euo pipefail",
-        f"cd {shell_join([str(job.workdir)])}",
+        f"cd {shlex.join([str(job.workdir)])}",
         "",
     ]
     if s.env or s.setup:
         lines.append("# From [launch.slurm] env and setup.")
-        lines += [f"export {key}={shell_join([value])}" for key, value in s.env.items()]
+        lines += [f"export {key}={shlex.join([value])}" for key, value in s.env.items()]
         if s.setup:  # the user's own lines: files they source cannot be followed from here
             lines.append("# shellcheck disable=SC1090,SC1091")
         lines += list(s.setup)
@@ -94,14 +95,14 @@ def render(job: SbatchJob, now: Optional[datetime.datetime] = None) -> str:
     if job.sweep:
         lines += ["# Sweep: array task i applies override set i and writes to its own run directory.",
                   'case "$SLURM_ARRAY_TASK_ID" in']
-        lines += [f"  {i}) overrides=({shell_join(point)}) ;;" for i, point in enumerate(job.sweep)]
+        lines += [f"  {i}) overrides=({shlex.join(point)}) ;;" for i, point in enumerate(job.sweep)]
         lines += ['  *) echo "no override set for array task $SLURM_ARRAY_TASK_ID" >&2; exit 1 ;;', "esac", ""]
     srun = ["srun", "--kill-on-bad-exit=1", f"--ntasks-per-node={t.nproc_per_node}"]
     if s.container_image:
         mounts = [*s.container_mounts, f"{job.workdir}:{job.workdir}"]
         srun += [f"--container-image={s.container_image}", f"--container-mounts={','.join(mounts)}",
                  f"--container-workdir={job.workdir}"]
-    command = shell_join([*srun, python_for(s.python, s.container_image), *entry_point(), "--config",
+    command = shlex.join([*srun, python_for(s.python, s.container_image), *entry_point(), "--config",
                           str(job.config)])
     if job.sweep:
         command += ' "${overrides[@]}"'
