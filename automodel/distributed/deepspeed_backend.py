@@ -6,12 +6,14 @@ gradient of sum_m l_m / N, exactly as in the functional backend (tests pin the t
 """
 
 import contextlib
+import os
 from pathlib import Path
 from typing import Callable, Iterator
 
 import attrs
 import deepspeed
 import torch
+import torch.distributed as dist
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 from transformers.integrations import HfDeepSpeedConfig
@@ -42,6 +44,22 @@ def zero3_init(ds_config: dict) -> Iterator[None]:
         unset_hf_deepspeed_config()  # later model builds (e.g. for export checks) must not be collectives
 
 
+def release_shm_buffer(rank: int) -> None:
+    """Unlinks this rank's /dev/shm segment of DeepSpeed's CPU shared-memory all-reduce.
+
+    On CPU, with every rank on one host (the deepspeed launcher sets LOCAL_SIZE), DeepSpeed's comm layer
+    creates a 66 MiB segment per rank, maps its peers' by name, and never unlinks them: each run would leave
+    132 MiB (2 ranks) of RAM in /dev/shm until reboot. Once the barrier shows that every rank has mapped its
+    peers, the names are no longer needed: unlinked, the memory goes when the processes exit, crashed or not.
+    """
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    if dist.is_initialized():
+        dist.barrier()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(Path("/dev/shm") / name)
+
+
 def _is_matrix(p: torch.Tensor) -> bool:
     return len(getattr(p, "ds_shape", p.shape)) >= 2  # ZeRO-3 flattens partitions; ds_shape is the real one
 
@@ -57,6 +75,7 @@ def build_deepspeed(model: nn.Module, *, ds_config: dict, optim, lr_fn: Callable
     else:  # the same torch AdamW arithmetic as the functional backend
         opt = torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, foreach=True)
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
+    release_shm_buffer(rank)
     stage = ds_config["zero_optimization"]["stage"]
     trainable_params = sum(numel(p) for _, p in trainable)
     attn = getattr(engine.module.config, "_attn_implementation", "sdpa")

@@ -5,6 +5,7 @@ import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,6 +146,10 @@ def test_shipped_cpu_twin_of_llm_toml_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "deepspeed (ZeRO-3) backend" in proc.stdout and "exact match" in proc.stdout
     assert (out / "final" / "model.safetensors").is_file() and (out / "checkpoints" / "step_000003").is_dir()
+    # DeepSpeed's CPU shared-memory all-reduce was set up (66 MiB of /dev/shm per rank) and nothing of it is left.
+    assert "deepspeed_shm_comm_op built successfully" in proc.stdout + proc.stderr
+    port = cmd[cmd.index("--master_port") + 1]
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
 def test_lora_under_zero3_matches_functional_lora_and_saves_the_whole_adapter(tmp_path):
