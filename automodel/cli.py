@@ -13,9 +13,11 @@
 """
 
 import argparse
+import logging
 import os
 import sys
-from typing import Optional, Sequence
+import threading
+from typing import NoReturn, Optional, Sequence
 
 from automodel.config import ConfigError, load_config, to_toml
 
@@ -86,19 +88,38 @@ def run_command(config: str, overrides: Sequence[str]) -> int:
     try:
         automodel.train(load_config(config, overrides))
     except ConfigError as e:
+        distributed.teardown()
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Preempted:
-        # "Try again": the batch script requeues on it. Exit now, without the interpreter's shutdown: during it a
-        # SIGTERM kills with 143 (srun sends one to the other ranks as soon as the first one exits 75), and the
-        # checkpoint is already complete on every rank.
+        # "Try again": the batch script requeues on it. The checkpoint is complete on every rank; during the
+        # interpreter's shutdown a SIGTERM would kill with 143 (srun sends one to the other ranks as soon as the
+        # first one exits 75).
+        _exit_now(EXIT_PREEMPTED)
+    except BaseException:
         distributed.teardown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(EXIT_PREEMPTED)
-    finally:
-        distributed.teardown()
-    return 0
+        raise
+    _exit_now(0)
+
+
+def _exit_now(code: int) -> NoReturn:
+    """Ends a rank whose run is complete, skipping the interpreter's shutdown.
+
+    DeepSpeed's tensor hooks keep its engine, and through it the gloo process groups and their worker threads,
+    alive until the interpreter tears everything down; a worker caught there aborts the process ("terminate called
+    without an active exception", exit 250 under the deepspeed launcher, seen in CI after a 2-rank ZeRO-3 run had
+    trained, exported and passed its final barrier). Every file the run wrote is closed by now: nothing is lost.
+    """
+    from automodel import distributed
+
+    distributed.teardown()
+    for thread in threading.enumerate():  # what the interpreter's shutdown would have waited for
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
