@@ -1,6 +1,7 @@
 """The VLM recipe end to end on real images: a tiny LLaVA learns LaTeX from im2latex formula pages (cropped to the
-ink), the export reloads with the Auto classes and gives the reported eval loss; ZeRO-3 on 2 ranks (micro-batches
-with different numbers of images per rank) matches the single-process run; text-only rows are refused."""
+ink), the export reloads with the Auto classes and gives the reported eval loss; DeepSpeed ZeRO-0..3 on 2 ranks
+(micro-batches with different numbers of images per rank) match the single-process run; text-only rows are
+refused."""
 
 import json
 import subprocess
@@ -69,7 +70,7 @@ def one_process_run(tmp_path_factory):
     return ref
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_deepspeed_on_two_ranks_matches_one_process_with_frozen_vision(one_process_run, tmp_path, stage):
     ref, out = one_process_run, tmp_path / "ds"
     done = subprocess.run([*launch.command("deepspeed"), "launch/run.py", "--config", str(VLM_CPU),
