@@ -14,6 +14,7 @@ the vision tower on every micro-batch, so all ranks gather the same parameters i
 """
 
 import os
+import weakref
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -195,6 +196,9 @@ class VlmCollator:
         self.dtype = dtype  # pixel values in the model's dtype
         self.crop = crop_to_content
         self.max_length = max_length
+        # Where each sample's answers sit: found by running the processor on every prompt prefix, several times the
+        # cost of the batch itself, so once per sample (eval and later epochs meet the same samples again).
+        self._spans: dict[int, tuple[weakref.ref, list[tuple[int, int]]]] = {}
         tokenizer = processor.tokenizer
         self.image_token_id = getattr(processor, "image_token_id", None)
         if self.image_token_id is None:
@@ -208,23 +212,32 @@ class VlmCollator:
         enc = self.processor(text=[text], images=images or None, return_tensors="pt")
         return int(enc["input_ids"].shape[1])
 
+    def _answer_spans(self, sample: VlmSample, pil: list) -> list[tuple[int, int]]:
+        """Each assistant turn's tokens: from the end of the prompt before it to the end of the prefix through it."""
+        key = id(sample)
+        cached = self._spans.get(key)
+        if cached is not None and cached[0]() is sample:
+            return cached[1]
+        trained, used = [], 0
+        for i, message in enumerate(sample.messages):
+            used_before = used
+            used += sum(p["type"] == "image" for p in message["content"])
+            if message["role"] != "assistant":
+                continue
+            start = self._length(self._render(sample.messages[:i], add_generation_prompt=True), pil[:used_before])
+            end = self._length(self._render(sample.messages[:i + 1]), pil[:used])
+            trained.append((start, end))
+        # The entry goes with its sample, so a later object given the same id is never mistaken for it.
+        self._spans[key] = (weakref.ref(sample, lambda _: self._spans.pop(key, None)), trained)
+        return trained
+
     def __call__(self, samples: Sequence[VlmSample]) -> dict[str, torch.Tensor]:
         texts, images, spans = [], [], []
         for sample in samples:
             pil = [load_image(ref, self.crop) for ref in sample.images]
             texts.append(self._render(sample.messages))
             images.extend(pil)
-            # Each assistant turn's tokens: from the end of the prompt before it to the end of the prefix through it.
-            trained, used = [], 0
-            for i, message in enumerate(sample.messages):
-                used_before = used
-                used += sum(p["type"] == "image" for p in message["content"])
-                if message["role"] != "assistant":
-                    continue
-                start = self._length(self._render(sample.messages[:i], add_generation_prompt=True), pil[:used_before])
-                end = self._length(self._render(sample.messages[:i + 1]), pil[:used])
-                trained.append((start, end))
-            spans.append(trained)
+            spans.append(self._answer_spans(sample, pil))
         batch = dict(self.processor(text=texts, images=images, padding=True, return_tensors="pt"))
         ids = batch["input_ids"]
         labels = torch.full_like(ids, -100)

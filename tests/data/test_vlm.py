@@ -130,6 +130,28 @@ def test_collate_trains_on_answers_only(tmp_path):
     assert (batch["labels"][batch["input_ids"] == image_id] == -100).all()
 
 
+def test_answer_spans_are_found_once_per_sample_and_follow_the_sample(tmp_path):
+    demo = shared_data("llamafactory-demos/mllm_demo.json")
+    rows = json.loads(demo.read_text())
+    processor = tiny_processor(tmp_path, [t["content"] for r in rows for t in r["messages"]])
+    samples = [sample_of(r, {}, demo.parent) for r in rows]
+    collate = VlmCollator(processor)
+    collate(samples[:3])
+    calls = []
+    collate._length = lambda *a: calls.append(a) or VlmCollator._length(collate, *a)
+    # The same samples again, reordered and mixed with new ones: only the new ones are measured, and every row is
+    # labelled exactly as a fresh collator labels it.
+    again = [samples[4], samples[2], samples[0], samples[3]]
+    got, want = collate(again), VlmCollator(processor)(again)
+    assert len(calls) == 2 * sum(m["role"] == "assistant" for s in again[::3] for m in s.messages)
+    assert all(torch.equal(got[k], want[k]) for k in want) and set(got) == set(want)
+    del samples, again
+    import gc
+
+    gc.collect()
+    assert collate._spans == {}  # entries go with their samples
+
+
 def test_tiny_llava_learns_latex_from_real_formula_images(tmp_path):
     from automodel.config import OptimConfig
     from automodel.distributed.backend import build_functional
