@@ -347,9 +347,6 @@ def _vlm_problems(cfg: TrainConfig) -> list[str]:
     if vlm:
         if cfg.data.packing:
             problems.append("data.packing is not supported by vlm_finetune (images make samples unpackable)")
-        if cfg.eval.generate_samples:
-            problems.append("eval.generate_samples is not supported by vlm_finetune yet; set it to 0 (eval loss "
-                            "is reported)")
         if cfg.data.validation_fraction:
             problems.append("data.validation_fraction is not supported by vlm_finetune; give [data.validation]")
         if cfg.checkpoint.export_merged:

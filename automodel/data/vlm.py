@@ -231,6 +231,20 @@ class VlmCollator:
         self._spans[key] = (weakref.ref(sample, lambda _: self._spans.pop(key, None)), trained)
         return trained
 
+    def prompt(self, sample: VlmSample) -> tuple[dict[str, torch.Tensor], str]:
+        """(the conversation before its last answer, with the generation prompt and its images, as a one-row batch
+        for `generate`; that answer's text)."""
+        last = len(sample.messages) - 1  # the last turn is the assistant's (load_samples checks it)
+        used = sum(p["type"] == "image" for m in sample.messages[:last] for p in m["content"])
+        pil = [load_image(ref, self.crop) for ref in sample.images[:used]]
+        text = self._render(sample.messages[:last], add_generation_prompt=True)
+        batch = dict(self.processor(text=[text], images=pil or None, return_tensors="pt"))
+        reference = "".join(p["text"] for p in sample.messages[last]["content"] if p["type"] == "text")
+        return self._cast(batch), reference
+
+    def _cast(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in batch.items()}
+
     def __call__(self, samples: Sequence[VlmSample]) -> dict[str, torch.Tensor]:
         texts, images, spans = [], [], []
         for sample in samples:
@@ -247,9 +261,7 @@ class VlmCollator:
         labels[batch["attention_mask"] == 0] = -100
         labels[ids == self.image_token_id] = -100
         batch["labels"] = labels
-        for key, value in batch.items():
-            if value.is_floating_point():
-                batch[key] = value.to(self.dtype)
+        batch = self._cast(batch)
         if self.max_length and ids.shape[1] > self.max_length:
             raise ValueError(f"a batch is {ids.shape[1]} tokens long, more than data.seq_len ({self.max_length}); "
                              "raise data.seq_len or use smaller images")

@@ -12,7 +12,8 @@ Features:
 - both backends (functional, DeepSpeed ZeRO 0-3), checkpoints, resume, preemption, as in llm_finetune. Every
   sample holds an image, so every rank runs the vision tower on every micro-batch: ZeRO-3's gathers cannot
   diverge between ranks;
-- eval loss on the validation set; final/ holds the model and its processor (Auto classes reload both).
+- eval loss on the validation set, and exact match of greedy answers (`eval.generate_samples`, equal up to
+  white space); final/ holds the model and its processor (Auto classes reload both).
 """
 
 import math
@@ -29,7 +30,7 @@ from automodel.distributed.backend import build_backend, model_init_context, res
 from automodel.distributed.deepspeed_config import deepspeed_config
 from automodel.loggers import RunLogger
 from automodel.models import vlm as vlm_models
-from automodel.training.evaluate import eval_loss
+from automodel.training.evaluate import eval_loss, exact_match_of_prompts
 from automodel.training.loop import TrainResult, run_loop
 from automodel.training.metrics import peak_flops
 from automodel.training.preemption import Preempted, StopRequest
@@ -97,7 +98,14 @@ def run(cfg: TrainConfig) -> TrainResult:
                    for idx in data.eval_batches(val_samples, eval_size, cfg.eval.max_batches))
         with backend.model_for_generation(st) as module:
             loss, tokens = eval_loss(module, lambda batch: backend.loss_sum(st, batch), batches)
-        return {"step": st.step, "eval_loss": loss, "eval_tokens": tokens}
+            row = {"step": st.step, "eval_loss": loss, "eval_tokens": tokens}
+            if cfg.eval.generate_samples > 0:  # every rank decodes the same prompts (ZeRO-3 generates in step)
+                prompts = (collate.prompt(s) for s in val_samples[:cfg.eval.generate_samples])
+                row["exact_match"], pairs = exact_match_of_prompts(module, processor.tokenizer, prompts,
+                                                                   cfg.eval.max_new_tokens, device,
+                                                                   **backend.generate_kwargs)
+                row["examples"] = [{"prediction": p, "reference": r} for p, r in pairs[:3]]
+        return row
 
     def save_checkpoint(st: TrainState) -> None:
         logger.info(f"checkpoint: {checkpoint.save(backend.save, st, out, ranks.rank, cfg.checkpoint.keep_last, meta)}")
@@ -129,9 +137,9 @@ def run(cfg: TrainConfig) -> TrainResult:
     if val_samples:
         final_eval = evaluate(state)
         logger.row(final_eval)
-        metrics["eval_loss"] = final_eval["eval_loss"]
+        metrics.update({k: v for k, v in final_eval.items() if k in ("eval_loss", "exact_match")})
         if first_eval is not None:
-            metrics["eval_loss_at_start"] = first_eval["eval_loss"]
+            metrics.update({f"{k}_at_start": first_eval[k] for k in ("eval_loss", "exact_match") if k in first_eval})
     final_dir = out / "final" if cfg.checkpoint.save_final else None
     if final_dir is not None:
         backend.export(state, processor, final_dir)  # every rank: ZeRO-3 gathers
@@ -143,6 +151,10 @@ def run(cfg: TrainConfig) -> TrainResult:
     if "eval_loss" in metrics:
         was = f" (was {metrics['eval_loss_at_start']:.4f})" if "eval_loss_at_start" in metrics else ""
         parts.append(f"eval loss {metrics['eval_loss']:.4f}{was}")
+    if "exact_match" in metrics:
+        was = (f" (was {100 * metrics['exact_match_at_start']:.1f}%)" if "exact_match_at_start" in metrics
+               else "")
+        parts.append(f"exact match {100 * metrics['exact_match']:.1f}%{was}")
     if final_dir is not None:
         parts.append(f"model and processor saved to {final_dir}")
     logger.info(" | ".join(parts))

@@ -2,7 +2,7 @@
 
 import re
 import string
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -74,3 +74,27 @@ def exact_match(model: nn.Module, tokenizer: PreTrainedTokenizerBase, dataset: T
                for i, p in enumerate(predictions))
     return hits / max(n, 1), [(p, dataset.references[i][0]) for i, p in enumerate(predictions)]
 
+
+
+@torch.no_grad()
+def exact_match_of_prompts(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                           prompts: Iterable[tuple[Mapping[str, torch.Tensor], str]], max_new_tokens: int,
+                           device: torch.device, **generate_kwargs) -> tuple[float, list[tuple[str, str]]]:
+    """Exact match for prompts that are whole model inputs (a VLM's ids with pixel values ...), one at a time:
+    (fraction of greedy answers equal to their reference up to white space, [(prediction, reference), ...]).
+    Strict, unlike SQuAD's normalisation: punctuation is content in LaTeX or code."""
+    was_training = model.training
+    model.eval()
+    pairs = []
+    try:
+        for inputs, reference in prompts:
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+            width = inputs["input_ids"].shape[1]
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                 **generate_kwargs)
+            pairs.append((tokenizer.decode(out[0, width:], skip_special_tokens=True), reference))
+    finally:
+        model.train(was_training)
+    hits = sum(" ".join(p.split()) == " ".join(r.split()) for p, r in pairs)
+    return hits / max(len(pairs), 1), pairs

@@ -32,6 +32,7 @@ def test_tiny_llava_learns_latex_from_formula_images_and_reloads_with_the_report
     cfg = load_config(VLM_CPU, [*QUIET, f"output_dir=\"{tmp_path / 'run'}\"", f"data.train.source=\"{train}\"",
                                 f"data.validation.source=\"{val}\"", "data.crop_images=true",
                                 "train.global_batch_size=16", "train.micro_batch_size=8", "train.max_steps=24",
+                                "eval.generate_samples=2", "eval.max_new_tokens=12",
                                 "train.eval_every=0", "train.log_every=4", "checkpoint.every=0"], world_size=1)
     result = automodel.train(cfg)
     rows_logged = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
@@ -52,11 +53,26 @@ def test_tiny_llava_learns_latex_from_formula_images_and_reloads_with_the_report
     total, count = token_cross_entropy(logits, batch["labels"])
     assert (total / count).item() == pytest.approx(result.metrics["eval_loss"], rel=1e-4)
 
+    # Exact match: the reported answers are the reloaded model's greedy answers to the prompts before the answers.
+    collate = VlmCollator(processor, crop_to_content=True)
+    final_row = [r for r in rows_logged if "exact_match" in r][-1]
+    assert final_row["exact_match"] == result.metrics["exact_match"]
+    for sample, example in zip(samples, final_row["examples"]):
+        inputs, reference = collate.prompt(sample)
+        assert reference == sample.messages[-1]["content"][0]["text"] and example["reference"] == reference
+        assert processor.tokenizer.decode(inputs["input_ids"][0]).endswith("<|assistant|>")  # the answer is not in it
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+        assert processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True) \
+            == example["prediction"]
+    assert len(final_row["examples"]) == 2
+
 
 def _frozen_vision_overrides() -> list[str]:
     demo = shared_data("llamafactory-demos/mllm_demo.json")
     # Samples hold 1 or 2 images, so the ranks' micro-batches differ in images; each still runs the vision tower.
     return [*QUIET, "train.max_steps=4", "train.log_every=1", "train.eval_every=0", "checkpoint.every=0",
+            "eval.generate_samples=2", "eval.max_new_tokens=4",
             'model.freeze=["vision"]', f"data.train.source=\"{demo}\"", f"data.validation.source=\"{demo}\""]
 
 
@@ -84,6 +100,9 @@ def test_deepspeed_on_two_ranks_matches_one_process_with_frozen_vision(one_proce
     assert sorted(got) == [1, 2, 3, 4]
     assert list(got.values()) == pytest.approx(list(want.values()), rel=1e-4)
     assert launch.eval_losses(out) == pytest.approx(launch.eval_losses(ref), rel=1e-4)
+    # Greedy answers (ZeRO-3: every rank generates in step) are the single process's.
+    answers = [[(r["exact_match"], r["examples"]) for r in launch.rows(d) if "examples" in r] for d in (out, ref)]
+    assert answers[0] == answers[1] and len(answers[0]) == 2
     # The whole model is exported, the frozen tower unchanged (the same seeded weights as the reference's).
     from safetensors.torch import load_file
 
