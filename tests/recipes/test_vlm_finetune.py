@@ -17,7 +17,7 @@ from tests.data.test_vlm import im2latex_rows
 from tests.distributed import launch
 
 VLM_CPU = REPO / "configs_toml" / "vlm_cpu.toml"
-QUIET = ["logging.progress_bar=\"off\"", "eval.at_start=true"]
+QUIET = ["logging.progress_bar=\"off\"", "eval.at_start=true", "eval.generate_samples=0"]
 
 
 def write_jsonl(path, rows):
