@@ -16,7 +16,6 @@ import argparse
 import logging
 import os
 import sys
-import threading
 from typing import NoReturn, Optional, Sequence
 
 from automodel.config import ConfigError, load_config, to_toml
@@ -108,14 +107,12 @@ def _exit_now(code: int) -> NoReturn:
     DeepSpeed's tensor hooks keep its engine, and through it the gloo process groups and their worker threads,
     alive until the interpreter tears everything down; a worker caught there aborts the process ("terminate called
     without an active exception", exit 250 under the deepspeed launcher, seen in CI after a 2-rank ZeRO-3 run had
-    trained, exported and passed its final barrier). Every file the run wrote is closed by now: nothing is lost.
+    trained, exported and passed its final barrier). Every file the run wrote is closed by now, and its work runs
+    on this thread: nothing is lost.
     """
     from automodel import distributed
 
     distributed.teardown()
-    for thread in threading.enumerate():  # what the interpreter's shutdown would have waited for
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
