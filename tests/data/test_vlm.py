@@ -14,6 +14,14 @@ from automodel.data.vlm import VlmCollator, load_image, sample_of
 from tests.conftest import shared_data
 
 
+def chat_template(image: str) -> str:
+    """role tags, the image part as `image`, answers closed by EOS."""
+    return ("{% for m in messages %}{{ '<|' + m['role'] + '|>' }}{% for p in m['content'] %}"
+            "{% if p['type'] == 'image' %}{{ '" + image + "' }}{% else %}{{ p['text'] }}{% endif %}{% endfor %}"
+            "{{ eos_token if m['role'] == 'assistant' else '\\n' }}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+
+
 def tiny_processor(tmp_path: Path, texts: list[str]):
     """A LlavaProcessor: SigLIP PIL image processor (32x32, 16 patches -> 16 image tokens) and a byte-level
     tokenizer with an <image> token and a chat template; saved and reloaded through AutoProcessor."""
@@ -23,15 +31,59 @@ def tiny_processor(tmp_path: Path, texts: list[str]):
 
     tok = byte_level_tokenizer(texts, vocab_size=400)
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    template = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' }}{% for p in m['content'] %}"
-                "{% if p['type'] == 'image' %}{{ '<image>' }}{% else %}{{ p['text'] }}{% endif %}{% endfor %}"
-                "{{ eos_token if m['role'] == 'assistant' else '\\n' }}{% endfor %}"
-                "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
     proc = LlavaProcessor(image_processor=SiglipImageProcessorPil(size={"height": 32, "width": 32}), tokenizer=tok,
                           patch_size=8, vision_feature_select_strategy="full", num_additional_image_tokens=0,
-                          chat_template=template)
+                          chat_template=chat_template("<image>"))
     proc.save_pretrained(tmp_path / "processor")
     return AutoProcessor.from_pretrained(tmp_path / "processor")
+
+
+def llava_next_processor(tmp_path: Path, texts: list[str]):
+    """LLaVA-NeXT's any-resolution tiling: an image's token count depends on its size."""
+    from transformers import AutoProcessor, LlavaNextImageProcessorPil, LlavaNextProcessor
+
+    from automodel.models import byte_level_tokenizer
+
+    tok = byte_level_tokenizer(texts, vocab_size=400)
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    images = LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                        image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]])
+    proc = LlavaNextProcessor(image_processor=images, tokenizer=tok, patch_size=8, num_additional_image_tokens=0,
+                              vision_feature_select_strategy="full", chat_template=chat_template("<image>"))
+    proc.save_pretrained(tmp_path / "llava_next")
+    return AutoProcessor.from_pretrained(tmp_path / "llava_next")
+
+
+def gemma3_processor(tmp_path: Path, texts: list[str]):
+    """Gemma 3's: <start_of_image> becomes blank lines around begin/soft/end image tokens; images per prompt."""
+    from transformers import AutoProcessor, AutoTokenizer, Gemma3ImageProcessorPil, Gemma3Processor
+
+    from automodel.models import byte_level_tokenizer
+
+    tok = byte_level_tokenizer(texts, vocab_size=400)
+    tok.add_special_tokens({"additional_special_tokens": ["<start_of_image>", "<image_soft_token>", "<end_of_image>"]})
+    tok.save_pretrained(tmp_path / "gemma3_tokenizer")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "gemma3_tokenizer", extra_special_tokens={
+        "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"})
+    proc = Gemma3Processor(image_processor=Gemma3ImageProcessorPil(size={"height": 32, "width": 32}), tokenizer=tok,
+                           image_seq_length=9, chat_template=chat_template("<start_of_image>"))
+    proc.save_pretrained(tmp_path / "gemma3")
+    return AutoProcessor.from_pretrained(tmp_path / "gemma3")
+
+
+def idefics3_processor(tmp_path: Path, texts: list[str]):
+    """Idefics3 (SmolVLM): an image splits into a grid of tiles, each framed by row/column tokens."""
+    from transformers import AutoProcessor, Idefics3ImageProcessorPil, Idefics3Processor
+
+    from automodel.models import byte_level_tokenizer
+
+    tok = byte_level_tokenizer(texts, vocab_size=400)
+    tok.add_special_tokens({"additional_special_tokens": ["<image>", "<fake_token_around_image>", "<global-img>"]})
+    images = Idefics3ImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
+    proc = Idefics3Processor(image_processor=images, tokenizer=tok, image_seq_len=4,
+                             chat_template=chat_template("<image>"))
+    proc.save_pretrained(tmp_path / "idefics3")
+    return AutoProcessor.from_pretrained(tmp_path / "idefics3")
 
 
 def tiny_llava(processor, seed: int = 0):
@@ -110,6 +162,39 @@ def test_im2latex_pages_are_rgb_and_cropped_to_the_ink():
     assert min(cropped.convert("L").getdata()) < 100  # the ink is in it
 
 
+def crop_whole_page(image):
+    """The reference: the whole page to RGB on white, then cropped to what differs from its corner, 4 px margin."""
+    from PIL import Image, ImageChops
+
+    if image.mode in ("P", "LA", "RGBA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+    image = image.convert("RGB")
+    box = ImageChops.difference(image, Image.new("RGB", image.size, image.getpixel((0, 0)))).getbbox()
+    if box is None:
+        return image
+    return image.crop((max(0, box[0] - 4), max(0, box[1] - 4), min(image.width, box[2] + 4),
+                       min(image.height, box[3] + 4)))
+
+
+def test_crop_finds_the_content_on_stored_pixels_and_equals_cropping_the_converted_page():
+    from PIL import Image
+
+    demo = shared_data("llamafactory-demos/mllm_demo.json").parent / "mllm_demo_data"
+    pages = [Image.open(r["image"]) for r in im2latex_rows(8)]
+    # Palette pages with a transparent background as stored, the same pages as RGBA, LA and I;16 (no difference
+    # of pixels there: converted whole), a photo, an all-white page, and one whose square is stored as another
+    # palette index of the same white (nothing to crop to in either).
+    twins = Image.new("P", (40, 30), 0)
+    twins.putpalette([255] * 6)
+    twins.paste(1, (10, 10, 20, 20))
+    images = [*pages, pages[0].convert("RGBA"), pages[1].convert("LA"), pages[2].convert("L").convert("I;16"),
+              Image.open(demo / "1.jpg"), Image.new("P", (40, 30), 0), twins]
+    for image in images:
+        got, want = load_image(image, crop_to_content=True), crop_whole_page(image)
+        assert got.mode == "RGB" and got.size == want.size and got.tobytes() == want.tobytes(), image.mode
+
+
 def test_collate_trains_on_answers_only(tmp_path):
     demo = shared_data("llamafactory-demos/mllm_demo.json")
     rows = json.loads(demo.read_text())
@@ -130,6 +215,44 @@ def test_collate_trains_on_answers_only(tmp_path):
     assert (batch["labels"][batch["input_ids"] == image_id] == -100).all()
 
 
+def spans_prefix_by_prefix(collate: VlmCollator, sample) -> list[tuple[int, int]]:
+    """The reference: every prompt prefix through the processor, with the images it holds."""
+    pil = [load_image(ref, collate.crop) for ref in sample.images]
+    spans, used = [], 0
+    for i, message in enumerate(sample.messages):
+        used_before = used
+        used += sum(p["type"] == "image" for p in message["content"])
+        if message["role"] == "assistant":
+            prompt = collate._render(sample.messages[:i], add_generation_prompt=True)
+            spans.append((collate._length(prompt, pil[:used_before]),
+                          collate._length(collate._render(sample.messages[:i + 1]), pil[:used])))
+    return spans
+
+
+@pytest.mark.parametrize("build", [tiny_processor, llava_next_processor, gemma3_processor, idefics3_processor])
+def test_answer_spans_equal_the_processor_run_on_every_prefix(tmp_path, build):
+    # mllm_demo: two of the six conversations show their second image in a later turn (a prompt holds some of the
+    # images: measured by the processor); im2latex: cropped formulas of many sizes (LLaVA-NeXT and Idefics3 give
+    # each size its own token count).
+    demo = shared_data("llamafactory-demos/mllm_demo.json")
+    rows = json.loads(demo.read_text())
+    samples = [sample_of(r, {}, demo.parent) for r in rows] + [sample_of(r, {}) for r in im2latex_rows(6)]
+    processor = build(tmp_path, [t["content"] for r in rows for t in r["messages"]])
+    collate = VlmCollator(processor, crop_to_content=True)
+    batch = collate(samples)  # images nested per conversation: Gemma 3's processor refuses a flat list
+    tok = processor.tokenizer
+    # What one image adds to its conversation's tokens: fixed, or (any resolution, tiles) by its size.
+    added = {int(batch["attention_mask"][row].sum()) - collate._text_length(collate._render(sample.messages))
+             for row, sample in enumerate(samples) if len(sample.images) == 1}
+    assert (len(added) > 1) == (build in (llava_next_processor, idefics3_processor))
+    for row, sample in enumerate(samples):
+        assert collate._spans[id(sample)][1] == spans_prefix_by_prefix(collate, sample)
+        trained = batch["labels"][row][batch["labels"][row] != -100]
+        answers = ["".join(p["text"] for p in m["content"] if p["type"] == "text")
+                   for m in sample.messages if m["role"] == "assistant"]
+        assert tok.decode(trained) == "".join(a + tok.eos_token for a in answers)
+
+
 def test_answer_spans_are_found_once_per_sample_and_follow_the_sample(tmp_path):
     demo = shared_data("llamafactory-demos/mllm_demo.json")
     rows = json.loads(demo.read_text())
@@ -137,15 +260,16 @@ def test_answer_spans_are_found_once_per_sample_and_follow_the_sample(tmp_path):
     samples = [sample_of(r, {}, demo.parent) for r in rows]
     collate = VlmCollator(processor)
     collate(samples[:3])
-    calls = []
-    collate._length = lambda *a: calls.append(a) or VlmCollator._length(collate, *a)
+    measured = []
+    collate._measure_spans = lambda sample, *a: measured.append(sample) or VlmCollator._measure_spans(
+        collate, sample, *a)
     # The same samples again, reordered and mixed with new ones: only the new ones are measured, and every row is
     # labelled exactly as a fresh collator labels it.
     again = [samples[4], samples[2], samples[0], samples[3]]
     got, want = collate(again), VlmCollator(processor)(again)
-    assert len(calls) == 2 * sum(m["role"] == "assistant" for s in again[::3] for m in s.messages)
+    assert measured == [samples[4], samples[3]]
     assert all(torch.equal(got[k], want[k]) for k in want) and set(got) == set(want)
-    del samples, again
+    del samples, again, measured
     import gc
 
     gc.collect()
