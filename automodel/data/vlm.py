@@ -246,6 +246,10 @@ class VlmCollator:
         self.image_token_id = getattr(processor, "image_token_id", None)
         if self.image_token_id is None:
             self.image_token_id = tokenizer.convert_tokens_to_ids(getattr(processor, "image_token", IMAGE_PLACEHOLDER))
+        self.image_token_ids = [self.image_token_id]
+        model_token = getattr(tokenizer, "image_token", None)  # Gemma 3: the soft tokens, not <start_of_image>
+        if model_token:
+            self.image_token_ids.append(tokenizer.convert_tokens_to_ids(model_token))
 
     def _render(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
         return self.processor.apply_chat_template(list(messages), tokenize=False,
@@ -321,7 +325,7 @@ class VlmCollator:
             for start, end in self._answer_spans(sample, texts[row], images[row], lengths[row]):
                 labels[row, start:end] = ids[row, start:end]
         labels[batch["attention_mask"] == 0] = -100
-        labels[ids == self.image_token_id] = -100
+        labels[torch.isin(ids, torch.tensor(self.image_token_ids))] = -100
         batch["labels"] = labels
         batch = self._cast(batch)
         if self.max_length and ids.shape[1] > self.max_length:

@@ -96,7 +96,10 @@ def build_vlm(model_cfg: ModelConfig, processor: Any, seed: int) -> nn.Module:
         fields = dict(model_cfg.config)
         model_type = fields.pop("model_type")
         tokenizer = processor.tokenizer
-        fields.setdefault("image_token_index", tokenizer.convert_tokens_to_ids(processor.image_token))
+        # The token the model replaces with image features: the tokenizer names it where it differs from the one the
+        # processor expands (Gemma 3: soft tokens between <start_of_image> and <end_of_image>).
+        image_token = getattr(tokenizer, "image_token", None) or processor.image_token
+        fields.setdefault("image_token_index", tokenizer.convert_tokens_to_ids(image_token))
         fields["text_config"] = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
                                  **fields.get("text_config", {})}
         try:

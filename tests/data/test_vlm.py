@@ -66,7 +66,7 @@ def gemma3_processor(tmp_path: Path, texts: list[str]):
     tok = AutoTokenizer.from_pretrained(tmp_path / "gemma3_tokenizer", extra_special_tokens={
         "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"})
     proc = Gemma3Processor(image_processor=Gemma3ImageProcessorPil(size={"height": 32, "width": 32}), tokenizer=tok,
-                           image_seq_length=9, chat_template=chat_template("<start_of_image>"))
+                           image_seq_length=4, chat_template=chat_template("<start_of_image>"))
     proc.save_pretrained(tmp_path / "gemma3")
     return AutoProcessor.from_pretrained(tmp_path / "gemma3")
 
