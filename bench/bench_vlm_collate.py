@@ -59,7 +59,8 @@ def llava_processor(image_size: int, texts: list[str], where: Path):
                 "{{ eos_token if m['role'] == 'assistant' else '\\n' }}{% endfor %}"
                 "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
     images = SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
-    LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=14 if image_size > 64 else 8, vision_feature_select_strategy="full", num_additional_image_tokens=0,
+    LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=14 if image_size > 64 else 8,
+                   vision_feature_select_strategy="full", num_additional_image_tokens=0,
                    chat_template=template).save_pretrained(where)
     return AutoProcessor.from_pretrained(where)
 
@@ -87,8 +88,9 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         processor = llava_processor(args.image_size, [t["content"] for r in rows for t in r["messages"]], Path(tmp))
     demo_samples = load_samples(DataSourceConfig(source=str(demo), format="vlm"))[0]
+    latex_rows = im2latex_rows(30)
     latex = Path(tempfile.mkdtemp()) / "im2latex.jsonl"
-    latex.write_text("".join(json.dumps(r) + "\n" for r in im2latex_rows(30)))
+    latex.write_text("".join(json.dumps(r) + "\n" for r in latex_rows))
     latex_samples = load_samples(DataSourceConfig(source=str(latex), format="vlm", columns={
         "image": "image", "question": "question", "answer": "answer"}))[0]
     samples = demo_samples + latex_samples
@@ -98,7 +100,7 @@ def main():
 
     from PIL import Image
 
-    pages = [r["image"] for r in im2latex_rows(30)]
+    pages = [r["image"] for r in latex_rows]
     times: dict[str, list[float]] = {}
     for _ in range(args.rounds):
         for name, load in (("whole_page", lambda p: crop_whole_page(Image.open(p))),

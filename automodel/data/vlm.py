@@ -243,10 +243,10 @@ class VlmCollator:
         # Where each sample's answers sit: measured once per sample (eval and later epochs meet it again).
         self._spans: dict[int, tuple[weakref.ref, list[tuple[int, int]]]] = {}
         tokenizer = processor.tokenizer
-        self.image_token_id = getattr(processor, "image_token_id", None)
-        if self.image_token_id is None:
-            self.image_token_id = tokenizer.convert_tokens_to_ids(getattr(processor, "image_token", IMAGE_PLACEHOLDER))
-        self.image_token_ids = [self.image_token_id]
+        image_token_id = getattr(processor, "image_token_id", None)
+        if image_token_id is None:
+            image_token_id = tokenizer.convert_tokens_to_ids(getattr(processor, "image_token", IMAGE_PLACEHOLDER))
+        self.image_token_ids = [image_token_id]  # never trained
         model_token = getattr(tokenizer, "image_token", None)  # Gemma 3: the soft tokens, not <start_of_image>
         if model_token:
             self.image_token_ids.append(tokenizer.convert_tokens_to_ids(model_token))
