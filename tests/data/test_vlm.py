@@ -215,6 +215,26 @@ def test_collate_trains_on_answers_only(tmp_path):
     assert (batch["labels"][batch["input_ids"] == image_id] == -100).all()
 
 
+@pytest.mark.parametrize("build", [tiny_processor, gemma3_processor])
+def test_image_tokens_inside_an_answer_are_not_trained(tmp_path, build):
+    # Gemma 3 expands <start_of_image> (the processor's image token) into begin, soft and end tokens; the soft ones
+    # are what the model replaces with image features, so they are masked too.
+    demo = shared_data("llamafactory-demos/mllm_demo.json").parent / "mllm_demo_data"
+    row = {"messages": [{"role": "user", "content": "<image>Draw a second one"},
+                        {"role": "assistant", "content": "Here it is: <image> done"}],
+           "images": [str(demo / "1.jpg"), str(demo / "2.jpg")]}
+    processor = build(tmp_path, ["Draw a second one", "Here it is: done"])
+    batch = VlmCollator(processor)([sample_of(row, {})])
+    tok = processor.tokenizer
+    image_ids = {tok.convert_tokens_to_ids(t) for t in ("<image>", "<start_of_image>", "<image_soft_token>")
+                 if t in tok.get_vocab()}
+    answer = (batch["labels"][0] != -100).nonzero().flatten()
+    answer_ids = batch["input_ids"][0, answer[0]:answer[-1] + 1]
+    assert any(i in image_ids for i in answer_ids.tolist())  # the answer's span holds image tokens
+    trained = set(batch["labels"][0][batch["labels"][0] != -100].tolist())
+    assert not trained & image_ids and tok.eos_token_id in trained
+
+
 def spans_prefix_by_prefix(collate: VlmCollator, sample) -> list[tuple[int, int]]:
     """The reference: every prompt prefix through the processor, with the images it holds."""
     pil = [load_image(ref, collate.crop) for ref in sample.images]
