@@ -329,11 +329,36 @@ def validate(cfg: TrainConfig, world_size: int = 1, source: str = "config") -> T
         problems.append("checkpoint.export_merged needs a [peft] section (a full fine-tune's final/ is already whole)")
     if cfg.eval.generate_samples > 0 and cfg.data.validation is None:
         problems.append("eval.generate_samples needs a [data.validation] set")
+    problems.extend(_memory_problems(cfg))
     problems.extend(_vlm_problems(cfg))
     problems.extend(_launch_problems(cfg.launch))
     if problems:
         raise ConfigError(f"{source}: " + f"\n{source}: ".join(problems))
     return cfg
+
+
+def _memory_problems(cfg: TrainConfig) -> list[str]:
+    """Recompute, loss chunks and precision: settings that contradict each other."""
+    problems = []
+    t, o = cfg.train, cfg.optim
+    if t.loss_chunk_tokens < 0:
+        problems.append(f"train.loss_chunk_tokens must be >= 0 (got {t.loss_chunk_tokens}); 0 computes whole logits")
+    if t.grad_method == "grad_and_value":
+        if t.activation_checkpointing:
+            problems.append('train.activation_checkpointing needs train.grad_method = "autograd": torch.func\'s '
+                            "grad_and_value refuses the saved-tensor hooks that recompute layers")
+        if t.loss_chunk_tokens > 0:
+            problems.append('train.grad_method = "grad_and_value" cannot recompute loss chunks (torch.func refuses '
+                            "saved-tensor hooks); set train.loss_chunk_tokens = 0")
+    if o.master_dtype != "auto" and cfg.model.dtype == "float32":
+        problems.append(f'optim.master_dtype = "{o.master_dtype}" is for bfloat16/float16 models; model.dtype is '
+                        'float32, whose weights are their own masters: leave it at "auto"')
+    elif o.master_dtype == "same" and cfg.distributed.backend == "deepspeed":
+        problems.append('optim.master_dtype = "same" is for the functional backend; DeepSpeed always keeps float32 '
+                        "masters for bfloat16/float16 models")
+    if o.fused and cfg.distributed.backend == "deepspeed":
+        problems.append("optim.fused is for the functional backend; DeepSpeed's AdamW is fused on CUDA already")
+    return problems
 
 
 def _vlm_problems(cfg: TrainConfig) -> list[str]:

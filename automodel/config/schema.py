@@ -138,6 +138,16 @@ class OptimConfig:
     betas: tuple[float, float] = field((0.9, 0.999), "Adam betas.")
     eps: float = field(1e-8, "Adam epsilon.")
     clip_grad_norm: float = field(1.0, "Clip gradients to this global L2 norm; 0 turns clipping off.")
+    master_dtype: Literal["auto", "float32", "same"] = field(
+        "auto", "Functional backend, bfloat16/float16 models: \"float32\" keeps float32 master weights (and "
+        "gradients accumulate and all-reduce in float32) while forward and backward run in model.dtype; \"same\" "
+        "keeps and updates the weights in model.dtype (small updates round away); \"auto\" is \"float32\" for "
+        "low-precision models. DeepSpeed always keeps float32 masters."
+    )
+    fused: bool = field(
+        False, "Functional backend: torch's fused AdamW kernel (faster on GPU; not bit-identical to the foreach "
+        "arithmetic). DeepSpeed's AdamW is fused on CUDA regardless."
+    )
 
 
 @attrs.frozen(kw_only=True)
@@ -163,7 +173,17 @@ class TrainingConfig:
     eval_every: int = field(0, "Evaluate every N steps (and always at the end); 0 means only at the end.")
     log_every: int = field(10, "Log a line and a metrics.jsonl row every N steps.")
     grad_method: Literal["autograd", "grad_and_value"] = field(
-        "autograd", "autograd: functional_call + torch.autograd.grad (module speed); grad_and_value: torch.func."
+        "autograd", "autograd: the module's forward + torch.autograd.grad (module speed); grad_and_value: torch.func "
+        "(no recompute: needs loss_chunk_tokens = 0 and no activation checkpointing)."
+    )
+    activation_checkpointing: bool = field(
+        False, "Recompute each decoder layer in the backward instead of keeping its activations (about a third more "
+        "compute; the saved activations shrink to one hidden state per layer and token)."
+    )
+    loss_chunk_tokens: int = field(
+        1024, "Compute the loss from the final hidden states and the output head this many tokens at a time, each "
+        "chunk's logits recomputed in the backward, so the (tokens x vocab) logits never exist at once; 0 computes "
+        "whole logits."
     )
     resume: str = field(
         "auto", "\"auto\": continue from the newest complete checkpoint in output_dir if there is one; "

@@ -51,17 +51,3 @@ def block_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype) -> torch.T
         position_ids.shape[-1], position_ids.shape[-1], dtype=torch.bool, device=position_ids.device).tril()
     mask = torch.zeros(allowed.shape, dtype=dtype, device=position_ids.device)
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
-
-
-def model_inputs(batch: dict[str, torch.Tensor], attn_implementation: str, dtype: torch.dtype) -> dict:
-    """The forward's keyword arguments for a batch, packed or not. Packed: flash-attention's varlen path
-    reads sample boundaries from position_ids; other kernels get the block-diagonal causal mask."""
-    # What a processor adds for images (pixel_values, image_sizes, ...) goes to the forward as it is.
-    extras = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "labels", "position_ids")}
-    if "position_ids" not in batch:
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False,
-                **extras}
-    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False, **extras}
-    if attn_implementation != "flash_attention_2":
-        inputs["attention_mask"] = block_causal_mask(batch["position_ids"], dtype)
-    return inputs

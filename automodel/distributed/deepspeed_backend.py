@@ -21,11 +21,11 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from automodel.checkpoint.export import save_hf_model
 from automodel.distributed.backend import Backend
-from automodel.data.packing import model_inputs
-from automodel.loss import count_label_tokens, token_cross_entropy
+from automodel.loss import count_label_tokens
 from automodel.models import numel
+from automodel.training.forward import Batch, ModelLoss
 from automodel.training.state import TrainState, initial_rng, rng_scope
-from automodel.training.step import AllReduce, Batch, StepMetrics
+from automodel.training.step import AllReduce, StepMetrics
 
 ENGINE_TAG = "engine"
 
@@ -65,7 +65,8 @@ def _is_matrix(p: torch.Tensor) -> bool:
 
 
 def build_deepspeed(model: nn.Module, *, ds_config: dict, optim, lr_fn: Callable[[int], float],
-                    device: torch.device, all_reduce: AllReduce, rank: int, world_size: int, seed: int) -> Backend:
+                    device: torch.device, all_reduce: AllReduce, rank: int, world_size: int, seed: int,
+                    loss_chunk_tokens: int) -> Backend:
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [{"params": [p for _, p in trainable if _is_matrix(p)], "weight_decay": optim.weight_decay},
               {"params": [p for _, p in trainable if not _is_matrix(p)], "weight_decay": 0.0}]
@@ -73,18 +74,24 @@ def build_deepspeed(model: nn.Module, *, ds_config: dict, optim, lr_fn: Callable
     if "optimizer" in ds_config:  # optimizer offload: DeepSpeed's CPU AdamW, built from the JSON
         engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
     else:  # the same torch AdamW arithmetic as the functional backend
-        opt = torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, foreach=True)
+        # On CUDA torch's fused kernel; elsewhere the foreach arithmetic the functional backend reproduces.
+        fused = device.type == "cuda"
+        opt = torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, foreach=not fused, fused=fused)
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
     release_shm_buffer(rank)
     stage = ds_config["zero_optimization"]["stage"]
     trainable_params = sum(numel(p) for _, p in trainable)
-    attn = getattr(engine.module.config, "_attn_implementation", "sdpa")
     dtype = (torch.bfloat16 if ds_config["bf16"]["enabled"] else
              torch.float16 if ds_config["fp16"]["enabled"] else torch.float32)  # the engine's compute dtype
+    loss = ModelLoss(engine.module, loss_chunk_tokens, dtype)
+
+    def run(inputs: dict):
+        return engine(**inputs)  # through the engine: its hooks gather ZeRO-3 weights
+
+    loss.calibrate(run, device)
 
     def forward_loss(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        # Through the engine (its hooks gather ZeRO-3 weights); our loss, as in the functional backend.
-        return token_cross_entropy(engine(**model_inputs(batch, attn, dtype)).logits, batch["labels"])
+        return loss(run, batch)  # the same loss as the functional backend
 
     def step(state: TrainState, micro_batches: list[Batch]) -> tuple[TrainState, StepMetrics]:
         n = torch.stack([count_label_tokens(b["labels"]) for b in micro_batches]).sum()
@@ -148,9 +155,9 @@ def build_deepspeed(model: nn.Module, *, ds_config: dict, optim, lr_fn: Callable
         if rank == 0:
             save_hf_model(engine.module, tokenizer, out, state_dict=full)
 
-    state = TrainState(step=0, params={}, opt_state=None, rng=initial_rng(seed, rank, device), data_position=0,
-                       engine=engine)
+    state = TrainState(step=0, params={}, opt_state=None, rng=initial_rng(seed, rank, device), data_position=0)
     return Backend(name=f"deepspeed (ZeRO-{stage})", state=state, step=step,
                    loss_sum=lambda state, batch: forward_loss(batch),
                    model_for_generation=model_for_generation, save=save, load=load, export=export,
-                   trainable_params=trainable_params, generate_kwargs={"synced_gpus": stage == 3 and world_size > 1})
+                   trainable_params=trainable_params, loss_description=loss.description,
+                   generate_kwargs={"synced_gpus": stage == 3 and world_size > 1})

@@ -1,6 +1,8 @@
 """Models and tokenizers: hub ids, local dirs, or architectures built from config."""
 
-from automodel.models.build import DTYPES, build_model, build_tokenizer, count_params, flops_per_token, numel
+from automodel.models.build import (DTYPES, build_model, build_tokenizer, count_params, enable_activation_checkpointing,
+                                   flops_per_token, numel)
 from automodel.models.tokenizers import byte_level_tokenizer
 
-__all__ = ["DTYPES", "build_model", "build_tokenizer", "byte_level_tokenizer", "count_params", "flops_per_token", "numel"]
+__all__ = ["DTYPES", "build_model", "build_tokenizer", "byte_level_tokenizer", "count_params",
+           "enable_activation_checkpointing", "flops_per_token", "numel"]

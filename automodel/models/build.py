@@ -69,6 +69,16 @@ def build_model(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed
     return model
 
 
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute every decoder layer in the backward (transformers' per-layer checkpointing, non-reentrant, so it
+    needs no input that requires grad and works under torch.autograd.grad with frozen embeddings). Call it before
+    LoRA is applied and before a DeepSpeed engine is built."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"train.activation_checkpointing: {type(model).__name__} does not support activation "
+                          "checkpointing in transformers; set it to false")
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
 def numel(p: torch.Tensor) -> int:
     """Elements of a parameter, also when ZeRO-3 has partitioned it away (then `ds_numel` holds the size)."""
     return getattr(p, "ds_numel", p.numel())

@@ -73,7 +73,9 @@ def apply(model: nn.Module, cfg: Optional[PeftConfig], seed: int, base_path: str
                       base_model_name_or_path=base_path, task_type="CAUSAL_LM")
     model.name_or_path = model.config._name_or_path = base_path  # peft copies the base's name from here
     torch.manual_seed(seed + 1)
-    return get_peft_model(model, lora)
+    # Adapters in the base's dtype: peft's default keeps them in float32 and casts every adapted input up, which
+    # doubles the activations LoRA saves. The optimizer keeps float32 masters of them instead (optim.master_dtype).
+    return get_peft_model(model, lora, autocast_adapter_dtype=False)
 
 
 def merge(base: str, adapter: str, out: str, dtype: torch.dtype = torch.float32) -> Path:

@@ -54,6 +54,8 @@ def run(cfg: TrainConfig) -> TrainResult:
     ds_config = deepspeed_config(cfg, ranks.world_size) if use_deepspeed else None
     with model_init_context(cfg.distributed.backend, ds_config, pretrained=cfg.model.init == "pretrained"):
         model = vlm_models.build_vlm(cfg.model, processor, cfg.seed)
+    if cfg.train.activation_checkpointing:
+        models.enable_activation_checkpointing(model)
     frozen = vlm_models.freeze(model, cfg.model.freeze)
     base_path = cfg.model.name_or_path if cfg.model.init == "pretrained" else str(out / "base")
     if cfg.peft is not None and cfg.model.init == "random" and is_main:
@@ -88,6 +90,8 @@ def run(cfg: TrainConfig) -> TrainResult:
     logger.info(f"training: {max_steps} steps of {cfg.train.global_batch_size} samples "
                 f"({plan.accumulation_steps} accumulation x {cfg.train.micro_batch_size} per rank), "
                 f"{plan.steps_per_epoch} steps per epoch")
+    logger.info(f"memory: activation checkpointing {'on' if cfg.train.activation_checkpointing else 'off'}; loss "
+                f"from {backend.loss_description}")
     if resume_from is not None:
         logger.info(f"resumed from {resume_from} at step {state.step}")
 

@@ -1,7 +1,7 @@
 """The training state: an immutable record that a step maps to a new one."""
 
 import contextlib
-from typing import Any, Iterator
+from typing import Iterator
 
 import attrs
 import torch
@@ -19,7 +19,6 @@ class TrainState:
     opt_state: AdamWState
     rng: dict[str, torch.Tensor]  # generator states ("cpu", and "cuda" on a GPU) for dropout
     data_position: int  # samples of the training order consumed (step x global batch)
-    engine: Any = None  # DeepSpeed backend: the engine, which owns params and optimizer; only its step touches it
 
 
 def rng_snapshot(device: torch.device) -> dict[str, torch.Tensor]:
@@ -48,7 +47,8 @@ class ParamBinding:
 
     The module keeps its structure, buffers and frozen weights; each trainable parameter is replaced by a
     meta placeholder (tied aliases share one placeholder), so weights are not held twice. `bound(params)`
-    puts real tensors back temporarily, for generate() and save_pretrained().
+    puts real tensors back for as long as it is open: for a forward and its backward (activation checkpointing
+    recomputes layers during the backward, so the tensors must still be there), generate() and save_pretrained().
     """
 
     def __init__(self, model: nn.Module):
@@ -59,10 +59,12 @@ class ParamBinding:
             if p.requires_grad:
                 canonical = first_name.setdefault(id(p), name)
                 self._aliases.setdefault(canonical, []).append(name)
+        self.dtypes: dict[str, torch.dtype] = {}  # each trainable tensor's dtype in the module (the compute dtype)
 
     def take(self) -> Tensors:
         """The trainable tensors (detached, sharing storage); the module is left holding placeholders."""
         params = {name: self.model.get_parameter(name).detach() for name in self._aliases}
+        self.dtypes = {name: p.dtype for name, p in params.items()}
         self._assign({name: nn.Parameter(torch.empty_like(p, device="meta")) for name, p in params.items()})
         return params
 
@@ -72,10 +74,19 @@ class ParamBinding:
                 module_name, _, attr = name.rpartition(".")
                 self.model.get_submodule(module_name)._parameters[attr] = tensors[canonical]
 
+    def in_module_dtype(self, params: Tensors) -> Tensors:
+        """`params` cast to the dtypes the module computes in (a no-op unless the state keeps float32 masters)."""
+        return {k: v if v.dtype == self.dtypes.get(k, v.dtype) else v.to(self.dtypes[k]) for k, v in params.items()}
+
     @contextlib.contextmanager
-    def bound(self, params: Tensors) -> Iterator[nn.Module]:
+    def bound(self, params: Tensors, as_parameters: bool = True) -> Iterator[nn.Module]:
+        """The module with `params` in place of its placeholders, in the module's dtypes. as_parameters=False binds
+        the tensors themselves (not nn.Parameter wrappers), so gradients flow back to them."""
         placeholders = {name: self.model.get_parameter(name) for name in self._aliases}
-        self._assign({name: nn.Parameter(t, requires_grad=False) for name, t in params.items()})
+        tensors = self.in_module_dtype(params)
+        if as_parameters:
+            tensors = {name: nn.Parameter(t, requires_grad=False) for name, t in tensors.items()}
+        self._assign(tensors)
         try:
             yield self.model
         finally:

@@ -1,23 +1,27 @@
-"""The pure training step: (state, micro_batches) -> (new state, metrics).
+"""The training step: (state, micro_batches) -> (new state, metrics).
 
-Loss normalisation is exact (DESIGN.md): with N the label tokens of the whole global batch (summed over
-micro-batches and, when distributed, over ranks before the first backward) and l_m the summed token
-cross-entropy of micro-batch m, the step minimises sum_m l_m / N. So one micro-batch of 8 and four of 2
-give the same update, and so do R ranks.
+Loss normalisation is exact: with N the label tokens of the whole global batch (summed over micro-batches and,
+when distributed, over ranks before the first backward) and l_m the summed token cross-entropy of micro-batch m,
+the step minimises sum_m l_m / N. So one micro-batch of 8 and four of 2 give the same update, and so do R ranks.
+
+The step donates its input state: the new state's weights and moments are the old state's tensors, updated in
+place (see optim/adamw.py). Treat a state as consumed once it has been stepped; clone it to keep it.
+
+Precision: the state's weights may be float32 masters of a lower-precision model. The forward and backward then
+run in the model's dtype (the masters are cast as they are bound), the gradients reach the float32 masters
+through that cast, and they accumulate, all-reduce and update in float32.
 """
 
 from typing import Callable, Optional, Sequence
 
 import attrs
 import torch
-from torch import nn
 
-from automodel.data.packing import model_inputs
 from automodel.loss import count_label_tokens, token_cross_entropy
-from automodel.optim import AdamWHyper, adamw_update, clip_by_global_norm
-from automodel.training.state import Tensors, TrainState, rng_scope
+from automodel.optim import AdamWHyper, adamw_update_, clip_by_global_norm_
+from automodel.training.forward import Batch, ModelLoss, model_inputs
+from automodel.training.state import ParamBinding, Tensors, TrainState, rng_scope
 
-Batch = dict[str, torch.Tensor]
 # In-place SUM all-reduce of a list of tensors across ranks; None on one rank.
 AllReduce = Optional[Callable[[list[torch.Tensor]], None]]
 
@@ -30,22 +34,9 @@ class StepMetrics:
     label_tokens: torch.Tensor  # N
 
 
-def make_loss_fn(model: nn.Module) -> Callable[[Tensors, Batch], tuple[torch.Tensor, torch.Tensor]]:
-    """(params, batch) -> (summed token cross-entropy, label tokens), running `model` with `params` in
-    place of its trainable weights."""
-
-    attn = getattr(model.config, "_attn_implementation", "sdpa")
-    dtype = next(iter(model.parameters())).dtype
-
-    def loss_fn(params: Tensors, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        out = torch.func.functional_call(model, params, (), model_inputs(batch, attn, dtype))
-        return token_cross_entropy(out.logits, batch["labels"])
-
-    return loss_fn
-
-
 def make_train_step(
-    model: nn.Module,
+    binding: ParamBinding,
+    loss: ModelLoss,
     *,
     hyper: AdamWHyper,
     lr_fn: Callable[[int], float],
@@ -55,18 +46,26 @@ def make_train_step(
     all_reduce: AllReduce = None,
     world_size: int = 1,
 ) -> Callable[[TrainState, Sequence[Batch]], tuple[TrainState, StepMetrics]]:
-    loss_fn = make_loss_fn(model)
+    """The functional step over `binding.model`, whose trainable tensors the state holds."""
 
-    def grads_autograd(params: Tensors, batch: Batch, n: torch.Tensor):
+    def grads_autograd(params: Tensors, batch: Batch, n: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
-        loss_sum, _ = loss_fn(leaves, batch)
-        # Unused weights (a VLM's vision head or post-norm that the projector never reads) get zero gradients.
-        grads = torch.autograd.grad(loss_sum / n, list(leaves.values()), allow_unused=True, materialize_grads=True)
+        # Bound through the backward too: activation checkpointing recomputes layers there.
+        with binding.bound(leaves, as_parameters=False) as model:
+            loss_sum, _ = loss(lambda inputs: model(**inputs), batch)
+            # Unused weights (a VLM's vision head or post-norm that the projector never reads) get zero gradients.
+            grads = torch.autograd.grad(loss_sum / n, list(leaves.values()), allow_unused=True, materialize_grads=True)
         return list(grads), loss_sum.detach()
 
-    def grads_func(params: Tensors, batch: Batch, n: torch.Tensor):
+    def grads_func(params: Tensors, batch: Batch, n: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        # torch.func's transform over functional_call; it refuses saved-tensor hooks, hence no recompute of any kind
+        # (the config loader requires whole-logits loss and no activation checkpointing with it).
+        model = binding.model
+        inputs = model_inputs(batch, loss.attn, loss.dtype)
+
         def objective(p: Tensors):
-            loss_sum, _ = loss_fn(p, batch)
+            out = torch.func.functional_call(model, binding.in_module_dtype(p), (), inputs)
+            loss_sum, _ = token_cross_entropy(out.logits, batch["labels"])
             return loss_sum / n, loss_sum
 
         grads, (_, loss_sum) = torch.func.grad_and_value(objective, has_aux=True)(params)
@@ -86,15 +85,19 @@ def make_train_step(
                 if grads:
                     torch._foreach_add_(grads, g)
                 else:
-                    grads = g
+                    grads = [x.float() for x in g]  # accumulate in float32 whatever the compute dtype
+                del g
                 loss_total = loss_total + loss_sum
         reduced = grads + [loss_total]
         if all_reduce is not None:
             all_reduce(reduced)
-        grads, loss_total = reduced[:-1], reduced[-1]
-        grads, grad_norm = clip_by_global_norm(grads, clip_grad_norm)
+        loss_total = reduced.pop()
+        del reduced
+        grad_norm = clip_by_global_norm_(grads, clip_grad_norm)
+        grads_by_name = dict(zip(state.params, grads))
+        del grads  # adamw_update_ frees each gradient once read
         lr = lr_fn(state.step)
-        params, opt_state = adamw_update(state.params, dict(zip(state.params, grads)), state.opt_state, lr, hyper)
+        params, opt_state = adamw_update_(state.params, grads_by_name, state.opt_state, lr, hyper)
         samples = world_size * sum(b["input_ids"].shape[0] for b in micro_batches)
         new_state = attrs.evolve(state, step=state.step + 1, params=params, opt_state=opt_state, rng=rng_out[0],
                                  data_position=state.data_position + samples)

@@ -7,10 +7,11 @@ import torch
 from transformers import AutoTokenizer
 
 from automodel.config import ConfigError, DataConfig, DataSourceConfig
-from automodel.data import (IGNORE_INDEX, BatchPlan, FormatOptions, build, collate, load_examples, model_inputs, pack,
+from automodel.data import (IGNORE_INDEX, BatchPlan, FormatOptions, build, collate, load_examples, pack,
                             tokenize_examples)
 from automodel.data.formats import chat
 from automodel.loss import token_cross_entropy
+from automodel.training.forward import model_inputs
 from tests.conftest import shared_data, tiny_llama
 
 CONVERSATION = [

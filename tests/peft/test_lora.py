@@ -42,7 +42,7 @@ def test_only_adapters_train_and_the_base_stays_bit_identical():
     base_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     backend = build_functional(model, optim=OptimConfig(lr=1e-2), clip_grad_norm=1.0, lr_fn=lambda s: 1e-2,
                                device=torch.device("cpu"), grad_method="autograd", all_reduce=None, rank=0,
-                               world_size=1, seed=0)
+                               world_size=1, seed=0, loss_chunk_tokens=16, master_dtype="auto")
     state = backend.state
     assert set(state.params) == {n for n, p in model.named_parameters() if "lora_" in n}
     assert set(state.opt_state.exp_avg) == set(state.params)  # no optimizer state for the base
