@@ -36,7 +36,8 @@ def measure(args) -> dict:
     if args.mode == "lora":
         model = apply(model, PeftConfig(rank=args.rank, alpha=2.0 * args.rank), seed=0, base_path="bench")
     backend = build_functional(model, optim=OptimConfig(lr=1e-4), clip_grad_norm=1.0, lr_fn=lambda s: 1e-4,
-                               device=device, grad_method="autograd", all_reduce=None, rank=0, world_size=1, seed=0)
+                               device=device, grad_method="autograd", all_reduce=None, rank=0, world_size=1, seed=0,
+                               loss_chunk_tokens=1024, master_dtype="auto")
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, args.vocab, (args.micro, args.seq), generator=gen)
     batch = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": ids.to(device)}

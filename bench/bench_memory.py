@@ -9,7 +9,7 @@ Llama-3 vocabulary of 128,256, untied head; float32, micro-batch 1, full fine-tu
 
 Step variants (each in a fresh process; memory = its resident set, read from /proc):
 - bare: the model's own `.loss`, `.backward()`, torch.optim.AdamW(foreach=True), `zero_grad(set_to_none=True)`;
-- ours: our functional step with whole logits; ours_chunk: + the chunked loss (train.loss_chunk_tokens = 1024);
+- ours: our functional step with whole logits; ours_chunk: + the chunked loss (train.loss_chunk_tokens = 256);
   ours_ac: + activation checkpointing, whole logits; ours_ac_chunk: both (what a user of that size would run).
 glibc is told to mmap every allocation over 64 KiB (MALLOC_MMAP_THRESHOLD_), so a freed tensor leaves the resident
 set at once; the high-water mark (VmHWM, reset through /proc/self/clear_refs just before the third step) is then
@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 VOCAB, HIDDEN, INTERMEDIATE, HEADS, KV_HEADS = 128_256, 512, 1792, 8, 2
 STEP_VARIANTS = ("bare", "ours", "ours_chunk", "ours_ac", "ours_ac_chunk")
-CHUNK = 1024
+CHUNK = 256
 
 
 def rss_bytes(field: str) -> int:
@@ -68,7 +68,7 @@ def batch(seq: int) -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
-def measure_step(variant: str, seq: int, layers: int) -> dict:
+def measure_step(variant: str, seq: int, layers: int, chunk: int = CHUNK) -> dict:
     """Run in a fresh process: two steps to reach the steady state, then the peak of the third."""
     model = llama(layers, seq=seq)
     params = sum(p.numel() for p in model.parameters())
@@ -89,7 +89,7 @@ def measure_step(variant: str, seq: int, layers: int) -> dict:
             enable_activation_checkpointing(model)
         backend = build_functional(model, optim=OptimConfig(lr=1e-5), clip_grad_norm=1.0, lr_fn=lambda s: 1e-5,
                                    device=torch.device("cpu"), grad_method="autograd", all_reduce=None, rank=0,
-                                   world_size=1, seed=0, loss_chunk_tokens=CHUNK if "chunk" in variant else 0,
+                                   world_size=1, seed=0, loss_chunk_tokens=chunk if "chunk" in variant else 0,
                                    master_dtype="auto")
         state = backend.state
 
@@ -106,7 +106,7 @@ def measure_step(variant: str, seq: int, layers: int) -> dict:
     step()
     seconds = time.perf_counter() - t0
     peak = rss_bytes("VmHWM")
-    return {"part": "steps", "variant": variant, "seq": seq, "layers": layers, "params": params,
+    return {"part": "steps", "variant": variant, "seq": seq, "layers": layers, "chunk": chunk, "params": params,
             "peak_gib": peak / 2**30, "before_step_gib": before / 2**30, "step_s": seconds}
 
 
@@ -195,9 +195,10 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--seqs", default="2048,4096")
+    p.add_argument("--chunk", type=int, default=CHUNK, help="train.loss_chunk_tokens of the chunked variants")
     args = p.parse_args()
     if args.one:
-        print(json.dumps(measure_step(args.one, args.seq, args.layers)))
+        print(json.dumps(measure_step(args.one, args.seq, args.layers, args.chunk)))
         return
     if args.optimizer:
         print(json.dumps(measure_optimizer(args.optimizer)))
@@ -208,7 +209,7 @@ def main() -> None:
         peaks: dict = {}
         for seq in seqs:
             for variant in STEP_VARIANTS:
-                row = run_child(["--one", variant, "--seq", str(seq)])
+                row = run_child(["--one", variant, "--seq", str(seq), "--chunk", str(args.chunk)])
                 peaks[variant, seq] = row["peak_gib"]
                 print(json.dumps(row), flush=True)
                 rows.append(row)

@@ -181,7 +181,7 @@ class TrainingConfig:
         "compute; the saved activations shrink to one hidden state per layer and token)."
     )
     loss_chunk_tokens: int = field(
-        1024, "Compute the loss from the final hidden states and the output head this many tokens at a time, each "
+        256, "Compute the loss from the final hidden states and the output head this many tokens at a time, each "
         "chunk's logits recomputed in the backward, so the (tokens x vocab) logits never exist at once; 0 computes "
         "whole logits."
     )

@@ -27,6 +27,7 @@ from automodel.config import ConfigError, TrainConfig, save_config
 from automodel.distributed.backend import build_backend, model_init_context, resume
 from automodel.distributed.deepspeed_config import deepspeed_config
 from automodel.loggers import RunLogger
+from automodel.training.forward import to_device
 from automodel.training.evaluate import eval_loss, exact_match
 from automodel.training.loop import TrainResult, run_loop
 from automodel.training.metrics import peak_flops
@@ -92,7 +93,7 @@ def run(cfg: TrainConfig) -> TrainResult:
     eval_size = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
 
     def evaluate(st: TrainState) -> dict:
-        batches = ({k: v.to(device) for k, v in data.collate(val_set, idx, tokenizer.pad_token_id).items()}
+        batches = (to_device(data.collate(val_set, idx, tokenizer.pad_token_id), device)
                    for idx in data.eval_batches(val_set, eval_size, cfg.eval.max_batches))
         with backend.model_for_generation(st) as module:
             loss, tokens = eval_loss(module, lambda batch: backend.loss_sum(st, batch), batches)

@@ -30,6 +30,7 @@ from automodel.distributed.backend import build_backend, model_init_context, res
 from automodel.distributed.deepspeed_config import deepspeed_config
 from automodel.loggers import RunLogger
 from automodel.models import vlm as vlm_models
+from automodel.training.forward import to_device
 from automodel.training.evaluate import eval_loss, exact_match_of_prompts
 from automodel.training.loop import TrainResult, run_loop
 from automodel.training.metrics import peak_flops
@@ -98,7 +99,7 @@ def run(cfg: TrainConfig) -> TrainResult:
     eval_size = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
 
     def evaluate(st: TrainState) -> dict:
-        batches = ({k: v.to(device) for k, v in collate([val_samples[i] for i in idx]).items()}
+        batches = (to_device(collate([val_samples[i] for i in idx]), device)
                    for idx in data.eval_batches(val_samples, eval_size, cfg.eval.max_batches))
         with backend.model_for_generation(st) as module:
             loss, tokens = eval_loss(module, lambda batch: backend.loss_sum(st, batch), batches)

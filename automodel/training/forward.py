@@ -7,13 +7,20 @@ import torch
 from torch import nn
 
 from automodel.data.packing import block_causal_mask
-from automodel.loss import token_cross_entropy
+from automodel.loss import target_index, token_cross_entropy
 from automodel.models.head import OutputHead, probe_input_ids
 
 Batch = dict[str, torch.Tensor]
 RunModel = Callable[[dict], Any]  # forward keyword arguments -> the model's output
 # Batch keys that are not forward arguments (a processor's image extras are).
 NOT_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids", "target_index")
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """A collated (host) batch on the device, with the flat positions the loss trains on (`target_index`) worked out
+    on the host first, so the chunked loss never has to ask the device how many there are (a sync)."""
+    batch = {**batch, "target_index": target_index(batch["labels"])}
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def model_inputs(batch: Batch, attn_implementation: str, dtype: torch.dtype) -> dict:

@@ -10,6 +10,7 @@ import torch
 
 from automodel.data import BatchPlan
 from automodel.loggers import RunLogger
+from automodel.training.forward import to_device
 from automodel.training.preemption import Preempted, StopRequest
 from automodel.training.state import TrainState
 
@@ -59,7 +60,7 @@ def run_loop(
         slots = sum(b["input_ids"].numel() for b in cpu_batches) * plan.world_size
         window_tokens, window_slots = window_tokens + tokens, window_slots + slots
         run_tokens, run_slots = run_tokens + tokens, run_slots + slots
-        micro_batches = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in cpu_batches]
+        micro_batches = [to_device(b, device) for b in cpu_batches]
 
         state, metrics = train_step(state, micro_batches)
 
