@@ -19,6 +19,7 @@ import sys
 from typing import NoReturn, Optional, Sequence
 
 from automodel.config import ConfigError, load_config, to_toml
+from automodel.status import EXIT_CONFIG_ERROR, EXIT_PREEMPTED
 
 OVERRIDES_HELP = ("dotted overrides with TOML values, e.g. optim.lr=3e-5 train.max_steps=20 "
                   "'model.name_or_path=\"./my-model\"' (a value that is not valid TOML is taken as a string)")
@@ -79,17 +80,15 @@ def _add_launch_parser(sub) -> None:
 
 def run_command(config: str, overrides: Sequence[str]) -> int:
     import automodel
-
     from automodel import distributed
-
-    from automodel.training.preemption import EXIT_PREEMPTED, Preempted
+    from automodel.training.preemption import Preempted
 
     try:
         automodel.train(load_config(config, overrides))
     except ConfigError as e:
         distributed.teardown()
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG_ERROR
     except Preempted:
         # "Try again": the batch script requeues on it. The checkpoint is complete on every rank; during the
         # interpreter's shutdown a SIGTERM would kill with 143 (srun sends one to the other ranks as soon as the
@@ -139,7 +138,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             out = merge(args.base, args.adapter, args.out, DTYPES[args.dtype])
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
-            return 2
+            return EXIT_CONFIG_ERROR
         print(f"merged model saved to {out}")
         return 0
     if args.config_command == "docs":
@@ -151,8 +150,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.config_command == "deepspeed":
             import json
 
+            from automodel.backends.deepspeed_config import deepspeed_config
             from automodel.distributed import rank_info
-            from automodel.distributed.deepspeed_config import deepspeed_config
 
             world = args.world_size or rank_info().world_size
             cfg = load_config(args.config, args.overrides, world_size=world)
@@ -161,7 +160,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             sys.stdout.write(to_toml(load_config(args.config, args.overrides)))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG_ERROR
     return 0
 
 
@@ -182,7 +181,7 @@ def _launch_or_sweep(args: argparse.Namespace) -> int:
         ))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG_ERROR
 
 
 if __name__ == "__main__":

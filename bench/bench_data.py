@@ -13,14 +13,14 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from automodel.config import DataSourceConfig
+from automodel.config import BatchShape, DataSourceConfig
 from automodel.data import BatchPlan, FormatOptions, collate, load_examples, pack, tokenize_examples
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def padding(dataset, micro_batch_size: int) -> float:
-    plan = BatchPlan(len(dataset), micro_batch_size, micro_batch_size, seed=0)
+    plan = BatchPlan(len(dataset), BatchShape(micro_batch_size, micro_batch_size), seed=0)
     real = slots = 0
     for step in range(plan.steps_per_epoch):
         batch = collate(dataset, plan.micro_batches(step)[0], 0)

@@ -23,7 +23,7 @@ def measure(args) -> dict:
 
     from automodel.config import PeftConfig
     from automodel.config.schema import OptimConfig
-    from automodel.distributed.backend import build_functional
+    from automodel.backends import build_functional
     from automodel.peft import apply
 
     device = torch.device(args.device)

@@ -82,7 +82,7 @@ def measure_step(variant: str, seq: int, layers: int, chunk: int = CHUNK) -> dic
             opt.zero_grad(set_to_none=True)
     else:
         from automodel.config.schema import OptimConfig
-        from automodel.distributed.backend import build_functional
+        from automodel.backends import build_functional
         from automodel.models import enable_activation_checkpointing
 
         if "ac" in variant.split("_"):

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from automodel.config.schema import OptimConfig  # noqa: E402
-from automodel.distributed.backend import build_functional  # noqa: E402
+from automodel.backends import build_functional  # noqa: E402
 from automodel.models import enable_activation_checkpointing  # noqa: E402
 
 

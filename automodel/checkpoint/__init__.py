@@ -1,4 +1,4 @@
-"""Checkpoints (atomic, resumable) and the final Hugging Face export.
+"""Checkpoints: atomic, resumable, every rank's share.
 
 `save` and `restore` run on every rank; the backend's own save/load functions write and read the
 weights and optimizer state, this module the step, data position and each rank's RNG.
@@ -11,7 +11,6 @@ import attrs
 import torch
 
 from automodel.checkpoint import store
-from automodel.checkpoint.export import save_hf_model
 from automodel.config import ConfigError
 from automodel.distributed import barrier
 from automodel.training.state import TrainState, initial_rng
@@ -52,4 +51,4 @@ def restore(load_fn: Callable[[TrainState, Path], TrainState], state: TrainState
     return attrs.evolve(state, rng=rng)
 
 
-__all__ = ["restore", "save", "save_hf_model", "store"]
+__all__ = ["restore", "save", "store"]

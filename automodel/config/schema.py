@@ -301,16 +301,31 @@ class LaunchConfig:
 
 
 @attrs.frozen(kw_only=True)
+class DistillConfig:
+    """recipe = "llm_kd": knowledge distillation from a frozen teacher that shares the student's tokenizer."""
+
+    teacher: str = field(doc="The teacher: a hub id or local directory of any AutoModelForCausalLM with the student's "
+                             "vocabulary (e.g. a fine-tuned run's final/).")
+    alpha: float = field(0.5, "Weight of the distillation term: loss = (1 - alpha) CE + alpha T^2 KL(teacher || "
+                              "student), both over the trained tokens; 0 is plain fine-tuning.")
+    temperature: float = field(2.0, "Softmax temperature T of both distributions in the KL term.")
+    teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        "auto", "Dtype the teacher runs in (no gradients); \"auto\" is model.dtype.")
+
+
+@attrs.frozen(kw_only=True)
 class TrainConfig:
     """A whole fine-tuning run."""
 
-    recipe: Literal["llm_finetune", "vlm_finetune"] = field(
-        "llm_finetune", "Which recipe runs the config: text LLMs, or image-text-to-text models (docs/vlm.md)."
+    recipe: Literal["llm_finetune", "vlm_finetune", "llm_kd"] = field(
+        "llm_finetune", "Which recipe runs the config: text LLMs, image-text-to-text models (docs/vlm.md), or "
+        "knowledge distillation of a text LLM from a teacher (docs/distill.md)."
     )
     seed: int = field(42, "Seeds model init, data order and dropout.")
     output_dir: str = field("runs/default", "Where config.toml, metrics.jsonl and final/ are written.")
     model: ModelConfig = field(factory=ModelConfig, doc="")
     peft: Optional[PeftConfig] = field(None, "LoRA; absent means full fine-tuning.")
+    distill: Optional[DistillConfig] = field(None, "recipe = \"llm_kd\": the teacher and the loss's mix.")
     tokenizer: TokenizerConfig = field(factory=TokenizerConfig, doc="")
     data: DataConfig = field(factory=DataConfig, doc="")
     optim: OptimConfig = field(factory=OptimConfig, doc="")

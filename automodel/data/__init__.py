@@ -4,8 +4,8 @@ from automodel.data.batching import BatchPlan, collate, eval_batches
 from automodel.data.formats import CHAT_TEMPLATES, FORMATS, PROMPT_TEMPLATES, BadRow, Example, FormatOptions
 from automodel.data.packing import block_causal_mask, pack
 from automodel.data.sources import load_rows
-from automodel.data.tokenize import IGNORE_INDEX, TokenizedSet, build, load_examples, tokenize_examples
+from automodel.data.tokenize import TokenizedSet, build, load_examples, tokenize_examples
 
-__all__ = ["BatchPlan", "BadRow", "CHAT_TEMPLATES", "Example", "FORMATS", "FormatOptions", "IGNORE_INDEX",
+__all__ = ["BatchPlan", "BadRow", "CHAT_TEMPLATES", "Example", "FORMATS", "FormatOptions",
            "PROMPT_TEMPLATES", "TokenizedSet", "block_causal_mask", "build", "collate", "eval_batches",
            "load_examples", "load_rows", "pack", "tokenize_examples"]

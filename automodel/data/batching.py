@@ -6,8 +6,9 @@ from typing import Sequence
 import attrs
 import torch
 
-from automodel.config import ConfigError
-from automodel.data.tokenize import IGNORE_INDEX, TokenizedSet
+from automodel.config import BatchShape, ConfigError
+from automodel.data.tokenize import TokenizedSet
+from automodel.loss import IGNORE_INDEX
 
 
 @attrs.frozen
@@ -17,9 +18,7 @@ class BatchPlan:
     and splits it into micro-batches. Nothing is replayed on resume: step s is computed directly."""
 
     num_samples: int
-    global_batch_size: int
-    micro_batch_size: int
-    world_size: int = 1
+    shape: BatchShape
     seed: int = 0
 
     def __attrs_post_init__(self):
@@ -32,8 +31,16 @@ class BatchPlan:
         return self.num_samples // self.global_batch_size
 
     @property
+    def global_batch_size(self) -> int:
+        return self.shape.global_batch_size
+
+    @property
+    def world_size(self) -> int:
+        return self.shape.world_size
+
+    @property
     def accumulation_steps(self) -> int:
-        return self.global_batch_size // (self.micro_batch_size * self.world_size)
+        return self.shape.accumulation_steps
 
     def global_indices(self, step: int) -> list[int]:
         epoch, offset = divmod(step, self.steps_per_epoch)
@@ -42,9 +49,9 @@ class BatchPlan:
 
     def micro_batches(self, step: int, rank: int = 0) -> list[list[int]]:
         """The sample indices of each of this rank's micro-batches at `step`."""
-        per_rank = self.global_batch_size // self.world_size
+        per_rank = self.shape.per_rank
         mine = self.global_indices(step)[rank * per_rank:(rank + 1) * per_rank]
-        m = self.micro_batch_size
+        m = self.shape.micro_batch_size
         return [mine[i:i + m] for i in range(0, per_rank, m)]
 
 

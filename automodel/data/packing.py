@@ -10,7 +10,8 @@ import bisect
 
 import torch
 
-from automodel.data.tokenize import IGNORE_INDEX, TokenizedSet
+from automodel.data.tokenize import TokenizedSet
+from automodel.loss import IGNORE_INDEX
 
 
 def pack(tset: TokenizedSet, seq_len: int) -> TokenizedSet:

@@ -20,8 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from automodel.config import ConfigError, DataConfig, DataSourceConfig
 from automodel.data.formats import FORMATS, BadRow, Example, FormatOptions
 from automodel.data.sources import load_rows
-
-IGNORE_INDEX = -100
+from automodel.loss import IGNORE_INDEX
 CACHE_VERSION = 1  # bump when tokenisation changes, so old caches are not reused
 
 

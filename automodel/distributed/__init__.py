@@ -2,11 +2,14 @@
 
 import os
 import socket
+from typing import Callable, Optional
+
 import attrs
 import torch
 import torch.distributed as dist
 
-from automodel.training.step import AllReduce
+# In-place SUM all-reduce of a list of tensors across ranks; None on one rank.
+AllReduce = Optional[Callable[[list[torch.Tensor]], None]]
 
 
 @attrs.frozen
@@ -109,4 +112,4 @@ def barrier() -> None:
         dist.barrier()
 
 
-__all__ = ["RankInfo", "barrier", "device_for", "first_host", "rank_info", "setup", "teardown"]
+__all__ = ["AllReduce", "RankInfo", "barrier", "device_for", "first_host", "rank_info", "setup", "teardown"]

@@ -84,6 +84,13 @@ def numel(p: torch.Tensor) -> int:
     return getattr(p, "ds_numel", p.numel())
 
 
+def vocab_size(model: torch.nn.Module) -> int:
+    """Rows of the output head (the logits' width), also under ZeRO-3 partitioning."""
+    head = model.get_output_embeddings()
+    shape = getattr(head.weight, "ds_shape", head.weight.shape)
+    return int(shape[0])
+
+
 def count_params(model: torch.nn.Module) -> int:
     return sum(numel(p) for p in model.parameters())
 

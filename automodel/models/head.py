@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import nn
 
-from automodel.loss import chunked_cross_entropy, next_token_targets, target_index
+from automodel.loss import next_token_targets, target_index
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -116,15 +116,17 @@ class OutputHead:
         _, self.transform_name, self.transform = min(fitting, key=lambda e: e[0])
         return True
 
-    def loss(self, hidden: torch.Tensor, labels: torch.Tensor, chunk_tokens: int,
-             index: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(summed next-token cross-entropy, label tokens) from the final hidden states, as token_cross_entropy of
-        the model's logits would give, with at most `chunk_tokens` rows of logits at a time."""
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor, index: Optional[torch.Tensor],
+             chunked: Callable[..., torch.Tensor], *aligned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed loss, label tokens) over the positions whose next-token target is trained (`index`, from
+        `target_index`; found here when None, which syncs a GPU). `chunked(project, hidden, targets, *aligned)` sums
+        the loss of the selected rows, calling `project` (head + transform) a chunk at a time; it runs as the head
+        module's forward, once. `aligned`: more (batch, time, ...) tensors selected like `hidden` (a teacher's)."""
         if index is None:
             index = target_index(labels)
         index = index.to(hidden.device)
         targets = next_token_targets(labels).reshape(-1).index_select(0, index)
-        selected = hidden.flatten(0, 1).index_select(0, index)
+        selected = [x.flatten(0, 1).index_select(0, index) for x in (hidden, *aligned)]
         head = self.module
         project_raw = head.forward
         transform = self.transform
@@ -132,13 +134,10 @@ class OutputHead:
         def project(h: torch.Tensor) -> torch.Tensor:
             return transform(project_raw(h))
 
-        def head_loss(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return chunked_cross_entropy(h, t, project, chunk_tokens)
-
         had_own = "forward" in head.__dict__
-        head.forward = head_loss  # one module call: its hooks run once (see the module docstring)
+        head.forward = lambda h, t, *rest: chunked(project, h, t, *rest)  # one module call: its hooks run once
         try:
-            loss_sum = head(selected, targets)
+            loss_sum = head(selected[0], targets, *selected[1:])
         finally:
             if had_own:
                 head.forward = project_raw

@@ -15,7 +15,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.pytorch_utils import Conv1D
 
-from automodel.checkpoint.export import save_hf_model
+from automodel.models.export import save_hf_model
 from automodel.config import ConfigError, PeftConfig
 
 ALL_LINEAR = "all-linear"

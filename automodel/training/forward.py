@@ -1,17 +1,19 @@
 """The model's forward as a step runs it: a batch's keyword arguments, and the loss from the outputs."""
 
 import contextlib
-from typing import Any, Callable, ContextManager
+from typing import Callable, ContextManager, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from automodel.data.packing import block_causal_mask
-from automodel.loss import target_index, token_cross_entropy
+from automodel.loss import (chunked_cross_entropy, chunked_distill, distill_sum, next_token_targets, target_index,
+                            token_cross_entropy)
 from automodel.models.head import OutputHead, probe_input_ids
+from automodel.training.distill import RunModel, Teacher
 
 Batch = dict[str, torch.Tensor]
-RunModel = Callable[[dict], Any]  # forward keyword arguments -> the model's output
 # Batch keys that are not forward arguments (a processor's image extras are).
 NOT_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids", "target_index")
 
@@ -38,57 +40,102 @@ def model_inputs(batch: Batch, attn_implementation: str, dtype: torch.dtype) -> 
 
 
 class ModelLoss:
-    """(run, batch) -> (summed next-token cross-entropy, label tokens), where `run(inputs)` calls the model (the
-    functional backend: the module with the state's tensors bound; DeepSpeed: the engine).
+    """(run, batch) -> (summed loss, label tokens), where `run(inputs)` calls the model (the functional backend: the
+    module with the state's tensors bound; DeepSpeed: the engine). The loss is the next-token cross-entropy, or with
+    a `teacher` the distillation loss (loss/distill.py), over the trained positions.
 
     With `chunk_tokens` > 0 the loss comes from the final hidden states and the output head, `chunk_tokens`
     trained positions at a time (models/head.py), once `calibrate` has checked that path against the model's own
-    logits; otherwise, and for a head that fails the check, from whole logits.
+    logits (and the teacher's); otherwise, and for a head that fails the check, from whole logits.
     """
 
-    def __init__(self, model: nn.Module, chunk_tokens: int, dtype: torch.dtype):
+    def __init__(self, model: nn.Module, chunk_tokens: int, dtype: torch.dtype, teacher: Optional[Teacher] = None):
         self.model = model
         self.attn = getattr(model.config, "_attn_implementation", "sdpa")
         self.dtype = dtype
         self.chunk_tokens = chunk_tokens
+        self.teacher = teacher
         self.head = OutputHead(model) if chunk_tokens > 0 else None
+        self.teacher_head = OutputHead(teacher.model) if teacher is not None and chunk_tokens > 0 else None
         self.description = "whole logits (train.loss_chunk_tokens = 0)"
 
     def calibrate(self, run: RunModel, device: torch.device,
                   weights: Callable[[], ContextManager] = contextlib.nullcontext) -> str:
         """Runs a short probe through both paths (every rank alike: under ZeRO-3 the forward is collective) and
-        keeps the chunked one only if it reproduces the model's logits. `weights()` is held open around the probe
-        (the functional backend binds the state's tensors). Returns a line for the log."""
+        keeps the chunked one only if it reproduces the model's logits, and the teacher's. `weights()` is held open
+        around the probe (the functional backend binds the state's tensors). Returns a line for the log."""
         if self.head is None:
             return self.description
-        ids = probe_input_ids(self.model.config).to(device)
-        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": False}
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad(), weights():
-                full = run(inputs).logits
-                with self.head.capture() as seen:
-                    run(inputs)
-                fits = len(seen) == 1 and self.head.calibrate(full, seen[0])
-            reason = "its output does not match the model's logits"
-        except Exception as e:  # a forward that calls its head in another way
-            fits, reason = False, f"{type(e).__name__}: {e}"
-        finally:
-            self.model.train(was_training)
-        if not fits:
-            self.head = None
-            self.description = (f"whole logits: the output head of {type(self.model).__name__} could not be split "
-                                f"off ({reason})")
+        problem = _calibrate(self.head, self.model, run, device, weights)
+        if problem is None and self.teacher is not None:
+            problem = _calibrate(self.teacher_head, self.teacher.model, self.teacher.run, device,
+                                 contextlib.nullcontext)
+            if problem is None and not isinstance(self.teacher_head.module, nn.Linear):
+                problem = f"the teacher's head is a {type(self.teacher_head.module).__name__}, not a Linear"
+        if problem is not None:
+            self.head = self.teacher_head = None
+            self.description = f"whole logits: {problem}"
             return self.description
-        transform = "" if self.head.transform_name == "none" else f", then {self.head.transform_name}"
+        names = [h.transform_name for h in (self.head, self.teacher_head) if h is not None and h.transform_name != "none"]
+        transform = f", then {' / '.join(names)}" if names else ""
         self.description = f"chunks of {self.chunk_tokens} tokens from the hidden states (output head{transform})"
         return self.description
 
-    def __call__(self, run: RunModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, run: RunModel, batch: Batch, distill: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """distill=False: the student's cross-entropy alone (what evaluation reports, comparable across runs)."""
         inputs = model_inputs(batch, self.attn, self.dtype)
+        teacher = self.teacher if distill else None
         if self.head is None:
-            return token_cross_entropy(run(inputs).logits, batch["labels"])
+            logits = run(inputs).logits
+            if teacher is None:
+                return token_cross_entropy(logits, batch["labels"])
+            with torch.no_grad():
+                teacher_logits = teacher.run(model_inputs(batch, self.attn, teacher.dtype)).logits
+            index = batch.get("target_index")
+            index = (target_index(batch["labels"]) if index is None else index).to(logits.device)
+            targets = next_token_targets(batch["labels"]).reshape(-1).index_select(0, index)
+            rows = [x.flatten(0, 1).index_select(0, index) for x in (logits, teacher_logits)]
+            loss_sum = distill_sum(*rows, targets, teacher.alpha, teacher.temperature)
+            return loss_sum, torch.as_tensor(targets.numel(), device=logits.device)
         with self.head.capture() as seen:
             run(inputs)
-        return self.head.loss(seen[-1], batch["labels"], self.chunk_tokens, batch.get("target_index"))
+        index = batch.get("target_index")
+        if teacher is None:
+            chunk = self.chunk_tokens
+            return self.head.loss(seen[-1], batch["labels"], index,
+                                  lambda project, h, t: chunked_cross_entropy(h, t, project, chunk))
+        with torch.no_grad(), self.teacher_head.capture() as seen_teacher:
+            teacher.run(model_inputs(batch, self.attn, teacher.dtype))
+        weight, bias = teacher.head_weights()  # once per micro-batch, on every rank
+        transform_teacher = self.teacher_head.transform
+
+        def project_teacher(h: torch.Tensor) -> torch.Tensor:
+            return transform_teacher(F.linear(h, weight, bias))
+
+        def chunked(project, h, t, h_teacher):
+            return chunked_distill(h, t, h_teacher, project, project_teacher, self.chunk_tokens, teacher.alpha,
+                                   teacher.temperature)
+
+        return self.head.loss(seen[-1], batch["labels"], index, chunked, seen_teacher[-1])
+
+
+def _calibrate(head: OutputHead, model: nn.Module, run: RunModel, device: torch.device,
+               weights: Callable[[], ContextManager]) -> Optional[str]:
+    """None if head(hidden) (with the transform it picks) reproduces the model's logits on a probe, else why not."""
+    ids = probe_input_ids(model.config).to(device)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": False}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), weights():
+            full = run(inputs).logits
+            with head.capture() as seen:
+                run(inputs)
+            if len(seen) == 1 and head.calibrate(full, seen[0]):
+                return None
+        reason = "its output does not match the model's logits"
+    except Exception as e:  # a forward that calls its head in another way
+        reason = f"{type(e).__name__}: {e}"
+    finally:
+        model.train(was_training)
+    return f"the output head of {type(model).__name__} could not be split off ({reason})"

@@ -13,7 +13,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; a batch script can requeue on it
+from automodel.status import EXIT_PREEMPTED
+
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 

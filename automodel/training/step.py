@@ -12,18 +12,17 @@ run in the model's dtype (the masters are cast as they are bound), the gradients
 through that cast, and they accumulate, all-reduce and update in float32.
 """
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import attrs
 import torch
 
+from automodel.distributed import AllReduce
 from automodel.loss import count_label_tokens, token_cross_entropy
 from automodel.optim import AdamWHyper, adamw_update_, clip_by_global_norm_
 from automodel.training.forward import Batch, ModelLoss, model_inputs
 from automodel.training.state import ParamBinding, Tensors, TrainState, rng_scope
 
-# In-place SUM all-reduce of a list of tensors across ranks; None on one rank.
-AllReduce = Optional[Callable[[list[torch.Tensor]], None]]
 
 
 @attrs.frozen

@@ -6,7 +6,7 @@ import pytest
 
 import automodel
 from automodel.checkpoint import store
-from tests.recipes.test_llm_finetune import quickstart, read_rows
+from tests.helpers import quickstart, read_rows
 
 # Constant LR, so a run's length does not change its steps; dropout, so the RNG state must be restored.
 COMMON = ["schedule.kind=constant", "schedule.warmup_steps=0", "train.log_every=1", "checkpoint.every=2",

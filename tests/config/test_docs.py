@@ -1,6 +1,6 @@
 from automodel.config import all_key_paths
 from automodel.config.docs import config_reference
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def test_docs_config_md_is_generated_from_the_schema():

@@ -8,7 +8,7 @@ import pytest
 
 from automodel.config import (ConfigError, TrainConfig, all_key_paths, from_dict, load_config, parse_override,
                               save_config, to_toml)
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 MINIMAL = """
 [model]

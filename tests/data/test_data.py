@@ -6,10 +6,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from automodel.config import ConfigError, DataConfig, DataSourceConfig
-from automodel.data import (IGNORE_INDEX, BatchPlan, FormatOptions, build, collate, eval_batches, load_examples,
+from automodel.config import BatchShape, ConfigError, DataConfig, DataSourceConfig
+from automodel.data import (BatchPlan, FormatOptions, build, collate, eval_batches, load_examples,
                             load_rows, tokenize_examples)
-from tests.conftest import shared_data
+from automodel.loss import IGNORE_INDEX
+from tests.helpers import shared_data
 
 
 @pytest.fixture(scope="module")
@@ -96,21 +97,21 @@ def test_build_reports_an_empty_split_clearly(gpt2):
 
 
 def test_batch_order_is_a_pure_function_of_seed_and_step():
-    plan = BatchPlan(num_samples=103, global_batch_size=8, micro_batch_size=2, world_size=2, seed=7)
+    plan = BatchPlan(num_samples=103, shape=BatchShape(global_batch_size=8, micro_batch_size=2, world_size=2), seed=7)
     assert plan.steps_per_epoch == 12 and plan.accumulation_steps == 2
     epoch0 = [i for s in range(12) for i in plan.global_indices(s)]
     assert len(set(epoch0)) == 96  # no sample twice within an epoch
     assert plan.global_indices(12) != plan.global_indices(0)  # next epoch reshuffles
-    assert BatchPlan(103, 8, 2, 2, seed=7).global_indices(5) == plan.global_indices(5)
-    assert BatchPlan(103, 8, 2, 2, seed=8).global_indices(5) != plan.global_indices(5)
+    assert BatchPlan(103, BatchShape(8, 2, 2), seed=7).global_indices(5) == plan.global_indices(5)
+    assert BatchPlan(103, BatchShape(8, 2, 2), seed=8).global_indices(5) != plan.global_indices(5)
     # Ranks split the global batch; together they see it exactly once, in micro-batches of 2.
     parts = [plan.micro_batches(5, rank) for rank in range(2)]
     assert all(len(mb) == 2 for p in parts for mb in p)
     assert [i for p in parts for mb in p for i in mb] == plan.global_indices(5)
     # The global batch does not depend on how it is split.
-    assert BatchPlan(103, 8, 8, 1, seed=7).global_indices(5) == plan.global_indices(5)
+    assert BatchPlan(103, BatchShape(8, 8, 1), seed=7).global_indices(5) == plan.global_indices(5)
     with pytest.raises(ConfigError, match="fewer than one global batch"):
-        BatchPlan(num_samples=5, global_batch_size=8, micro_batch_size=2)
+        BatchPlan(num_samples=5, shape=BatchShape(8, 2))
 
 
 def test_collate_pads_right_and_masks_padding(gpt2):

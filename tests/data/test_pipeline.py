@@ -6,13 +6,13 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from automodel.config import ConfigError, DataConfig, DataSourceConfig
-from automodel.data import (IGNORE_INDEX, BatchPlan, FormatOptions, build, collate, load_examples, pack,
+from automodel.config import BatchShape, ConfigError, DataConfig, DataSourceConfig
+from automodel.data import (BatchPlan, FormatOptions, build, collate, load_examples, pack,
                             tokenize_examples)
 from automodel.data.formats import chat
-from automodel.loss import token_cross_entropy
+from automodel.loss import IGNORE_INDEX, token_cross_entropy
 from automodel.training.forward import model_inputs
-from tests.conftest import shared_data, tiny_llama
+from tests.helpers import shared_data, tiny_llama
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
@@ -91,11 +91,13 @@ def test_real_sft_demo_every_trained_span_is_assistant_text(gpt2):
     tset = tokenize_examples(examples, gpt2, 1024, "drop", "chat")
     assert skipped == 0 and len(tset) + tset.dropped == 500 and len(tset) > 450
     rows = [json.loads(line) for line in path.read_text().splitlines()]
-    kept = [r for r, ex in zip(rows, examples) if ex.references in {tuple(tset.references[i]) for i in range(len(tset))}]
+    # Each example's reference is its row's last assistant text, read from the content parts' "value".
+    for row, ex in zip(rows, examples):
+        last = [m for m in row["messages"] if m["role"] == "assistant"][-1]
+        assert ex.references[0] == "".join(part["value"] for part in last["content"])
     for i in range(len(tset)):
         answer = tset.references[i][0]
         assert trained_spans(tset, gpt2, i) == [answer + "<|im_end|>\n"]
-    assert kept
 
 
 def test_text_documents_are_joined_with_eos_and_chunked(gpt2):
@@ -143,7 +145,7 @@ def test_packing_cuts_padding(gpt2):
     tset = tokenize_examples(load_examples(src, FormatOptions())[0], gpt2, 512, "drop", "squad")
 
     def padding(dataset, batch_size):
-        plan = BatchPlan(len(dataset), batch_size, batch_size, seed=0)
+        plan = BatchPlan(len(dataset), BatchShape(batch_size, batch_size), seed=0)
         real = slots = 0
         for step in range(plan.steps_per_epoch):
             batch = collate(dataset, plan.micro_batches(step)[0], 0)
@@ -235,9 +237,9 @@ def test_csv_and_parquet_sources_read_like_jsonl(gpt2, tmp_path):
 def test_batches_after_a_restart_equal_the_uninterrupted_ones(gpt2):
     src = DataSourceConfig(source=str(shared_data("squad-v1.1/dev-v1.1.json")), limit=64)
     tset = tokenize_examples(load_examples(src, FormatOptions())[0], gpt2, 512, "drop", "squad")
-    plan = BatchPlan(len(tset), 8, 4, world_size=1, seed=5)
+    plan = BatchPlan(len(tset), BatchShape(8, 4, world_size=1), seed=5)
     through = [[collate(tset, mb, 0) for mb in plan.micro_batches(step)] for step in range(20)]  # 2+ epochs
-    restarted = BatchPlan(len(tset), 8, 4, world_size=1, seed=5)  # a new process resuming at step 13
+    restarted = BatchPlan(len(tset), BatchShape(8, 4, world_size=1), seed=5)  # a new process resuming at step 13
     for step in range(13, 20):
         for a, b in zip(through[step], [collate(tset, mb, 0) for mb in restarted.micro_batches(step)]):
             assert all(torch.equal(a[k], b[k]) for k in a)
@@ -247,7 +249,7 @@ def test_batches_after_a_restart_equal_the_uninterrupted_ones(gpt2):
 def test_shipped_format_configs_train(tmp_path, config):
     import automodel
     from automodel.config import load_config
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     shared_data("llamafactory-demos")
     cfg = load_config(REPO / "configs_toml" / f"{config}.toml", [

@@ -11,108 +11,8 @@ import torch
 
 from automodel.data.formats import BadRow
 from automodel.data.vlm import VlmCollator, load_image, sample_of
-from tests.conftest import shared_data
-
-
-def chat_template(image: str) -> str:
-    """role tags, the image part as `image`, answers closed by EOS."""
-    return ("{% for m in messages %}{{ '<|' + m['role'] + '|>' }}{% for p in m['content'] %}"
-            "{% if p['type'] == 'image' %}{{ '" + image + "' }}{% else %}{{ p['text'] }}{% endif %}{% endfor %}"
-            "{{ eos_token if m['role'] == 'assistant' else '\\n' }}{% endfor %}"
-            "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
-
-
-def tiny_processor(tmp_path: Path, texts: list[str]):
-    """A LlavaProcessor: SigLIP PIL image processor (32x32, 16 patches -> 16 image tokens) and a byte-level
-    tokenizer with an <image> token and a chat template; saved and reloaded through AutoProcessor."""
-    from transformers import AutoProcessor, LlavaProcessor, SiglipImageProcessorPil
-
-    from automodel.models import byte_level_tokenizer
-
-    tok = byte_level_tokenizer(texts, vocab_size=400)
-    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    proc = LlavaProcessor(image_processor=SiglipImageProcessorPil(size={"height": 32, "width": 32}), tokenizer=tok,
-                          patch_size=8, vision_feature_select_strategy="full", num_additional_image_tokens=0,
-                          chat_template=chat_template("<image>"))
-    proc.save_pretrained(tmp_path / "processor")
-    return AutoProcessor.from_pretrained(tmp_path / "processor")
-
-
-def llava_next_processor(tmp_path: Path, texts: list[str]):
-    """LLaVA-NeXT's any-resolution tiling: an image's token count depends on its size."""
-    from transformers import AutoProcessor, LlavaNextImageProcessorPil, LlavaNextProcessor
-
-    from automodel.models import byte_level_tokenizer
-
-    tok = byte_level_tokenizer(texts, vocab_size=400)
-    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    images = LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
-                                        image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]])
-    proc = LlavaNextProcessor(image_processor=images, tokenizer=tok, patch_size=8, num_additional_image_tokens=0,
-                              vision_feature_select_strategy="full", chat_template=chat_template("<image>"))
-    proc.save_pretrained(tmp_path / "llava_next")
-    return AutoProcessor.from_pretrained(tmp_path / "llava_next")
-
-
-def gemma3_processor(tmp_path: Path, texts: list[str]):
-    """Gemma 3's: <start_of_image> becomes blank lines around begin/soft/end image tokens; images per prompt."""
-    from transformers import AutoProcessor, AutoTokenizer, Gemma3ImageProcessorPil, Gemma3Processor
-
-    from automodel.models import byte_level_tokenizer
-
-    tok = byte_level_tokenizer(texts, vocab_size=400)
-    tok.add_special_tokens({"additional_special_tokens": ["<start_of_image>", "<image_soft_token>", "<end_of_image>"]})
-    tok.save_pretrained(tmp_path / "gemma3_tokenizer")
-    tok = AutoTokenizer.from_pretrained(tmp_path / "gemma3_tokenizer", extra_special_tokens={
-        "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"})
-    proc = Gemma3Processor(image_processor=Gemma3ImageProcessorPil(size={"height": 32, "width": 32}), tokenizer=tok,
-                           image_seq_length=4, chat_template=chat_template("<start_of_image>"))
-    proc.save_pretrained(tmp_path / "gemma3")
-    return AutoProcessor.from_pretrained(tmp_path / "gemma3")
-
-
-def idefics3_processor(tmp_path: Path, texts: list[str]):
-    """Idefics3 (SmolVLM): an image splits into a grid of tiles, each framed by row/column tokens."""
-    from transformers import AutoProcessor, Idefics3ImageProcessorPil, Idefics3Processor
-
-    from automodel.models import byte_level_tokenizer
-
-    tok = byte_level_tokenizer(texts, vocab_size=400)
-    tok.add_special_tokens({"additional_special_tokens": ["<image>", "<fake_token_around_image>", "<global-img>"]})
-    images = Idefics3ImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
-    proc = Idefics3Processor(image_processor=images, tokenizer=tok, image_seq_len=4,
-                             chat_template=chat_template("<image>"))
-    proc.save_pretrained(tmp_path / "idefics3")
-    return AutoProcessor.from_pretrained(tmp_path / "idefics3")
-
-
-def tiny_llava(processor, seed: int = 0):
-    from transformers import AutoModelForImageTextToText, LlavaConfig
-
-    cfg = LlavaConfig(
-        text_config=dict(model_type="llama", vocab_size=len(processor.tokenizer), hidden_size=64,
-                         intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512),
-        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8),
-        image_token_index=processor.tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_select_strategy="full", vision_feature_layer=-1)
-    torch.manual_seed(seed)
-    return AutoModelForImageTextToText.from_config(cfg)
-
-
-def im2latex_rows(n: int) -> list[dict]:
-    root = shared_data("im2latex-sample")
-    formulas = (root / "formulas.lst").read_text(encoding="latin-1").splitlines()
-    rows = []
-    for line in (root / "train.lst").read_text().splitlines():
-        index, name, _ = line.split()
-        if formulas[int(index)].strip() and len(formulas[int(index)]) < 60:
-            rows.append({"image": str(root / "images" / f"{name}.png"), "question": "LaTeX:",
-                         "answer": formulas[int(index)].strip()})
-        if len(rows) == n:
-            return rows
-    return rows
+from tests.helpers import (gemma3_processor, idefics3_processor, im2latex_rows, llava_next_processor, shared_data,
+                           tiny_llava, tiny_processor)
 
 
 def test_three_row_forms_become_the_same_conversation():
@@ -298,7 +198,7 @@ def test_answer_spans_are_found_once_per_sample_and_follow_the_sample(tmp_path):
 
 def test_tiny_llava_learns_latex_from_real_formula_images(tmp_path):
     from automodel.config import OptimConfig
-    from automodel.distributed.backend import build_functional
+    from automodel.backends import build_functional
 
     rows = im2latex_rows(16)
     samples = [sample_of(r, {}) for r in rows]

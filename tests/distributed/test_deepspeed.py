@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import module_eval_loss
-from tests.distributed import launch
+from tests.helpers import module_eval_loss
+from tests import helpers
 
 pytest.importorskip("deepspeed")
 
@@ -25,7 +25,7 @@ AGREE = QUIET + ["train.max_steps=4", "train.log_every=1", "schedule.warmup_step
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("reference")
-    proc = launch.run("python", AGREE + [f"output_dir={out}"])
+    proc = helpers.launch_run("python", AGREE + [f"output_dir={out}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -45,14 +45,14 @@ def reference(tmp_path_factory):
 ])
 def test_two_ranks_match_the_single_process_functional_run(reference, tmp_path, name, launcher, overrides):
     out = tmp_path / name
-    proc = launch.run(launcher, AGREE + overrides + [f"output_dir={out}"])
+    proc = helpers.launch_run(launcher, AGREE + overrides + [f"output_dir={out}"])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "2 rank(s)" in proc.stdout and "(2 accumulation x 8 per rank)" in proc.stdout
-    ref = launch.train_losses(reference)
-    got = launch.train_losses(out)
+    ref = helpers.train_losses(reference)
+    got = helpers.train_losses(out)
     assert list(got) == [1, 2, 3, 4]
     assert list(got.values()) == pytest.approx(list(ref.values()), rel=1e-5)
-    assert launch.eval_losses(out) == pytest.approx(launch.eval_losses(reference), rel=1e-5)
+    assert helpers.eval_losses(out) == pytest.approx(helpers.eval_losses(reference), rel=1e-5)
 
     # The final export is the full model, gathered (under ZeRO-3 from shards) onto rank 0.
     exported = load_file(out / "final" / "model.safetensors")
@@ -62,17 +62,17 @@ def test_two_ranks_match_the_single_process_functional_run(reference, tmp_path, 
         assert exported[key].shape == tensor.shape, key
         torch.testing.assert_close(exported[key], tensor, rtol=1e-4, atol=1e-5)
     if name == "zero3":  # and it reloads with the eval loss the trainer reported
-        assert reload_eval_loss(out) == pytest.approx(launch.eval_losses(out)[-1], rel=1e-5)
+        assert reload_eval_loss(out) == pytest.approx(helpers.eval_losses(out)[-1], rel=1e-5)
 
 
 def test_deepspeed_in_one_plain_process_matches_too(reference, tmp_path):
     """`python launch/run.py` with backend = "deepspeed": no launcher, one rank, 4 accumulation steps."""
     out = tmp_path / "one"
-    proc = launch.run("python", AGREE + ["distributed.backend=deepspeed", "distributed.zero_stage=2",
+    proc = helpers.launch_run("python", AGREE + ["distributed.backend=deepspeed", "distributed.zero_stage=2",
                                          "checkpoint.save_final=false", f"output_dir={out}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "1 rank(s), deepspeed (ZeRO-2) backend" in proc.stdout
-    assert list(launch.train_losses(out).values()) == pytest.approx(list(launch.train_losses(reference).values()),
+    assert list(helpers.train_losses(out).values()) == pytest.approx(list(helpers.train_losses(reference).values()),
                                                                     rel=1e-5)
 
 
@@ -96,12 +96,12 @@ RESUME = QUIET + ["train.log_every=1", "schedule.kind=constant", "schedule.warmu
 def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path, stage):
     common = RESUME + [f"distributed.zero_stage={stage}"]
     whole = tmp_path / "whole"
-    proc = launch.run("deepspeed", common + ["train.max_steps=8", f"output_dir={whole}"])
+    proc = helpers.launch_run("deepspeed", common + ["train.max_steps=8", f"output_dir={whole}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     # Kill -9 a long run as soon as its step-4 checkpoint is complete, mid-training.
     cut = tmp_path / "cut"
-    victim = launch.start("deepspeed", common + ["train.max_steps=1000", f"output_dir={cut}"])
+    victim = helpers.launch_start("deepspeed", common + ["train.max_steps=1000", f"output_dir={cut}"])
     deadline = time.time() + 300
     while not (cut / "checkpoints" / "step_000004" / "COMPLETE").exists():
         assert victim.poll() is None and time.time() < deadline, victim.stdout.read()[-3000:]
@@ -115,13 +115,13 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path, stage):
     newest = max(int(p.name[5:]) for p in (cut / "checkpoints").glob("step_*") if (p / "COMPLETE").exists())
     assert newest >= 4
 
-    proc = launch.run("deepspeed", common + ["train.max_steps=8", f"output_dir={cut}"])
+    proc = helpers.launch_run("deepspeed", common + ["train.max_steps=8", f"output_dir={cut}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resumed from {cut / 'checkpoints' / f'step_{newest:06d}'} at step {newest}" in proc.stdout
-    whole_losses, cut_losses = launch.train_losses(whole), launch.train_losses(cut)
+    whole_losses, cut_losses = helpers.train_losses(whole), helpers.train_losses(cut)
     assert list(cut_losses) == list(range(1, 9))  # every step once: rows the killed run logged were replaced
     assert [cut_losses[s] for s in range(1, 9)] == [whole_losses[s] for s in range(1, 9)]  # identical
-    assert launch.eval_losses(cut)[-1] == launch.eval_losses(whole)[-1]
+    assert helpers.eval_losses(cut)[-1] == helpers.eval_losses(whole)[-1]
     kept = sorted(p.name for p in (cut / "checkpoints").glob("step_*") if (p / "COMPLETE").exists())
     assert kept[-2:] == ["step_000006", "step_000008"] and len(kept) == 2
     assert (cut / "checkpoints" / "latest").read_text().strip() == "step_000008"
@@ -130,24 +130,24 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path, stage):
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_bf16_trains_on_stages_1_to_3(tmp_path, stage):
     out = tmp_path / f"bf16-{stage}"
-    proc = launch.run("deepspeed", QUIET + ["train.max_steps=5", "train.log_every=1", "schedule.warmup_steps=1",
+    proc = helpers.launch_run("deepspeed", QUIET + ["train.max_steps=5", "train.log_every=1", "schedule.warmup_steps=1",
                                             "model.dtype=bfloat16", "distributed.backend=deepspeed",
                                             f"distributed.zero_stage={stage}", "checkpoint.save_final=false",
                                             f"output_dir={out}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    losses = list(launch.train_losses(out).values())
+    losses = list(helpers.train_losses(out).values())
     assert len(losses) == 5 and losses[-1] < losses[0] - 1.0
 
 
 def test_shipped_cpu_twin_of_llm_toml_runs(tmp_path):
-    from tests.conftest import shared_data
+    from tests.helpers import shared_data
 
     shared_data("squad-v1.1/dev-v1.1.json")  # the config reads ../shared/data
     out = tmp_path / "llm_cpu"
-    cmd = launch.command("deepspeed") + ["launch/run.py", "--config", "configs_toml/llm_cpu.toml", "train.max_steps=3",
+    cmd = helpers.command("deepspeed") + ["launch/run.py", "--config", "configs_toml/llm_cpu.toml", "train.max_steps=3",
                                          "schedule.warmup_steps=1", "data.train.limit=64", "data.validation.limit=8",
                                          "eval.generate_samples=2", "logging.progress_bar=\"off\"", f"output_dir={out}"]
-    proc = subprocess.run(cmd, cwd=launch.REPO, env=launch.env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=helpers.REPO, env=helpers.env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "deepspeed (ZeRO-3) backend" in proc.stdout and "exact match" in proc.stdout
     assert (out / "final" / "model.safetensors").is_file() and (out / "checkpoints" / "step_000003").is_dir()
@@ -163,15 +163,15 @@ def test_lora_under_zero3_matches_functional_lora_and_saves_the_whole_adapter(tm
 
     lora = ["peft.rank=4", 'peft.target_modules=["*_proj"]', "optim.lr=1e-2"]
     functional, zero3 = tmp_path / "functional", tmp_path / "zero3"
-    proc = launch.run("python", AGREE + lora + [f"output_dir={functional}"])
+    proc = helpers.launch_run("python", AGREE + lora + [f"output_dir={functional}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = launch.run("deepspeed", AGREE + lora + ["distributed.backend=deepspeed", "distributed.zero_stage=3",
+    proc = helpers.launch_run("deepspeed", AGREE + lora + ["distributed.backend=deepspeed", "distributed.zero_stage=3",
                                                    f"output_dir={zero3}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     # Adapters only: r (in + out) summed over 4 layers x (q, k, v, o: 128 -> 128; gate, up: 128 -> 384; down).
     assert "(40,960 trainable)" in proc.stdout
-    assert list(launch.train_losses(zero3).values()) == pytest.approx(
-        list(launch.train_losses(functional).values()), rel=1e-5)
+    assert list(helpers.train_losses(zero3).values()) == pytest.approx(
+        list(helpers.train_losses(functional).values()), rel=1e-5)
 
     # Gathered from 2 ranks, the adapter holds full-size tensors, equal to the single-process ones.
     got = load_file(zero3 / "final" / "adapter_model.safetensors")
@@ -191,12 +191,12 @@ def test_lora_under_zero3_matches_functional_lora_and_saves_the_whole_adapter(tm
 
     cfg = load_config(zero3 / "config.toml", world_size=2)
     loss = module_eval_loss(model, cfg.data, cfg.train.micro_batch_size, AutoTokenizer.from_pretrained(zero3 / "final"))
-    assert loss == pytest.approx(launch.eval_losses(zero3)[-1], rel=1e-5)
+    assert loss == pytest.approx(helpers.eval_losses(zero3)[-1], rel=1e-5)
 
 
 def test_shipped_lora_twin_on_a_pretrained_base_under_zero3(tmp_path):
     """llm_lora_cpu.toml as shipped: a pretrained base loaded partitioned (ZeRO-3), LoRA, merged export."""
-    from tests.conftest import shared_data, tiny_llama
+    from tests.helpers import shared_data, tiny_llama
     from transformers import AutoTokenizer
 
     gpt2 = shared_data("gpt2-tokenizer")
@@ -204,11 +204,11 @@ def test_shipped_lora_twin_on_a_pretrained_base_under_zero3(tmp_path):
     tiny_llama(vocab_size=50257, max_position_embeddings=384).save_pretrained(base)
     AutoTokenizer.from_pretrained(gpt2).save_pretrained(base)
     out = tmp_path / "lora"
-    cmd = launch.command("deepspeed") + ["launch/run.py", "--config", "configs_toml/llm_lora_cpu.toml",
+    cmd = helpers.command("deepspeed") + ["launch/run.py", "--config", "configs_toml/llm_lora_cpu.toml",
                                          f"model.name_or_path={base}", "train.max_steps=3", "schedule.warmup_steps=1",
                                          "data.train.limit=32", "data.validation.limit=8", "eval.generate_samples=2",
                                          "logging.progress_bar=\"off\"", f"output_dir={out}"]
-    proc = subprocess.run(cmd, cwd=launch.REPO, env=launch.env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=helpers.REPO, env=helpers.env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "PeftModelForCausalLM" in proc.stdout and "deepspeed (ZeRO-3) backend" in proc.stdout
     adapter = load_file(out / "final" / "adapter_model.safetensors")

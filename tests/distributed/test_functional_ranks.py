@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 COMMON = ["train.max_steps=4", "train.log_every=1", "schedule.warmup_steps=1", "train.global_batch_size=32",
           "train.micro_batch_size=8", "eval.generate_samples=0", "data.validation.limit=16", "eval.at_start=false",

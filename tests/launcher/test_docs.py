@@ -10,7 +10,7 @@ import attrs
 from automodel.cli import build_parser
 from automodel.launcher.main import LaunchArgs, plan, sbatch_job
 from automodel.launcher.slurm import render
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 COMMAND = ("automodel launch --config configs_toml/llm_lora.toml --slurm --nodes 2 --sweep optim.lr=1e-4,3e-4 "
            "train.micro_batch_size=4 launch.slurm.partition=gpu")

@@ -13,7 +13,7 @@ import pytest
 from automodel.cli import main
 from automodel.config import ConfigError
 from automodel.launcher.sweep import grid_from_flags, read_sweep_file, run_dirs, split_values, status_table
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 QUICK = "configs_toml/quickstart.toml"
 SHELLCHECK = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")

@@ -8,8 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import REPO
-from tests.distributed.launch import env, train_losses
+from tests.helpers import REPO
+from tests.helpers import env, train_losses
 
 AUTOMODEL = [sys.executable, "-m", "automodel"]
 QUICK = ["--config", "configs_toml/quickstart.toml", "schedule.warmup_steps=0", "train.log_every=1",

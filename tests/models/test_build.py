@@ -5,7 +5,7 @@ from transformers import AutoModelForCausalLM
 from automodel.config import ConfigError, ModelConfig, TokenizerConfig
 from automodel.models import build_model, build_tokenizer, byte_level_tokenizer
 from automodel.training.state import ParamBinding
-from tests.conftest import REPO, tiny_llama
+from tests.helpers import REPO, tiny_llama
 
 TOKENIZER = str(REPO / "examples" / "quickstart" / "tokenizer")
 LLAMA = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,

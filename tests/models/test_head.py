@@ -7,7 +7,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from automodel.loss import token_cross_entropy
 from automodel.training.forward import ModelLoss
-from tests.conftest import random_batch
+from tests.helpers import random_batch
 
 CPU = torch.device("cpu")
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -13,10 +13,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import automodel
 from automodel.config import ConfigError, PeftConfig
 from automodel.config.schema import OptimConfig
-from automodel.distributed.backend import build_functional
+from automodel.backends import build_functional
 from automodel.peft import apply, resolve_targets
-from tests.conftest import REPO, module_eval_loss, random_batch, shared_data, split_batch, tiny_llama
-from tests.recipes.test_llm_finetune import quickstart, read_rows
+from tests.helpers import REPO, module_eval_loss, random_batch, shared_data, split_batch, tiny_llama
+from tests.helpers import quickstart, read_rows
 
 LORA = ["peft.rank=8", "peft.alpha=16.0", 'peft.target_modules=["*_proj"]']
 

@@ -8,31 +8,29 @@ import sys
 
 import attrs
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import automodel
 from automodel.config import load_config
-from tests.conftest import REPO, module_eval_loss, shared_data
+from tests.helpers import ASSETS, QUICKSTART, REPO, module_eval_loss, quickstart, read_rows, shared_data
 
-QUICKSTART = REPO / "configs_toml" / "quickstart.toml"
-ASSETS = REPO / "examples" / "quickstart"
-
-
-def quickstart(tmp_path, *overrides):
-    return load_config(QUICKSTART, [
-        f"output_dir={json.dumps(str(tmp_path / 'run'))}",
-        f"tokenizer.name_or_path={json.dumps(str(ASSETS / 'tokenizer'))}",
-        f"data.train.source={json.dumps(str(ASSETS / 'train.jsonl'))}",
-        f"data.validation.source={json.dumps(str(ASSETS / 'validation.jsonl'))}",
-        "logging.progress_bar=\"off\"", "schedule.warmup_steps=2", *overrides], world_size=1)
-
-
-def read_rows(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
+def greedy_exact_match(final, rows, max_new_tokens: int) -> float:
+    """Exact match of a reloaded model, by transformers alone: each prompt as the instruction format renders it
+    ("{instruction}\n", the tokenizer's BOS first), greedy generate(), the decoded text against the output."""
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    model = AutoModelForCausalLM.from_pretrained(final).eval()
+    hits = 0
+    for row in rows:
+        ids = tokenizer(row["instruction"] + "\n", return_tensors="pt")["input_ids"]
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        hits += tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip() == row["output"]
+    return hits / len(rows)
 
 
 def test_run_writes_config_metrics_and_a_model_that_reloads_with_the_same_eval_loss(tmp_path):
-    cfg = quickstart(tmp_path, "train.max_steps=30", "train.log_every=10", "train.eval_every=20",
+    cfg = quickstart(tmp_path, "train.max_steps=150", "train.log_every=50", "train.eval_every=100",
                      "eval.generate_samples=16", "data.validation.limit=64")
     result = automodel.train(cfg)
     out = result.output_dir
@@ -41,16 +39,16 @@ def test_run_writes_config_metrics_and_a_model_that_reloads_with_the_same_eval_l
     rows = read_rows(out / "metrics.jsonl")
     train_rows = [r for r in rows if "loss" in r]
     eval_rows = [r for r in rows if "eval_loss" in r]
-    assert [r["step"] for r in train_rows] == [10, 20, 30]
-    assert [r["step"] for r in eval_rows] == [0, 20, 30]  # at_start, eval_every, end
+    assert [r["step"] for r in train_rows] == [50, 100, 150]
+    assert [r["step"] for r in eval_rows] == [0, 100, 150]  # at_start, eval_every, end
     for r in train_rows:
         assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "ms_per_step"} <= set(r)
         assert r["tokens_per_s"] > 0 and r["grad_norm"] > 0
     assert train_rows[-1]["loss"] < train_rows[0]["loss"]
     assert eval_rows[-1]["eval_loss"] < eval_rows[0]["eval_loss"]
-    assert all(0.0 <= r["exact_match"] <= 1.0 for r in eval_rows)
+    assert eval_rows[0]["exact_match"] == 0.0 < eval_rows[-1]["exact_match"]
     assert result.metrics["eval_loss"] == eval_rows[-1]["eval_loss"]
-    assert result.metrics["train_loss"] == train_rows[-1]["loss"] and result.metrics["steps"] == 30
+    assert result.metrics["train_loss"] == train_rows[-1]["loss"] and result.metrics["steps"] == 150
 
     # The export is a plain HF directory; its eval loss is the one the trainer reported.
     final = result.final_dir
@@ -58,6 +56,9 @@ def test_run_writes_config_metrics_and_a_model_that_reloads_with_the_same_eval_l
     model = AutoModelForCausalLM.from_pretrained(final)
     loss = module_eval_loss(model, cfg.data, cfg.train.micro_batch_size, AutoTokenizer.from_pretrained(final))
     assert loss == pytest.approx(result.metrics["eval_loss"], rel=1e-5)
+    # ... and so is its exact match, decoded by transformers alone from the data file's rows.
+    rows = read_rows(ASSETS / "validation.jsonl")[:16]
+    assert greedy_exact_match(final, rows, cfg.eval.max_new_tokens) == result.metrics["exact_match"]
     assert not list(out.glob(".tmp-*"))
 
 

@@ -13,17 +13,11 @@ import torch
 
 import automodel
 from automodel.config import ConfigError, load_config
-from tests.conftest import REPO, shared_data
-from tests.data.test_vlm import gemma3_processor, im2latex_rows
-from tests.distributed import launch
+from tests.helpers import REPO, gemma3_processor, im2latex_rows, shared_data, write_jsonl
+from tests import helpers
 
 VLM_CPU = REPO / "configs_toml" / "vlm_cpu.toml"
 QUIET = ["logging.progress_bar=\"off\"", "eval.at_start=true", "eval.generate_samples=0"]
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def test_tiny_llava_learns_latex_from_formula_images_and_reloads_with_the_reported_eval_loss(tmp_path):
@@ -112,7 +106,7 @@ def _frozen_vision_overrides() -> list[str]:
 def one_process_run(tmp_path_factory):
     ref = tmp_path_factory.mktemp("vlm_ref")
     done = subprocess.run([sys.executable, "launch/run.py", "--config", str(VLM_CPU), *_frozen_vision_overrides(),
-                           f"output_dir=\"{ref}\""], cwd=REPO, env=launch.env(), capture_output=True, text=True,
+                           f"output_dir=\"{ref}\""], cwd=REPO, env=helpers.env(), capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return ref
@@ -121,19 +115,19 @@ def one_process_run(tmp_path_factory):
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_deepspeed_on_two_ranks_matches_one_process_with_frozen_vision(one_process_run, tmp_path, stage):
     ref, out = one_process_run, tmp_path / "ds"
-    done = subprocess.run([*launch.command("deepspeed"), "launch/run.py", "--config", str(VLM_CPU),
+    done = subprocess.run([*helpers.command("deepspeed"), "launch/run.py", "--config", str(VLM_CPU),
                            *_frozen_vision_overrides(), "distributed.backend=\"deepspeed\"",
                            f"distributed.zero_stage={stage}", f"output_dir=\"{out}\""],
-                          cwd=REPO, env=launch.env(), capture_output=True, text=True, timeout=600)
+                          cwd=REPO, env=helpers.env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"2 rank(s), deepspeed (ZeRO-{stage})" in done.stdout
     assert "frozen: {'vision'" in done.stdout
-    got, want = launch.train_losses(out), launch.train_losses(ref)
+    got, want = helpers.train_losses(out), helpers.train_losses(ref)
     assert sorted(got) == [1, 2, 3, 4]
     assert list(got.values()) == pytest.approx(list(want.values()), rel=1e-4)
-    assert launch.eval_losses(out) == pytest.approx(launch.eval_losses(ref), rel=1e-4)
+    assert helpers.eval_losses(out) == pytest.approx(helpers.eval_losses(ref), rel=1e-4)
     # Greedy answers (ZeRO-3: every rank generates in step) are the single process's.
-    answers = [[(r["exact_match"], r["examples"]) for r in launch.rows(d) if "examples" in r] for d in (out, ref)]
+    answers = [[(r["exact_match"], r["examples"]) for r in helpers.rows(d) if "examples" in r] for d in (out, ref)]
     assert answers[0] == answers[1] and len(answers[0]) == 2
     # The whole model is exported, the frozen tower unchanged (the same seeded weights as the reference's).
     from safetensors.torch import load_file

@@ -9,11 +9,11 @@ import torch
 
 from automodel.config import PeftConfig, ScheduleConfig
 from automodel.config.schema import OptimConfig
-from automodel.distributed.backend import build_functional
+from automodel.backends import build_functional
 from automodel.models import enable_activation_checkpointing
 from automodel.optim import lr_at
 from automodel.peft import apply as apply_lora
-from tests.conftest import random_batch, split_batch, tiny_llama
+from tests.helpers import random_batch, split_batch, tiny_llama
 
 CPU = torch.device("cpu")
 SCHED = ScheduleConfig(kind="cosine", warmup_steps=3, min_lr=1e-4)

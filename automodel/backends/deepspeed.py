@@ -8,24 +8,25 @@ gradient of sum_m l_m / N, exactly as in the functional backend (tests pin the t
 import contextlib
 import os
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import attrs
 import deepspeed
 import torch
 import torch.distributed as dist
 from torch import nn
-from transformers import PreTrainedTokenizerBase
 from transformers.integrations import HfDeepSpeedConfig
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-from automodel.checkpoint.export import save_hf_model
-from automodel.distributed.backend import Backend
+from automodel.backends.base import Backend
+from automodel.distributed import AllReduce
 from automodel.loss import count_label_tokens
 from automodel.models import numel
+from automodel.models.export import save_hf_model
+from automodel.training.distill import Teacher
 from automodel.training.forward import Batch, ModelLoss
 from automodel.training.state import TrainState, initial_rng, rng_scope
-from automodel.training.step import AllReduce, StepMetrics
+from automodel.training.step import StepMetrics
 
 ENGINE_TAG = "engine"
 
@@ -66,7 +67,7 @@ def _is_matrix(p: torch.Tensor) -> bool:
 
 def build_deepspeed(model: nn.Module, *, ds_config: dict, optim, lr_fn: Callable[[int], float],
                     device: torch.device, all_reduce: AllReduce, rank: int, world_size: int, seed: int,
-                    loss_chunk_tokens: int) -> Backend:
+                    loss_chunk_tokens: int, teacher: Optional[Teacher] = None) -> Backend:
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [{"params": [p for _, p in trainable if _is_matrix(p)], "weight_decay": optim.weight_decay},
               {"params": [p for _, p in trainable if not _is_matrix(p)], "weight_decay": 0.0}]
@@ -83,7 +84,7 @@ def build_deepspeed(model: nn.Module, *, ds_config: dict, optim, lr_fn: Callable
     trainable_params = sum(numel(p) for _, p in trainable)
     dtype = (torch.bfloat16 if ds_config["bf16"]["enabled"] else
              torch.float16 if ds_config["fp16"]["enabled"] else torch.float32)  # the engine's compute dtype
-    loss = ModelLoss(engine.module, loss_chunk_tokens, dtype)
+    loss = ModelLoss(engine.module, loss_chunk_tokens, dtype, teacher=teacher)
 
     def run(inputs: dict):
         return engine(**inputs)  # through the engine: its hooks gather ZeRO-3 weights
@@ -143,7 +144,7 @@ def build_deepspeed(model: nn.Module, *, ds_config: dict, optim, lr_fn: Callable
     # A PEFT model saves its adapter alone; a model with frozen parts (a VLM's vision tower) saves everything.
     is_adapter = hasattr(engine.module, "peft_config")
 
-    def export(state: TrainState, tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
+    def export(state: TrainState, tokenizer: Any, out: Path) -> None:
         full = None
         if stage == 3 and is_adapter:
             # An adapter: gather only the trainable tensors (small), never the frozen base.
@@ -157,7 +158,29 @@ def build_deepspeed(model: nn.Module, *, ds_config: dict, optim, lr_fn: Callable
 
     state = TrainState(step=0, params={}, opt_state=None, rng=initial_rng(seed, rank, device), data_position=0)
     return Backend(name=f"deepspeed (ZeRO-{stage})", state=state, step=step,
-                   loss_sum=lambda state, batch: forward_loss(batch),
+                   loss_sum=lambda state, batch: loss(run, batch, distill=False),
                    model_for_generation=model_for_generation, save=save, load=load, export=export,
                    trainable_params=trainable_params, loss_description=loss.description,
                    generate_kwargs={"synced_gpus": stage == 3 and world_size > 1})
+
+
+def teacher_engine(model: nn.Module, ds_config: dict) -> tuple[Callable[[dict], Any], Callable]:
+    """A frozen teacher partitioned under ZeRO-3 like the student: an engine without optimizer (its hooks gather the
+    weights for each forward), and a function that gathers its output head's weight and bias once (a collective on
+    every rank) and returns a copy, which the loss chunks use through forward and backward."""
+    config = {k: v for k, v in ds_config.items() if k != "optimizer"}
+    dtype = next(model.parameters()).dtype  # the teacher runs in its own dtype, whatever the student's
+    config["bf16"] = {"enabled": dtype == torch.bfloat16}
+    config["fp16"] = {**config["fp16"], "enabled": dtype == torch.float16}
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    head = engine.module.get_output_embeddings()
+    params = [p for p in (head.weight, head.bias) if p is not None]
+
+    def head_weights() -> tuple[torch.Tensor, Any]:
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            weight = head.weight.detach().clone()
+            bias = None if head.bias is None else head.bias.detach().clone()
+        return weight, bias
+
+    return (lambda inputs: engine(**inputs)), head_weights

@@ -1,0 +1,67 @@
+"""Backends: who owns the weights and optimizer state and how a step runs. `functional` (training/step.py's step,
+any number of ranks) and `deepspeed` (a DeepSpeed engine, ZeRO 0-3) build the same `Backend` record."""
+
+import contextlib
+import functools
+from typing import ContextManager, Optional
+
+import torch
+from torch import nn
+
+from automodel.backends.base import Backend
+from automodel.backends.functional import build_functional
+from automodel.config import TrainConfig
+from automodel.distributed import AllReduce
+from automodel.optim import lr_at
+from automodel.training.distill import Teacher, local_head_weights
+
+
+def model_init_context(backend: str, ds_config: Optional[dict], pretrained: bool) -> ContextManager:
+    """Where the model must be built. DeepSpeed ZeRO-3 loading pretrained weights: inside transformers'
+    HfDeepSpeedConfig, so from_pretrained creates the weights already partitioned. A model built from
+    config is built whole (seeded, so every backend starts from the same weights) and partitioned by
+    deepspeed.initialize."""
+    if backend == "deepspeed" and pretrained and ds_config["zero_optimization"]["stage"] == 3:
+        from automodel.backends.deepspeed import zero3_init
+
+        return zero3_init(ds_config)
+    return contextlib.nullcontext()
+
+
+def build_backend(cfg: TrainConfig, model: nn.Module, ds_config: Optional[dict], max_steps: int, device: torch.device,
+                  all_reduce: AllReduce, rank: int, world_size: int, teacher: Optional[Teacher] = None) -> Backend:
+    """The backend [distributed] names, with the config's optimizer and a pure LR schedule over max_steps; with a
+    `teacher`, the loss is the distillation loss of [distill]."""
+    lr_fn = functools.partial(lr_at, sched=cfg.schedule, base_lr=cfg.optim.lr, max_steps=max_steps)
+    if cfg.distributed.backend == "deepspeed":
+        from automodel.backends.deepspeed import build_deepspeed
+
+        return build_deepspeed(model, ds_config=ds_config, optim=cfg.optim, lr_fn=lr_fn, device=device,
+                               all_reduce=all_reduce, rank=rank, world_size=world_size, seed=cfg.seed,
+                               loss_chunk_tokens=cfg.train.loss_chunk_tokens, teacher=teacher)
+    return build_functional(model.to(device), optim=cfg.optim, clip_grad_norm=cfg.optim.clip_grad_norm, lr_fn=lr_fn,
+                            device=device, grad_method=cfg.train.grad_method, all_reduce=all_reduce, rank=rank,
+                            world_size=world_size, seed=cfg.seed, loss_chunk_tokens=cfg.train.loss_chunk_tokens,
+                            master_dtype=cfg.optim.master_dtype, teacher=teacher)
+
+
+def build_teacher(model: nn.Module, cfg: TrainConfig, ds_config: Optional[dict], device: torch.device) -> Teacher:
+    """The frozen teacher of [distill]: in eval mode, without gradients, on the device; under DeepSpeed ZeRO-3
+    partitioned like the student (an engine of its own), otherwise whole on every rank."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    kd = cfg.distill
+    dtype = next(model.parameters()).dtype
+    if ds_config is not None and ds_config["zero_optimization"]["stage"] == 3:
+        from automodel.backends.deepspeed import teacher_engine
+
+        run, head_weights = teacher_engine(model, ds_config)
+    else:
+        model.to(device)
+        run, head_weights = (lambda inputs: model(**inputs)), local_head_weights(model)
+    return Teacher(model=model, run=run, dtype=dtype, head_weights=head_weights, alpha=kd.alpha,
+                   temperature=kd.temperature)
+
+
+__all__ = ["Backend", "build_backend", "build_functional", "build_teacher", "model_init_context"]

@@ -1,0 +1,79 @@
+"""The functional backend: the state owns the trainable tensors; the step is training/step.py's; several ranks
+all-reduce the gradients and nothing else (every rank holds the whole model and optimizer state)."""
+
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import attrs
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from automodel.backends.base import Backend
+from automodel.distributed import AllReduce
+from automodel.models.export import save_hf_model
+from automodel.optim import AdamWHyper, AdamWState, no_decay_names
+from automodel.training.distill import Teacher
+from automodel.training.forward import Batch, ModelLoss
+from automodel.training.state import ParamBinding, TrainState, init_state
+from automodel.training.step import make_train_step
+
+
+def build_functional(model: nn.Module, *, optim, clip_grad_norm: float, lr_fn: Callable[[int], float],
+                     device: torch.device, grad_method: str, all_reduce: AllReduce, rank: int, world_size: int,
+                     seed: int, loss_chunk_tokens: int, master_dtype: str,
+                     teacher: Optional[Teacher] = None) -> Backend:
+    """The functional step with in-place AdamW; several ranks all-reduce the gradient dict, nothing else. With a
+    low-precision model and master_dtype "float32"/"auto" the state holds float32 masters of its trainable tensors."""
+    binding = ParamBinding(model)
+    params = binding.take()
+    compute_dtype = next(iter(model.parameters())).dtype  # the model's dtype: forward and backward run in it
+    if master_dtype in ("auto", "float32"):
+        params = {k: v.float() for k, v in params.items()}
+    hyper = AdamWHyper(betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay,
+                       no_decay=no_decay_names(params), fused=optim.fused)
+    loss = ModelLoss(model, loss_chunk_tokens if grad_method == "autograd" else 0, compute_dtype, teacher=teacher)
+    loss.calibrate(lambda inputs: model(**inputs), device, weights=lambda: binding.bound(params))
+    step = make_train_step(binding, loss, hyper=hyper, lr_fn=lr_fn, clip_grad_norm=clip_grad_norm, device=device,
+                           grad_method=grad_method, all_reduce=all_reduce, world_size=world_size)
+
+    def loss_sum(state: TrainState, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        with binding.bound(state.params) as bound:
+            return loss(lambda inputs: bound(**inputs), batch, distill=False)
+
+    def save(state: TrainState, tmp: Path) -> None:
+        if rank == 0:  # every rank holds the same weights and moments
+            save_file(_contiguous(state.params), tmp / "params.safetensors")
+            save_file(_contiguous(state.opt_state.exp_avg), tmp / "exp_avg.safetensors")
+            save_file(_contiguous(state.opt_state.exp_avg_sq), tmp / "exp_avg_sq.safetensors")
+
+    def load(state: TrainState, path: Path) -> TrainState:
+        dev = str(device)
+        loaded = {name: load_file(path / f"{name}.safetensors", device=dev)
+                  for name in ("params", "exp_avg", "exp_avg_sq")}
+        if set(loaded["params"]) != set(state.params):
+            missing = sorted(set(state.params) ^ set(loaded["params"]))[:5]
+            raise ValueError(f"{path}: its parameters do not match this model's (differ: {missing})")
+        wrong = [f"{k} {tuple(loaded['params'][k].shape)} vs {tuple(v.shape)}" for k, v in state.params.items()
+                 if loaded["params"][k].shape != v.shape]
+        if wrong:
+            raise ValueError(f"{path}: its tensor shapes do not match this model's ({', '.join(wrong[:3])})")
+        params = {k: loaded["params"][k].to(state.params[k].dtype) for k in state.params}
+        opt = AdamWState(count=state.step, exp_avg=loaded["exp_avg"], exp_avg_sq=loaded["exp_avg_sq"])
+        return attrs.evolve(state, params=params, opt_state=opt)
+
+    def export(state: TrainState, tokenizer: Any, out: Path) -> None:
+        if rank == 0:
+            with binding.bound(state.params) as bound:
+                save_hf_model(bound, tokenizer, out)
+
+    return Backend(
+        name="functional", state=init_state(params, device, seed, rank), step=step, loss_sum=loss_sum,
+        model_for_generation=lambda state: binding.bound(state.params),
+        save=save, load=load, export=export, trainable_params=sum(p.numel() for p in params.values()),
+        loss_description=loss.description,
+    )
+
+
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous() for k, v in tensors.items()}

@@ -1,0 +1,229 @@
+"""Cross-field checks: everything that can be known about a config before a model is loaded.
+
+Each problem is a line naming the key and what to do; all of them are reported at once.
+"""
+
+import difflib
+import re
+from typing import Any
+
+from automodel.config.batch import BatchShape
+from automodel.config.errors import ConfigError
+from automodel.config.schema import TrainConfig
+
+# Top-level keys of DeepSpeed's config JSON (deepspeed.ai/docs/config-json), for checking overrides.
+DEEPSPEED_KEYS = frozenset({
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer", "scheduler",
+    "fp16", "bf16", "amp", "torch_autocast", "gradient_clipping", "prescale_gradients", "gradient_predivide_factor",
+    "sparse_gradients", "zero_optimization", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer",
+    "steps_per_print", "wall_clock_breakdown", "dump_state", "flops_profiler", "activation_checkpointing",
+    "aio", "tensorboard", "wandb", "csv_monitor", "comet", "comms_logger", "communication_data_type",
+    "seq_parallel_communication_data_type", "data_types", "compression_training", "curriculum_learning",
+    "data_efficiency", "elasticity", "autotuning", "checkpoint", "memory_breakdown", "disable_allgather",
+    "compile", "pipeline", "nebula", "weight_quantization", "hybrid_engine", "use_data_before_expert_parallelism",
+    "graph_harvesting", "sparse_attention", "timers", "monitor_config", "tensor_parallel",
+})
+# These always come from [train] (BatchShape) so they cannot disagree with the data pipeline.
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def check_overrides(overrides: dict[str, Any]) -> list[str]:
+    """Problems with `distributed.deepspeed_overrides`, as messages (empty when fine)."""
+    problems = []
+    for key in overrides:
+        if key in BATCH_KEYS:
+            problems.append(f"distributed.deepspeed_overrides.{key}: batch sizes come from [train] "
+                            "(train.global_batch_size, train.micro_batch_size); remove it here")
+        elif key not in DEEPSPEED_KEYS:
+            close = difflib.get_close_matches(key, sorted(DEEPSPEED_KEYS), n=1)
+            hint = f"; did you mean `{close[0]}`?" if close else ""
+            problems.append(f"distributed.deepspeed_overrides.{key}: not a DeepSpeed config key{hint}")
+    return problems
+
+
+def validate(cfg: TrainConfig, world_size: int = 1, source: str = "config") -> TrainConfig:
+    """`cfg` if every check passes, else a ConfigError listing each problem on a line of its own."""
+    problems = [*_schedule_problems(cfg, world_size), *_model_problems(cfg), *_data_problems(cfg),
+                *_distributed_problems(cfg), *_memory_problems(cfg), *_vlm_problems(cfg), *_distill_problems(cfg),
+                *_launch_problems(cfg.launch)]
+    if problems:
+        raise ConfigError(f"{source}: " + f"\n{source}: ".join(problems))
+    return cfg
+
+
+def _schedule_problems(cfg: TrainConfig, world_size: int) -> list[str]:
+    """Batch shape, length, cadence, schedule, optimizer."""
+    t, o, sched = cfg.train, cfg.optim, cfg.schedule
+    problems = [p for p in [BatchShape.of(t, world_size).problem()] if p]
+    if (t.max_steps is None) == (t.epochs is None):
+        problems.append("set exactly one of train.max_steps and train.epochs")
+    if t.max_steps is not None and t.max_steps < 1:
+        problems.append(f"train.max_steps must be >= 1 (got {t.max_steps})")
+    if t.epochs is not None and t.epochs <= 0:
+        problems.append(f"train.epochs must be > 0 (got {t.epochs})")
+    if t.max_steps is not None and sched.warmup_steps > t.max_steps:
+        problems.append(f"schedule.warmup_steps ({sched.warmup_steps}) is larger than train.max_steps ({t.max_steps})")
+    if t.eval_every < 0:
+        problems.append("train.eval_every must be >= 0")
+    if t.log_every < 1:
+        problems.append("train.log_every must be >= 1")
+    if sched.warmup_steps < 0:
+        problems.append("schedule.warmup_steps must be >= 0")
+    if not 0.0 <= sched.decay_fraction <= 1.0:
+        problems.append(f"schedule.decay_fraction must be in [0, 1] (got {sched.decay_fraction})")
+    if not o.lr > 0 or o.lr == float("inf"):
+        problems.append(f"optim.lr must be a finite number > 0 (got {o.lr})")
+    if sched.min_lr > o.lr:
+        problems.append(f"schedule.min_lr ({sched.min_lr}) is larger than optim.lr ({o.lr})")
+    if not o.clip_grad_norm >= 0:
+        problems.append("optim.clip_grad_norm must be >= 0 (0 turns clipping off)")
+    if not all(0.0 <= b < 1.0 for b in o.betas):
+        problems.append(f"optim.betas must each be in [0, 1) (got {list(o.betas)})")
+    return problems
+
+
+def _model_problems(cfg: TrainConfig) -> list[str]:
+    problems = []
+    if cfg.model.init == "pretrained" and not cfg.model.name_or_path:
+        problems.append('model.name_or_path is required with model.init = "pretrained" (a hub id or local dir)')
+    if cfg.model.init == "random":
+        if "model_type" not in cfg.model.config and not cfg.model.name_or_path:
+            problems.append('model.init = "random" needs model.config.model_type (e.g. "llama") or a model.name_or_path '
+                            "whose config to use")
+        if not cfg.model.name_or_path and not cfg.tokenizer.name_or_path:
+            problems.append('model.init = "random" without model.name_or_path needs tokenizer.name_or_path')
+    if cfg.peft is not None:
+        if cfg.peft.rank < 1 or cfg.peft.alpha <= 0 or not 0.0 <= cfg.peft.dropout < 1.0:
+            problems.append("peft.rank must be >= 1, peft.alpha > 0 and peft.dropout in [0, 1)")
+        if not cfg.peft.target_modules:
+            problems.append('peft.target_modules is empty; e.g. ["all-linear"] or ["*_proj"]')
+    if cfg.checkpoint.export_merged and cfg.peft is None:
+        problems.append("checkpoint.export_merged needs a [peft] section (a full fine-tune's final/ is already whole)")
+    if cfg.checkpoint.every < 0 or cfg.checkpoint.keep_last < 1:
+        problems.append("checkpoint.every must be >= 0 and checkpoint.keep_last >= 1")
+    return problems
+
+
+def _data_problems(cfg: TrainConfig) -> list[str]:
+    problems = []
+    d = cfg.data
+    if d.train is None:
+        problems.append("[data.train] is required: set data.train.source (a hub dataset id or a local file)")
+    if not 0.0 <= d.validation_fraction < 1.0:
+        problems.append(f"data.validation_fraction must be in [0, 1) (got {d.validation_fraction})")
+    if d.validation_fraction > 0 and d.validation is not None:
+        problems.append("data.validation_fraction and [data.validation] both define a validation set; keep one")
+    if d.packing and cfg.model.attn_implementation == "flex_attention":
+        problems.append('data.packing works with sdpa, eager and flash_attention_2, not "flex_attention"')
+    if d.seq_len < 2:
+        problems.append(f"data.seq_len must be >= 2 (got {d.seq_len})")
+    for name in ("train", "validation"):
+        src = getattr(d, name)
+        if src is not None and src.limit is not None and src.limit < 1:
+            problems.append(f"data.{name}.limit must be >= 1 (got {src.limit}); leave it out for all rows")
+    if cfg.eval.generate_samples > 0 and d.validation is None:
+        problems.append("eval.generate_samples needs a [data.validation] set")
+    return problems
+
+
+def _distributed_problems(cfg: TrainConfig) -> list[str]:
+    problems = []
+    d = cfg.distributed
+    if d.backend == "functional" and (d.offload_optimizer != "none" or d.offload_params != "none"
+                                      or d.deepspeed_overrides):
+        problems.append('distributed.offload_* and distributed.deepspeed_overrides need distributed.backend = '
+                        '"deepspeed"')
+    if d.offload_params != "none" and d.zero_stage != 3:
+        problems.append(f"distributed.offload_params needs distributed.zero_stage = 3 (got {d.zero_stage})")
+    if d.offload_optimizer != "none" and d.zero_stage == 0:
+        problems.append("distributed.offload_optimizer needs distributed.zero_stage >= 1")
+    if d.deepspeed_overrides:
+        problems.extend(check_overrides(d.deepspeed_overrides))
+    return problems
+
+
+def _memory_problems(cfg: TrainConfig) -> list[str]:
+    """Recompute, loss chunks and precision: settings that contradict each other."""
+    problems = []
+    t, o = cfg.train, cfg.optim
+    if t.loss_chunk_tokens < 0:
+        problems.append(f"train.loss_chunk_tokens must be >= 0 (got {t.loss_chunk_tokens}); 0 computes whole logits")
+    if t.grad_method == "grad_and_value":
+        if t.activation_checkpointing:
+            problems.append('train.activation_checkpointing needs train.grad_method = "autograd": torch.func\'s '
+                            "grad_and_value refuses the saved-tensor hooks that recompute layers")
+        if t.loss_chunk_tokens > 0:
+            problems.append('train.grad_method = "grad_and_value" cannot recompute loss chunks (torch.func refuses '
+                            "saved-tensor hooks); set train.loss_chunk_tokens = 0")
+    if o.master_dtype != "auto" and cfg.model.dtype == "float32":
+        problems.append(f'optim.master_dtype = "{o.master_dtype}" is for bfloat16/float16 models; model.dtype is '
+                        'float32, whose weights are their own masters: leave it at "auto"')
+    elif o.master_dtype == "same" and cfg.distributed.backend == "deepspeed":
+        problems.append('optim.master_dtype = "same" is for the functional backend; DeepSpeed always keeps float32 '
+                        "masters for bfloat16/float16 models")
+    if o.fused and cfg.distributed.backend == "deepspeed":
+        problems.append("optim.fused is for the functional backend; DeepSpeed's AdamW is fused on CUDA already")
+    return problems
+
+
+def _distill_problems(cfg: TrainConfig) -> list[str]:
+    kd, problems = cfg.distill, []
+    if (cfg.recipe == "llm_kd") != (kd is not None):
+        return ['recipe = "llm_kd" and a [distill] section go together (set distill.teacher to the teacher model)']
+    if kd is not None:
+        if not 0.0 <= kd.alpha <= 1.0:
+            problems.append(f"distill.alpha must be in [0, 1] (got {kd.alpha})")
+        if not 0.0 < kd.temperature < float("inf"):
+            problems.append(f"distill.temperature must be a finite number > 0 (got {kd.temperature})")
+        if not kd.teacher:
+            problems.append("distill.teacher is empty; give a hub id or a local model directory")
+    return problems
+
+
+def _vlm_problems(cfg: TrainConfig) -> list[str]:
+    problems = []
+    sources = [(n, getattr(cfg.data, n)) for n in ("train", "validation") if getattr(cfg.data, n) is not None]
+    vlm = cfg.recipe == "vlm_finetune"
+    for name, src in sources:
+        if (src.format == "vlm") != vlm:
+            problems.append(f'data.{name}.format = "{src.format}" with recipe = "{cfg.recipe}": image conversations '
+                            'use format = "vlm" with recipe = "vlm_finetune"')
+    if vlm:
+        if cfg.data.packing:
+            problems.append("data.packing is not supported by vlm_finetune (images make samples unpackable)")
+        if cfg.data.validation_fraction:
+            problems.append("data.validation_fraction is not supported by vlm_finetune; give [data.validation]")
+        if cfg.checkpoint.export_merged:
+            problems.append("checkpoint.export_merged is not supported by vlm_finetune yet; merge with peft")
+    elif cfg.model.freeze:
+        problems.append('model.freeze is for recipe = "vlm_finetune" (a text LLM has no parts to choose)')
+    return problems
+
+
+# Slurm's --time: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, or UNLIMITED.
+_SLURM_TIME = re.compile(r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+(:\d{1,2}){0,2}|UNLIMITED|INFINITE)$")
+
+
+def _launch_problems(launch: Any) -> list[str]:
+    problems = []
+    if launch.nodes < 1 or launch.gpus_per_node < 0 or launch.nproc_per_node < 0:
+        problems.append("launch.nodes must be >= 1, launch.gpus_per_node and launch.nproc_per_node >= 0")
+    s = launch.slurm
+    if not _SLURM_TIME.match(s.time):
+        problems.append(f'launch.slurm.time "{s.time}" is not a Slurm time; e.g. "04:00:00", "90" (minutes) '
+                        'or "2-00:00:00"')
+    if s.cpus_per_task < 1 or s.signal_seconds < 0 or s.max_requeues < 0:
+        problems.append("launch.slurm.cpus_per_task must be >= 1, signal_seconds and max_requeues >= 0")
+    for line in s.sbatch:
+        if not line.startswith("-") or "\n" in line:
+            problems.append(f'launch.slurm.sbatch entry "{line}": one sbatch option per entry, e.g. '
+                            '"--constraint=h100" (without "#SBATCH")')
+    for key in s.env:
+        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+            problems.append(f'launch.slurm.env key "{key}" is not a shell variable name')
+    for name in ("job_name", "partition", "account", "qos", "mem"):
+        if any(ch.isspace() for ch in getattr(s, name)):
+            problems.append(f"launch.slurm.{name} must not contain spaces")
+    return problems
+
+

@@ -1,0 +1,226 @@
+"""What every recipe does, written once, in the order it happens:
+
+    ranks and device -> the run directory and its config.toml -> the recipe's parts (model, data, evaluation)
+    -> the batch plan -> the backend and resume -> the loop (checkpoints, evaluations, preemption)
+    -> the final checkpoint -> the final evaluation -> the export -> summary.json
+
+A recipe is a function from a `Run` (what is set up before it) to its `Parts` (what differs: the model and the
+tokenizer or processor saved with it, how training samples become batches, the validation batches, exact match,
+an optional teacher); `run(cfg, parts_of)` does the rest.
+"""
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import attrs
+import torch
+from torch import nn
+
+from automodel import checkpoint, data, distributed, models
+from automodel import peft as peft_lora
+from automodel.backends import Backend, build_backend, model_init_context
+from automodel.backends.deepspeed_config import deepspeed_config
+from automodel.config import BatchShape, ConfigError, PeftConfig, TrainConfig, save_config
+from automodel.loggers import RunLogger
+from automodel.training.distill import Teacher
+from automodel.training.evaluate import eval_loss
+from automodel.training.forward import Batch, to_device
+from automodel.training.loop import TrainResult, run_loop
+from automodel.training.metrics import peak_flops
+from automodel.training.preemption import Preempted, StopRequest
+from automodel.training.state import TrainState
+
+# (model in eval mode with the state's weights, generate() keyword arguments) -> (exact match, [(prediction, ref)])
+ExactMatch = Callable[[nn.Module, dict], tuple[float, list[tuple[str, str]]]]
+
+
+@attrs.frozen
+class Run:
+    """What is set up before a recipe builds its parts."""
+
+    cfg: TrainConfig
+    ranks: distributed.RankInfo
+    device: torch.device
+    out: Path
+    ds_config: Optional[dict]  # the DeepSpeed JSON; None on the functional backend
+
+    @property
+    def is_main(self) -> bool:
+        return self.ranks.rank == 0
+
+    def build_model(self, build: Callable[[], nn.Module], pretrained: Optional[bool] = None,
+                    trained: bool = True) -> nn.Module:
+        """`build()` where the backend needs it (under ZeRO-3 a pretrained model loads already partitioned); a model
+        to be `trained` gets activation checkpointing when the config asks (before LoRA and before any engine)."""
+        pretrained = self.cfg.model.init == "pretrained" if pretrained is None else pretrained
+        with model_init_context(self.cfg.distributed.backend, self.ds_config, pretrained=pretrained):
+            model = build()
+        if trained and self.cfg.train.activation_checkpointing:
+            models.enable_activation_checkpointing(model)
+        return model
+
+    def apply_lora(self, model: nn.Module, saver: Any, exclude: Iterable[str] = ()) -> tuple[nn.Module, str]:
+        """(the model with [peft]'s adapters, or itself without [peft]; the base an adapter names). A base built from
+        config is saved to <output_dir>/base first, so the adapter has a base to load onto."""
+        cfg = self.cfg
+        base_path = cfg.model.name_or_path if cfg.model.init == "pretrained" else str(self.out / "base")
+        peft_cfg: Optional[PeftConfig] = cfg.peft
+        if peft_cfg is not None and cfg.model.init == "random" and self.is_main:
+            models.save_hf_model(model, saver, self.out / "base")
+        if peft_cfg is not None and exclude:
+            peft_cfg = attrs.evolve(peft_cfg, exclude_modules=[*peft_cfg.exclude_modules, *exclude])
+        return peft_lora.apply(model, peft_cfg, cfg.seed, base_path), base_path
+
+
+@attrs.frozen
+class Parts:
+    """What a recipe contributes."""
+
+    model: nn.Module
+    saver: Any  # the tokenizer or processor saved beside the model (and the eval's decoder)
+    base_path: str  # what a LoRA adapter names as its base, and what `checkpoint.export_merged` merges onto
+    num_train: int  # samples in the training order
+    collate: Callable[[list[int]], Batch]  # training sample indices -> a host batch
+    val_batches: Optional[Callable[[], Iterable[Batch]]]  # the validation set in host batches (None: no validation)
+    exact_match: Optional[ExactMatch]  # greedy answers against references (None: not asked for)
+    data_lines: list[str]  # what the log says about the data
+    model_note: str = ""  # said after the parameter counts (e.g. what is frozen)
+    flops_per_token: float = 0.0
+    teacher: Optional[Teacher] = None
+
+
+def run(cfg: TrainConfig, parts_of: Callable[[Run], Parts]) -> TrainResult:
+    started = time.perf_counter()
+    ranks = distributed.rank_info()
+    device = distributed.device_for(ranks)
+    use_deepspeed = cfg.distributed.backend == "deepspeed"
+    all_reduce = distributed.setup(ranks, device, group_on_one_rank=use_deepspeed)
+    out = Path(cfg.output_dir)
+    if ranks.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.toml")
+    setup = Run(cfg, ranks, device, out, deepspeed_config(cfg, ranks.world_size) if use_deepspeed else None)
+    parts = parts_of(setup)
+
+    # The order of samples, and how long the run is.
+    plan = data.BatchPlan(parts.num_train, BatchShape.of(cfg.train, ranks.world_size), cfg.seed)
+    max_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * plan.steps_per_epoch))
+    if cfg.schedule.warmup_steps > max_steps:
+        raise ConfigError(f"schedule.warmup_steps ({cfg.schedule.warmup_steps}) is larger than the run's "
+                          f"{max_steps} steps ({cfg.train.epochs} epochs of {plan.steps_per_epoch})")
+
+    # The backend owns weights and optimizer state and provides the step; resume per train.resume.
+    backend = build_backend(cfg, parts.model, setup.ds_config, max_steps, device, all_reduce, ranks.rank,
+                            ranks.world_size, teacher=parts.teacher)
+    state, meta, resume_from = resume(cfg, backend, out, ranks.rank, ranks.world_size, device)
+
+    logger = RunLogger(out, max_steps, cfg.logging.progress_bar, enabled=setup.is_main, start_step=state.step)
+    note = f"; {parts.model_note}" if parts.model_note else ""
+    logger.info(f"model: {type(parts.model).__name__}, {models.count_params(parts.model):,} parameters "
+                f"({backend.trainable_params:,} trainable{note}), {cfg.model.dtype} on {device}; "
+                f"{ranks.world_size} rank(s), {backend.name} backend")
+    for line in parts.data_lines:
+        logger.info(f"data: {line}")
+    logger.info(f"training: {max_steps} steps of {cfg.train.global_batch_size} samples ({plan.accumulation_steps} "
+                f"accumulation x {cfg.train.micro_batch_size} per rank), {plan.steps_per_epoch} steps per epoch")
+    logger.info(f"memory: activation checkpointing {'on' if cfg.train.activation_checkpointing else 'off'}; loss "
+                f"from {backend.loss_description}")
+    if resume_from is not None:
+        logger.info(f"resumed from {resume_from} at step {state.step}")
+
+    def evaluate(st: TrainState) -> dict:
+        return evaluation(backend, st, parts, cfg.eval.generate_samples > 0, device)
+
+    def save_checkpoint(st: TrainState) -> None:
+        logger.info(f"checkpoint: {checkpoint.save(backend.save, st, out, ranks.rank, cfg.checkpoint.keep_last, meta)}")
+
+    validating = parts.val_batches is not None
+    first_eval = evaluate(state) if validating and cfg.eval.at_start and state.step == 0 else None
+    if first_eval is not None:
+        logger.row(first_eval)
+
+    # SIGUSR1/SIGTERM (cluster preemption): checkpoint at the next step boundary and exit with status 75.
+    start_step = state.step
+    with StopRequest() as stop:
+        try:
+            state, last_row = run_loop(
+                state, train_step=backend.step, plan=plan, collate=parts.collate, max_steps=max_steps,
+                rank=ranks.rank, device=device, logger=logger, log_every=cfg.train.log_every,
+                eval_every=cfg.train.eval_every, evaluate=evaluate if validating else None,
+                flops_per_token=parts.flops_per_token, peak_flops=peak_flops(device, cfg.logging.peak_tflops),
+                checkpoint_every=cfg.checkpoint.every, save_checkpoint=save_checkpoint, stop=stop,
+            )
+        except Preempted as e:
+            logger.info(str(e))
+            logger.close()
+            raise
+    if state.step > start_step:
+        save_checkpoint(state)
+
+    metrics = {"steps": state.step, "train_loss": last_row.get("loss"), "train_samples": state.data_position,
+               "padding_fraction": last_row.get("run_padding")}
+    if validating:
+        final_eval = evaluate(state)
+        logger.row(final_eval)
+        metrics.update({k: final_eval[k] for k in ("eval_loss", "exact_match") if k in final_eval})
+        metrics.update({f"{k}_at_start": first_eval[k] for k in ("eval_loss", "exact_match")
+                        if first_eval is not None and k in first_eval})
+
+    # Every rank exports (under ZeRO-3 it gathers); with [peft] final/ is the adapter, which the merge needs.
+    final_dir = out / "final" if cfg.checkpoint.save_final or cfg.checkpoint.export_merged else None
+    if final_dir is not None:
+        backend.export(state, parts.saver, final_dir)
+    if cfg.checkpoint.export_merged and setup.is_main:
+        peft_lora.merge(parts.base_path, str(final_dir), str(out / "final_merged"), models.DTYPES[cfg.model.dtype])
+        logger.info(f"merged model saved to {out / 'final_merged'}")
+    distributed.barrier()
+    metrics["wall_s"] = time.perf_counter() - started
+    logger.info(summary_line(metrics, final_dir))
+    logger.summary({**metrics, "final_dir": str(final_dir) if final_dir else None})
+    logger.close()
+    return TrainResult(output_dir=out, metrics=metrics, final_dir=final_dir)
+
+
+def evaluation(backend: Backend, state: TrainState, parts: Parts, generate: bool, device: torch.device) -> dict:
+    """Token-weighted loss over the validation set; with `generate`, exact match of greedy answers (every rank
+    decodes the same prompts: under ZeRO-3 generation runs in step)."""
+    batches = (to_device(b, device) for b in parts.val_batches())
+    with backend.model_for_generation(state) as module:
+        loss, tokens = eval_loss(module, lambda batch: backend.loss_sum(state, batch), batches)
+        row = {"step": state.step, "eval_loss": loss, "eval_tokens": tokens}
+        if generate and parts.exact_match is not None:
+            row["exact_match"], pairs = parts.exact_match(module, backend.generate_kwargs)
+            row["examples"] = [{"prediction": p, "reference": r} for p, r in pairs[:3]]
+    return row
+
+
+def resume(cfg: TrainConfig, backend: Backend, out: Path, rank: int, world_size: int,
+           device: torch.device) -> tuple[TrainState, dict, Optional[Path]]:
+    """(state, checkpoint meta, the checkpoint resumed from or None) per train.resume."""
+    meta = {"backend": backend.name, "global_batch_size": cfg.train.global_batch_size, "seed": cfg.seed,
+            "world_size": world_size}
+    path = checkpoint.store.resume_path(out, cfg.train.resume)
+    state = backend.state
+    if path is not None:
+        state = checkpoint.restore(backend.load, state, path, rank, device, meta)
+    return state, meta, path
+
+
+def summary_line(metrics: dict, final_dir: Optional[Path]) -> str:
+    """`done: 500 steps in 58.3s | train loss 0.0006 | eval loss 0.0006 (was 5.5386) | exact match 100.0% (was
+    0.0%) | model saved to runs/quickstart/final`"""
+    parts = [f"done: {metrics['steps']} steps in {metrics['wall_s']:.1f}s"]
+    if metrics["train_loss"] is not None:  # None: resumed at the end, no step ran in this process
+        parts.append(f"train loss {metrics['train_loss']:.4f}")
+    if "eval_loss" in metrics:
+        was = f" (was {metrics['eval_loss_at_start']:.4f})" if "eval_loss_at_start" in metrics else ""
+        parts.append(f"eval loss {metrics['eval_loss']:.4f}{was}")
+    if "exact_match" in metrics:
+        start = metrics.get("exact_match_at_start")
+        was = f" (was {100 * start:.1f}%)" if start is not None else ""
+        parts.append(f"exact match {100 * metrics['exact_match']:.1f}%{was}")
+    if final_dir is not None:
+        parts.append(f"model saved to {final_dir}")
+    return " | ".join(parts)

@@ -1,0 +1,30 @@
+"""The teacher of a distillation run, as the loss sees it: a frozen model, how to run it, and its output head."""
+
+from typing import Any, Callable, Optional
+
+import attrs
+import torch
+from torch import nn
+
+RunModel = Callable[[dict], Any]  # forward keyword arguments -> the model's output
+
+
+@attrs.frozen
+class Teacher:
+    model: nn.Module  # eval mode, no gradients, in the dtype it runs in
+    run: RunModel  # its forward (through its DeepSpeed engine under ZeRO-3, so the hooks gather its weights)
+    dtype: torch.dtype
+    # The output head's whole weight and bias for one micro-batch. Called once per micro-batch on every rank: under
+    # ZeRO-3 it gathers (a collective) and returns a copy the loss chunks use through forward and backward.
+    head_weights: Callable[[], tuple[torch.Tensor, Optional[torch.Tensor]]]
+    alpha: float
+    temperature: float
+
+
+def local_head_weights(model: nn.Module) -> Callable[[], tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """A head whose weight every rank holds whole (no ZeRO-3): the tensors themselves, no copy."""
+    head = model.get_output_embeddings()
+    return lambda: (head.weight.detach(), None if head.bias is None else head.bias.detach())
+
+
+__all__ = ["Teacher", "local_head_weights"]

@@ -1,0 +1,56 @@
+"""The package's layering, as README's Layout draws it: every import (module level or inside a function) goes to the
+same package or to a lower layer, so no two packages import each other."""
+
+import ast
+from pathlib import Path
+
+from tests.helpers import REPO
+
+# Lowest first. A package may import its own modules and anything in a lower layer, nothing beside or above it.
+LAYERS = [
+    ["status"],
+    ["config"],
+    ["distributed", "loss", "loggers"],
+    ["data", "models", "optim"],
+    ["peft"],
+    ["training"],
+    ["checkpoint"],
+    ["backends"],
+    ["recipes"],
+    ["launcher"],
+    ["cli"],
+]
+RANK = {package: i for i, layer in enumerate(LAYERS) for package in layer}
+
+
+def imports_of(path: Path) -> set[str]:
+    """The automodel packages a module imports (first component after `automodel.`)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + ([f"{node.module}.{a.name}" for a in node.names] if node.module == "automodel"
+                                     else [])
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "automodel" and len(parts) > 1:
+                found.add(parts[1])
+    return found
+
+
+def test_every_import_goes_down_the_layers():
+    root = REPO / "automodel"
+    packages = {p.name if p.is_dir() else p.stem for p in root.iterdir()
+                if (p.is_dir() and (p / "__init__.py").exists()) or (p.suffix == ".py" and p.stem != "__init__")}
+    assert packages - {"__main__"} == set(RANK), "every package has a layer (add new ones to LAYERS and README)"
+    wrong = []
+    for path in root.rglob("*.py"):
+        here = path.relative_to(root).parts[0].removesuffix(".py")
+        if here in ("__init__", "__main__"):
+            continue  # the package's front door (automodel.train) sits above everything
+        for target in imports_of(path) - {here}:
+            if RANK.get(target, len(LAYERS)) >= RANK[here]:
+                wrong.append(f"{path.relative_to(REPO)} imports automodel.{target}")
+    assert not wrong, "\n".join(sorted(wrong))
