@@ -84,7 +84,7 @@ def build_deepspeed(model: nn.Module, *, ds_config: dict, optim, lr_fn: Callable
     trainable_params = sum(numel(p) for _, p in trainable)
     dtype = (torch.bfloat16 if ds_config["bf16"]["enabled"] else
              torch.float16 if ds_config["fp16"]["enabled"] else torch.float32)  # the engine's compute dtype
-    loss = ModelLoss(engine.module, loss_chunk_tokens, dtype, teacher=teacher)
+    loss = ModelLoss(engine.module, loss_chunk_tokens, dtype, teacher=teacher, partitioned=stage == 3)
 
     def run(inputs: dict):
         return engine(**inputs)  # through the engine: its hooks gather ZeRO-3 weights
@@ -95,6 +95,10 @@ def build_deepspeed(model: nn.Module, *, ds_config: dict, optim, lr_fn: Callable
         return loss(run, batch)  # the same loss as the functional backend
 
     def step(state: TrainState, micro_batches: list[Batch]) -> tuple[TrainState, StepMetrics]:
+        # The engine divides each backward by its accumulation count: the scale below relies on the two agreeing.
+        if len(micro_batches) != engine.gradient_accumulation_steps():
+            raise ValueError(f"{len(micro_batches)} micro-batches for an engine built for "
+                             f"{engine.gradient_accumulation_steps()} accumulation steps")
         n = torch.stack([count_label_tokens(b["labels"]) for b in micro_batches]).sum()
         if all_reduce is not None:
             all_reduce([n])

@@ -209,7 +209,8 @@ class DistributedConfig:
     """How the step runs across ranks."""
 
     backend: Literal["functional", "deepspeed"] = field(
-        "functional", "functional: torch.func step, pure AdamW, explicit all-reduce; deepspeed: a DeepSpeed engine."
+        "functional", "functional: our step (training/step.py), in-place AdamW, explicit all-reduce; deepspeed: a "
+        "DeepSpeed engine."
     )
     zero_stage: Literal[0, 1, 2, 3] = field(
         3, "DeepSpeed ZeRO stage: 0 = plain data parallel, 1 = shard optimizer state, 2 = + gradients, 3 = + weights."

@@ -49,8 +49,11 @@ class ModelLoss:
     logits (and the teacher's); otherwise, and for a head that fails the check, from whole logits.
     """
 
-    def __init__(self, model: nn.Module, chunk_tokens: int, dtype: torch.dtype, teacher: Optional[Teacher] = None):
+    def __init__(self, model: nn.Module, chunk_tokens: int, dtype: torch.dtype, teacher: Optional[Teacher] = None,
+                 partitioned: bool = False):
+        """partitioned: the weights are ZeRO-3 partitions, gathered by hooks on each module call."""
         self.model = model
+        self.partitioned = partitioned
         self.attn = getattr(model.config, "_attn_implementation", "sdpa")
         self.dtype = dtype
         self.chunk_tokens = chunk_tokens
@@ -67,6 +70,10 @@ class ModelLoss:
         if self.head is None:
             return self.description
         problem = _calibrate(self.head, self.model, run, device, weights)
+        if problem is None and self.partitioned and any(True for _ in self.head.module.children()):
+            # Its submodules would gather once per chunk, and ranks with different numbers of chunks would disagree.
+            problem = (f"under ZeRO-3 the output head ({type(self.head.module).__name__}) must be a single module, "
+                       "its weights gathered once per micro-batch")
         if problem is None and self.teacher is not None:
             problem = _calibrate(self.teacher_head, self.teacher.model, self.teacher.run, device,
                                  contextlib.nullcontext)

@@ -8,6 +8,8 @@ import automodel
 from automodel.checkpoint import store
 from tests.helpers import quickstart, read_rows
 
+pytestmark = pytest.mark.slow  # every test here starts processes or trains a whole run
+
 # Constant LR, so a run's length does not change its steps; dropout, so the RNG state must be restored.
 COMMON = ["schedule.kind=constant", "schedule.warmup_steps=0", "train.log_every=1", "checkpoint.every=2",
           "checkpoint.save_final=false", "eval.generate_samples=0", "eval.at_start=false",

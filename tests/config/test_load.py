@@ -76,6 +76,25 @@ def test_int_is_accepted_for_float(tmp_path):
     (["schedule.min_lr=1.0"], "schedule.min_lr (1.0) is larger than optim.lr"),
     (["model.name_or_path=\"\""], "model.name_or_path is required"),
     (["eval.generate_samples=5"], "eval.generate_samples needs a [data.validation] set"),
+    (["optim.lr=nan"], "optim.lr must be a finite number > 0 (got nan)"),
+    (["optim.lr=inf"], "optim.lr must be a finite number > 0 (got inf)"),
+    # Memory settings that contradict each other.
+    (["train.activation_checkpointing=true", "train.grad_method=\"grad_and_value\"", "train.loss_chunk_tokens=0"],
+     "train.activation_checkpointing needs train.grad_method = \"autograd\""),
+    (["train.grad_method=\"grad_and_value\""], "cannot recompute loss chunks (torch.func refuses saved-tensor hooks); "
+                                             "set train.loss_chunk_tokens = 0"),
+    (["train.loss_chunk_tokens=-1"], "train.loss_chunk_tokens must be >= 0 (got -1)"),
+    (["optim.master_dtype=\"float32\""], "optim.master_dtype = \"float32\" is for bfloat16/float16 models"),
+    (["model.dtype=\"bfloat16\"", "optim.master_dtype=\"same\"", "distributed.backend=\"deepspeed\""],
+     "optim.master_dtype = \"same\" is for the functional backend"),
+    (["optim.fused=true", "distributed.backend=\"deepspeed\""], "optim.fused is for the functional backend"),
+    # Distillation.
+    (["recipe=\"llm_kd\""], "recipe = \"llm_kd\" and a [distill] section go together"),
+    (["distill.teacher=\"t\""], "recipe = \"llm_kd\" and a [distill] section go together"),
+    (["recipe=\"llm_kd\"", "distill.teacher=\"t\"", "distill.alpha=1.5", "distill.temperature=0"],
+     "distill.alpha must be in [0, 1] (got 1.5)"),
+    (["recipe=\"llm_kd\"", "distill.teacher=\"t\"", "distill.temperature=0"],
+     "distill.temperature must be a finite number > 0 (got 0.0)"),
 ])
 def test_inconsistent_values_are_rejected_before_any_model_loads(tmp_path, overrides, expected):
     assert expected in error_of(write(tmp_path, MINIMAL), overrides)
@@ -168,6 +187,7 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "automodel.cli", *args], capture_output=True, text=True, cwd=REPO)
 
 
+@pytest.mark.slow
 def test_cli_config_show_prints_the_resolved_config(tmp_path):
     path = write(tmp_path, MINIMAL)
     proc = run_cli("config", "show", "--config", str(path), "optim.lr=3e-5")
@@ -178,6 +198,7 @@ def test_cli_config_show_prints_the_resolved_config(tmp_path):
     assert cfg == from_dict(__import__("tomllib").loads(to_toml(cfg)), world_size=1)
 
 
+@pytest.mark.slow
 def test_cli_config_error_is_one_line_and_exit_2(tmp_path):
     path = write(tmp_path, MINIMAL + "[optim]\nweight_decy = 0.1\n")
     for args in (("config", "show", "--config", str(path)), ("run", "--config", str(path))):

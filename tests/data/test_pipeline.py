@@ -245,6 +245,7 @@ def test_batches_after_a_restart_equal_the_uninterrupted_ones(gpt2):
             assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["instruction_cpu", "chat_cpu", "text_cpu"])
 def test_shipped_format_configs_train(tmp_path, config):
     import automodel

@@ -238,3 +238,33 @@ def test_freeze_groups_and_lora_exclusion_on_llava(tmp_path):
     assert lora_exclusions(model) == ["model.vision_tower.*"]
     with pytest.raises(ConfigError, match="unknown group `vison`"):
         freeze(model, ["vison"])
+
+
+def test_activation_checkpointing_of_a_vlm_changes_no_step(tmp_path):
+    """Checkpointing recomputes the language model's layers (and the vision tower's) in the backward: the same
+    losses and weights, bit for bit, with the chunked loss."""
+    from automodel.backends import build_functional
+    from automodel.config import OptimConfig
+    from automodel.models import enable_activation_checkpointing
+
+    rows = im2latex_rows(8)
+    processor = tiny_processor(tmp_path, [r["answer"] for r in rows])
+    collate = VlmCollator(processor, crop_to_content=True)
+    batch = collate([sample_of(r, {}) for r in rows])
+
+    def run(checkpointing: bool):
+        model = tiny_llava(processor)
+        if checkpointing:
+            enable_activation_checkpointing(model)
+        backend = build_functional(model, optim=OptimConfig(lr=3e-3), clip_grad_norm=1.0, lr_fn=lambda s: 3e-3,
+                                   device=torch.device("cpu"), grad_method="autograd", all_reduce=None, rank=0,
+                                   world_size=1, seed=0, loss_chunk_tokens=16, master_dtype="auto")
+        state, losses = backend.state, []
+        for _ in range(2):
+            state, metrics = backend.step(state, [batch])
+            losses.append(metrics.loss.item())
+        return state, losses
+
+    (with_ac, losses_ac), (without, losses) = run(True), run(False)
+    assert losses_ac == losses
+    assert all(torch.equal(with_ac.params[k], without.params[k]) for k in without.params)

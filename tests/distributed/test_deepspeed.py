@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 from tests.helpers import module_eval_loss
 from tests import helpers
 
+pytestmark = pytest.mark.slow  # every test here starts processes or trains a whole run
+
 pytest.importorskip("deepspeed")
 
 QUIET = ["logging.progress_bar=\"off\"", "eval.at_start=false", "eval.generate_samples=0", "data.validation.limit=16"]

@@ -12,6 +12,8 @@ COMMON = ["train.max_steps=4", "train.log_every=1", "schedule.warmup_steps=1", "
           "train.micro_batch_size=8", "eval.generate_samples=0", "data.validation.limit=16", "eval.at_start=false",
           "checkpoint.save_final=false", "logging.progress_bar=\"off\""]
 
+pytestmark = pytest.mark.slow  # every test here starts processes or trains a whole run
+
 
 def losses(run_dir):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -67,7 +67,7 @@ def test_errors_before_anything_is_written(capsys, tmp_path):
     # A bad point names itself; nothing of the sweep is written.
     code, _, err = launch(capsys, "--gpus-per-node", "1", "--slurm", "--sweep", "optim.lr=1e-3,-1",
                           f"output_dir={out_dir}")
-    assert code == 2 and "sweep point optim.lr=-1" in err and "optim.lr must be > 0" in err
+    assert code == 2 and "sweep point optim.lr=-1" in err and "optim.lr must be a finite number > 0" in err
     code, _, err = launch(capsys, "--gpus-per-node", "1", "--slurm", "--sweep", "optim.lrr=1e-3,2e-3",
                           f"output_dir={out_dir}")
     assert code == 2 and "optim.lr" in err  # the suggestion

@@ -8,8 +8,11 @@ import sys
 import time
 from pathlib import Path
 
-from tests.helpers import REPO
-from tests.helpers import env, train_losses
+import pytest
+
+from tests.helpers import REPO, env, train_losses
+
+pytestmark = pytest.mark.slow  # every test here starts processes or trains a whole run
 
 AUTOMODEL = [sys.executable, "-m", "automodel"]
 QUICK = ["--config", "configs_toml/quickstart.toml", "schedule.warmup_steps=0", "train.log_every=1",

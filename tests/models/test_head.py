@@ -72,3 +72,18 @@ def test_a_head_the_calibration_cannot_explain_falls_back_to_whole_logits():
     expected, _ = token_cross_entropy(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
                                       batch["labels"])
     assert loss(run, batch)[0].item() == expected.item()
+
+
+def test_under_zero3_a_head_with_submodules_takes_the_whole_logits_path():
+    """peft's modules_to_save wraps the head in a module whose forward calls another: under ZeRO-3 each chunk would
+    gather again (and ranks with different numbers of chunks would disagree), so partitioned runs keep such a head on
+    whole logits; unpartitioned ones chunk it."""
+    from automodel.config import PeftConfig
+    from automodel.peft import apply
+
+    model = apply(build("llama", tie_word_embeddings=False), PeftConfig(rank=4, target_modules=["*_proj"],
+                                                                       modules_to_save=["lm_head"]), 0, "base")
+    run = lambda inputs: model(**inputs)  # noqa: E731
+    assert ModelLoss(model, 7, torch.float32).calibrate(run, CPU).startswith("chunks of 7 tokens")
+    line = ModelLoss(model, 7, torch.float32, partitioned=True).calibrate(run, CPU)
+    assert line.startswith("whole logits: under ZeRO-3 the output head (ModulesToSaveWrapper) must be a single module")

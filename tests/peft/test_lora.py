@@ -62,6 +62,7 @@ def test_only_adapters_train_and_the_base_stays_bit_identical():
     assert all(not torch.equal(state.params[k], before[k]) for k in before if "lora_B" in k)
 
 
+@pytest.mark.slow
 def test_adapter_and_merged_exports_reload_with_the_reported_eval_loss(tmp_path):
     cfg = quickstart(tmp_path, *LORA, "train.max_steps=20", "optim.lr=1e-2", "eval.generate_samples=0",
                      "data.validation.limit=64", "checkpoint.export_merged=true")
@@ -94,6 +95,7 @@ def test_adapter_and_merged_exports_reload_with_the_reported_eval_loss(tmp_path)
     assert proc.returncode == 2 and "no adapter_config.json" in proc.stderr
 
 
+@pytest.mark.slow
 def test_lora_resume_reproduces_the_uninterrupted_run(tmp_path):
     common = LORA + ["schedule.kind=constant", "schedule.warmup_steps=0", "train.log_every=1", "checkpoint.every=2",
                      "checkpoint.save_final=false", "eval.generate_samples=0", "data.validation.limit=32",
@@ -105,6 +107,7 @@ def test_lora_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert rows(resumed) == rows(whole) and len(rows(whole)) == 6
 
 
+@pytest.mark.slow
 def test_lora_on_real_data_loss_falls(tmp_path):
     """LoRA as people use it: on a pretrained base. The base is a short full fine-tune on real alpaca text
     (byte-level tokenizer, so it is quick); the adapter then learns LLaMA-Factory's identity set."""

@@ -15,6 +15,8 @@ import automodel
 from automodel.config import load_config
 from tests.helpers import ASSETS, QUICKSTART, REPO, module_eval_loss, quickstart, read_rows, shared_data
 
+pytestmark = pytest.mark.slow  # every test here starts processes or trains a whole run
+
 def greedy_exact_match(final, rows, max_new_tokens: int) -> float:
     """Exact match of a reloaded model, by transformers alone: each prompt as the instruction format renders it
     ("{instruction}\n", the tokenizer's BOS first), greedy generate(), the decoded text against the output."""
@@ -30,8 +32,8 @@ def greedy_exact_match(final, rows, max_new_tokens: int) -> float:
 
 
 def test_run_writes_config_metrics_and_a_model_that_reloads_with_the_same_eval_loss(tmp_path):
-    cfg = quickstart(tmp_path, "train.max_steps=150", "train.log_every=50", "train.eval_every=100",
-                     "eval.generate_samples=16", "data.validation.limit=64")
+    cfg = quickstart(tmp_path, "train.max_steps=200", "schedule.warmup_steps=50", "train.log_every=50",
+                     "train.eval_every=100", "eval.generate_samples=16", "data.validation.limit=64")
     result = automodel.train(cfg)
     out = result.output_dir
     assert load_config(out / "config.toml", world_size=1) == cfg
@@ -39,8 +41,8 @@ def test_run_writes_config_metrics_and_a_model_that_reloads_with_the_same_eval_l
     rows = read_rows(out / "metrics.jsonl")
     train_rows = [r for r in rows if "loss" in r]
     eval_rows = [r for r in rows if "eval_loss" in r]
-    assert [r["step"] for r in train_rows] == [50, 100, 150]
-    assert [r["step"] for r in eval_rows] == [0, 100, 150]  # at_start, eval_every, end
+    assert [r["step"] for r in train_rows] == [50, 100, 150, 200]
+    assert [r["step"] for r in eval_rows] == [0, 100, 200]  # at_start, eval_every, end
     for r in train_rows:
         assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "ms_per_step"} <= set(r)
         assert r["tokens_per_s"] > 0 and r["grad_norm"] > 0
@@ -48,7 +50,7 @@ def test_run_writes_config_metrics_and_a_model_that_reloads_with_the_same_eval_l
     assert eval_rows[-1]["eval_loss"] < eval_rows[0]["eval_loss"]
     assert eval_rows[0]["exact_match"] == 0.0 < eval_rows[-1]["exact_match"]
     assert result.metrics["eval_loss"] == eval_rows[-1]["eval_loss"]
-    assert result.metrics["train_loss"] == train_rows[-1]["loss"] and result.metrics["steps"] == 150
+    assert result.metrics["train_loss"] == train_rows[-1]["loss"] and result.metrics["steps"] == 200
 
     # The export is a plain HF directory; its eval loss is the one the trainer reported.
     final = result.final_dir

@@ -53,6 +53,19 @@ def test_alpha_zero_is_the_fine_tuning_step_bit_for_bit(chunk):
     assert mixed_losses[0] != plain_losses[0]  # with alpha > 0 the teacher is really in the loss
 
 
+def test_a_lora_student_trains_only_its_adapters_from_the_teacher():
+    from automodel.config import PeftConfig
+    from automodel.peft import apply
+
+    student = apply(tiny_llama(), PeftConfig(rank=4, target_modules=["*_proj"]), seed=0, base_path="base")
+    b = backend(student, 8, teacher_of(tiny_llama(seed=7), 0.5, 2.0))
+    assert set(b.state.params) == {n for n, p in student.named_parameters() if "lora_" in n}
+    before = {k: v.clone() for k, v in b.state.params.items()}
+    state, losses = steps(b, [random_batch(4, 16, 64, seed=20 + i % 2) for i in range(6)])
+    assert losses[-1] < losses[0]
+    assert any(not torch.equal(state.params[k], before[k]) for k in before)
+
+
 @pytest.mark.parametrize("chunk", [5, 0], ids=["chunked", "whole-logits"])
 def test_the_step_loss_and_gradients_equal_a_direct_computation_from_both_models(chunk):
     """One micro-batch through the backend's loss (teacher run, hidden states captured, trained positions selected,

@@ -16,6 +16,8 @@ from automodel.config import ConfigError, load_config
 from tests.helpers import REPO, gemma3_processor, im2latex_rows, shared_data, write_jsonl
 from tests import helpers
 
+pytestmark = pytest.mark.slow  # every test here starts processes or trains a whole run
+
 VLM_CPU = REPO / "configs_toml" / "vlm_cpu.toml"
 QUIET = ["logging.progress_bar=\"off\"", "eval.at_start=true", "eval.generate_samples=0"]
 

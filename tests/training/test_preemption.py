@@ -8,7 +8,11 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.helpers import REPO
+
+pytestmark = pytest.mark.slow  # every test here starts processes or trains a whole run
 
 # Constant LR: a run's length does not change its steps, so runs of different max_steps compare step for step.
 COMMON = ["schedule.kind=constant", "schedule.warmup_steps=0", "train.log_every=1", "eval.generate_samples=0",
