@@ -42,7 +42,8 @@ def build_backend(cfg: TrainConfig, model: nn.Module, ds_config: Optional[dict],
     return build_functional(model.to(device), optim=cfg.optim, clip_grad_norm=cfg.optim.clip_grad_norm, lr_fn=lr_fn,
                             device=device, grad_method=cfg.train.grad_method, all_reduce=all_reduce, rank=rank,
                             world_size=world_size, seed=cfg.seed, loss_chunk_tokens=cfg.train.loss_chunk_tokens,
-                            master_dtype=cfg.optim.master_dtype, teacher=teacher)
+                            master_dtype=cfg.optim.master_dtype, teacher=teacher,
+                            on_nonfinite=cfg.train.on_nonfinite)
 
 
 def build_teacher(model: nn.Module, cfg: TrainConfig, ds_config: Optional[dict], device: torch.device) -> Teacher:

@@ -24,5 +24,7 @@ class Backend:
     load: Callable[[TrainState, Path], TrainState]  # every rank; returns the restored state
     export: Callable[[TrainState, Any, Path], None]  # every rank (may be collective); saves the tokenizer/processor too
     trainable_params: int
+    # The trainable tensors' names -> [shape, dtype], as a checkpoint's manifest records them
+    tensor_table: Callable[[TrainState], dict[str, list]]
     loss_description: str  # how the loss is computed (chunks of hidden states or whole logits), for the log
     generate_kwargs: dict = attrs.field(factory=dict)  # e.g. synced_gpus under ZeRO-3

@@ -165,6 +165,8 @@ def build_deepspeed(model: nn.Module, *, ds_config: dict, optim, lr_fn: Callable
                    loss_sum=lambda state, batch: loss(run, batch, distill=False),
                    model_for_generation=model_for_generation, save=save, load=load, export=export,
                    trainable_params=trainable_params, loss_description=loss.description,
+                   tensor_table=lambda state: {n: [list(getattr(p, "ds_shape", p.shape)),
+                                                   str(p.dtype).removeprefix("torch.")] for n, p in sorted(trainable)},
                    generate_kwargs={"synced_gpus": stage == 3 and world_size > 1})
 
 

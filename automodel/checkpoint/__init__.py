@@ -1,27 +1,31 @@
-"""Checkpoints: atomic, resumable, every rank's share.
+"""Checkpoints: atomic, verified, resumable; every rank writes and checks its share.
 
-`save` and `restore` run on every rank; the backend's own save/load functions write and read the
-weights and optimizer state, this module the step, data position and each rank's RNG.
+`save` and `choose` and `restore` run on every rank; the backend's own save/load functions write and read the
+weights and optimizer state, this package the step, data position, each rank's RNG, the manifest (manifest.py) and
+the config's fingerprint (fingerprint.py). docs/reliability.md says what is guaranteed and how it is tested.
 """
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import attrs
 import torch
 
-from automodel.checkpoint import store
+from automodel.checkpoint import fingerprint, manifest, store
+from automodel.checkpoint.lock import RunLock
 from automodel.config import ConfigError
-from automodel.distributed import barrier
+from automodel.distributed import barrier, gather_objects
 from automodel.training.state import TrainState, initial_rng
 
 # train_state.json fields that must match the run being resumed.
 MUST_MATCH = ("backend", "global_batch_size", "seed")
+TRAIN_STATE_KEYS = ("step", "data_position") + MUST_MATCH
 
 
-def save(save_fn: Callable[[TrainState, Path], None], state: TrainState, output_dir: Path, rank: int,
-         keep_last: int, meta: dict[str, Any]) -> Path:
-    """Writes checkpoint `state.step` (collective: every rank calls it) and returns its directory."""
+def save(save_fn: Callable[[TrainState, Path], None], state: TrainState, output_dir: Path, rank: int, world_size: int,
+         keep_last: int, meta: dict[str, Any], tensors: dict[str, list], config: dict[str, Any]) -> Path:
+    """Writes checkpoint `state.step` (collective: every rank calls it) and returns its directory. `tensors`: the
+    trainable tensors' names, shapes and dtypes; `config`: the resolved config of this run."""
     if rank == 0:
         store.prepare(output_dir, state.step)
     barrier()
@@ -30,25 +34,77 @@ def save(save_fn: Callable[[TrainState, Path], None], state: TrainState, output_
     save_fn(state, tmp)
     barrier()
     if rank == 0:
-        store.commit(output_dir, state.step, {"step": state.step, "data_position": state.data_position, **meta},
-                     keep_last)
+        store.write_train_state(tmp, {"step": state.step, "data_position": state.data_position, **meta})
+    barrier()
+    files: dict[str, dict] = {}
+    for share in gather_objects(manifest.hash_share(tmp, rank, world_size, sync=True)):
+        files.update(share)
+    if rank == 0:
+        manifest.write(tmp, files, tensors, config)
+        store.commit(output_dir, state.step, keep_last)
     barrier()
     return store.final_dir(output_dir, state.step)
 
 
+def problems_of(path: Path, rank: int, world_size: int) -> list[str]:
+    """What is wrong with a checkpoint (collective: every rank checks a share of its files); [] if nothing."""
+    try:
+        saved = store.read_train_state(path)
+        found = [f"train_state.json lacks {k}" for k in TRAIN_STATE_KEYS if k not in saved]
+        listed = manifest.read(path)
+    except (OSError, ValueError) as e:  # unreadable or not JSON
+        found, listed = [f"{type(e).__name__}: {e}"], None
+    if listed is not None:
+        found += manifest.check_share(path, listed, rank, world_size)
+    return sorted({p for share in gather_objects(found) for p in share})
+
+
+def choose(paths: list[Path], rank: int, world_size: int, explicit: bool, log: Callable[[str], None]) -> Optional[Path]:
+    """The first of `paths` that passes its check (every rank agrees). One that fails is reported and, with
+    train.resume = "auto", moved aside (`.broken`); a checkpoint named explicitly that fails is an error."""
+    for path in paths:
+        problems = problems_of(path, rank, world_size)
+        if not problems:
+            if manifest.read(path) is None:
+                log(f"checkpoint: {path} has no manifest (written by an older version): its files are not checked")
+            return path
+        message = f"{path} fails its check: {'; '.join(problems[:5])}"
+        if explicit:
+            raise ConfigError(f"train.resume: {message}")
+        if rank == 0:
+            log(f"checkpoint: {message}; moved to {store.quarantine(path)}, trying the one before it")
+        barrier()
+    return None
+
+
 def restore(load_fn: Callable[[TrainState, Path], TrainState], state: TrainState, path: Path, rank: int,
-            device: torch.device, meta: dict[str, Any]) -> TrainState:
-    """The state saved at `path`, checked against this run's `meta` (backend, batch size, seed, ranks)."""
+            device: torch.device, meta: dict[str, Any], config: dict[str, Any], allowed: tuple[str, ...],
+            tensors: dict[str, list]) -> tuple[TrainState, list[str]]:
+    """(the state saved at `path`, the config changes accepted since it was written). Refused: another backend, batch
+    size, seed or ranks (meta), a config change to what is being trained (fingerprint.py), tensors of other names,
+    shapes or dtypes than this model's."""
     saved = store.read_train_state(path)
     for key in MUST_MATCH + (("world_size",) if meta["backend"].startswith("deepspeed") else ()):
         if saved.get(key) != meta.get(key):
             raise ConfigError(f"cannot resume from {path}: it was written with {key} = {saved.get(key)!r}, this "
                               f"run has {meta.get(key)!r}; set train.resume = \"never\" or another output_dir")
+    listed = manifest.read(path)
+    accepted: list[str] = []
+    if listed is not None:
+        refused, accepted = fingerprint.compare(listed["config"], config, allowed)
+        if refused:
+            raise ConfigError(f"cannot resume from {path}: the config changed what is being trained ("
+                              f"{'; '.join(refused)}); start afresh (train.resume = \"never\" or another output_dir)"
+                              ", or for optim/schedule keys list them in train.resume_allow_changes")
+        wrong = manifest.tensor_problems(listed["tensors"], tensors)
+        if wrong:
+            raise ConfigError(f"cannot resume from {path}: its tensors do not match this model's "
+                              f"({'; '.join(wrong[:3])})")
     state = attrs.evolve(state, step=saved["step"], data_position=saved["data_position"])
     state = load_fn(state, path)
     # Another number of ranks (functional backend) has no saved RNG for some ranks: derive one.
     rng = store.load_rng(path, rank) or initial_rng(meta["seed"] + saved["step"], rank, device)
-    return attrs.evolve(state, rng=rng)
+    return attrs.evolve(state, rng=rng), accepted
 
 
-__all__ = ["restore", "save", "store"]
+__all__ = ["RunLock", "choose", "fingerprint", "manifest", "restore", "save", "store"]

@@ -1,11 +1,14 @@
-"""Resumable checkpoints, written so that a crash never leaves one that resume would choose.
+"""Resumable checkpoints on disk, written so that a crash never leaves one that resume would choose.
 
     <output_dir>/checkpoints/.tmp-step_000200/   being written: never chosen
-    <output_dir>/checkpoints/step_000100/        COMPLETE (written last), train_state.json, rng/, weights
+    <output_dir>/checkpoints/step_000100/        manifest.json (files, digests, tensors, config), train_state.json,
+                                                 rng/, the backend's files, COMPLETE (written last)
+    <output_dir>/checkpoints/step_000050.broken/ failed its check at resume: kept for inspection, never chosen
     <output_dir>/checkpoints/latest              the newest complete one's name, replaced after the rename
 
-A checkpoint is written into the temporary directory by every rank, marked complete by rank 0, then
-renamed; only then is `latest` updated and are checkpoints beyond `keep_last` deleted.
+A checkpoint is written into the temporary directory by every rank; its files are hashed (and flushed to disk) by
+the ranks, rank 0 writes the manifest and marks it complete, the directory is flushed, renamed and the rename
+flushed; only then is `latest` updated and are checkpoints beyond `keep_last` deleted (never the new one).
 """
 
 import json
@@ -20,6 +23,7 @@ import torch
 from automodel.config import ConfigError
 
 COMPLETE = "COMPLETE"
+BROKEN = ".broken"
 _NAME = re.compile(r"^step_(\d{6,})$")
 
 
@@ -40,7 +44,7 @@ def is_complete(path: Path) -> bool:
 
 
 def complete_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first. Temporary and unmarked directories are never listed."""
+    """Complete checkpoints, oldest first. Temporary, broken and unmarked directories are never listed."""
     root = checkpoints_dir(output_dir)
     if not root.is_dir():
         return []
@@ -48,18 +52,27 @@ def complete_checkpoints(output_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def resume_path(output_dir: Path, resume: str) -> Optional[Path]:
-    """What `train.resume` points at: None to start afresh."""
+def candidates(output_dir: Path, resume: str) -> list[Path]:
+    """What `train.resume` points at, best first: "never" nothing, "auto" every complete checkpoint newest first
+    (resume takes the first that passes its check), or the one directory named."""
     if resume == "never":
-        return None
+        return []
     if resume == "auto":
-        found = complete_checkpoints(output_dir)
-        return found[-1] if found else None
+        return complete_checkpoints(output_dir)[::-1]
     path = Path(resume)
     if not is_complete(path):
         raise ConfigError(f"train.resume = {resume!r}: not a complete checkpoint directory (it needs "
                           f"{COMPLETE} and train_state.json); use \"auto\" to take the newest in output_dir")
-    return path
+    return [path]
+
+
+def quarantine(path: Path) -> Path:
+    """Rank 0: moves a checkpoint that failed its check aside, so that it is never chosen or pruned."""
+    target = path.with_name(path.name + BROKEN)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(path, target)
+    fsync_dir(path.parent)
+    return target
 
 
 def prepare(output_dir: Path, step: int) -> Path:
@@ -79,22 +92,38 @@ def load_rng(path: Path, rank: int) -> Optional[dict[str, torch.Tensor]]:
     return torch.load(file, weights_only=True) if file.is_file() else None
 
 
-def commit(output_dir: Path, step: int, train_state: dict[str, Any], keep_last: int) -> Path:
-    """Rank 0, after every rank has written: mark complete, rename, point `latest` at it, prune."""
-    tmp, final = staging_dir(output_dir, step), final_dir(output_dir, step)
+def write_train_state(tmp: Path, train_state: dict[str, Any]) -> None:
+    """Rank 0, before the files are hashed (so the manifest covers it)."""
     _write_atomic(tmp / "train_state.json", json.dumps(train_state, indent=2))
+
+
+def commit(output_dir: Path, step: int, keep_last: int) -> Path:
+    """Rank 0, once the manifest is written: mark complete, rename, point `latest` at it, prune."""
+    tmp, final = staging_dir(output_dir, step), final_dir(output_dir, step)
+    for directory in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
+        fsync_dir(directory)
     _write_atomic(tmp / COMPLETE, "")
     if final.exists():  # the same step saved again (a resumed run that ended where it started)
         shutil.rmtree(final)
     os.replace(tmp, final)
+    fsync_dir(final.parent)
     _write_atomic(checkpoints_dir(output_dir) / "latest", final.name + "\n")
     for old in complete_checkpoints(output_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def read_train_state(path: Path) -> dict[str, Any]:
     return json.loads((path / "train_state.json").read_text())
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -104,3 +133,4 @@ def _write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)

@@ -186,8 +186,19 @@ class TrainingConfig:
         "whole logits."
     )
     resume: str = field(
-        "auto", "\"auto\": continue from the newest complete checkpoint in output_dir if there is one; "
-        "\"never\": start afresh; or the path of a checkpoint directory."
+        "auto", "\"auto\": continue from the newest complete checkpoint in output_dir that passes its check (files, "
+        "digests); \"never\": start afresh; or the path of a checkpoint directory."
+    )
+    resume_allow_changes: list[str] = field(
+        doc="Optimizer and schedule keys (or whole sections, e.g. \"optim\") a resumed run may change from the "
+        "checkpoint's config, e.g. [\"optim.lr\"]. Changes to what is being trained are always refused; length, "
+        "cadence and memory settings may always change (docs/reliability.md).",
+        factory=list,
+    )
+    on_nonfinite: Literal["stop", "skip"] = field(
+        "stop", "A step whose loss or gradient norm is not finite: \"stop\" the run (no checkpoint is written after "
+        "it; the newest stays the last good one), or \"skip\" its update and count it (functional backend; "
+        "one device sync per step)."
     )
 
 

@@ -161,6 +161,9 @@ def _memory_problems(cfg: TrainConfig) -> list[str]:
     elif o.master_dtype == "same" and cfg.distributed.backend == "deepspeed":
         problems.append('optim.master_dtype = "same" is for the functional backend; DeepSpeed always keeps float32 '
                         "masters for bfloat16/float16 models")
+    if cfg.train.on_nonfinite == "skip" and cfg.distributed.backend == "deepspeed":
+        problems.append('train.on_nonfinite = "skip" is for the functional backend (a DeepSpeed engine applies its '
+                        'update inside its step); use "stop"')
     if o.fused and cfg.distributed.backend == "deepspeed":
         problems.append("optim.fused is for the functional backend; DeepSpeed's AdamW is fused on CUDA already")
     return problems

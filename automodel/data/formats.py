@@ -4,8 +4,11 @@ A format is a plain function `(row, columns, options) -> Example`, registered by
 configs pick one by name, so no config value imports code.
 """
 
+import contextlib
 import json
-from typing import Any, Callable, Mapping, Optional
+import signal
+import threading
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import attrs
 
@@ -171,8 +174,36 @@ def messages_of(row: Mapping[str, Any], columns: Mapping[str, str]) -> list[dict
     return out
 
 
+class TemplateTimeout(Exception):
+    """A chat template took longer than RENDER_SECONDS to render one conversation (a loop without end?)."""
+
+
+RENDER_SECONDS = 5.0
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """Raises TemplateTimeout in the body after `seconds` (a real-time timer: on the main thread only; elsewhere the
+    body runs unbounded). Jinja's sandbox stops a template from reaching out, not from looping for ever."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise TemplateTimeout(f"rendering one conversation took more than {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def render_chat_template(tokenizer: Any, template: str) -> Callable[[list[dict], bool], str]:
-    """(messages, add_generation_prompt) -> text, through the tokenizer's sandboxed Jinja renderer."""
+    """(messages, add_generation_prompt) -> text, through the tokenizer's sandboxed Jinja renderer, within
+    RENDER_SECONDS per conversation."""
     chosen: Optional[str] = CHAT_TEMPLATES.get(template, template) or None
     if chosen is None and not getattr(tokenizer, "chat_template", None):
         from automodel.config import ConfigError
@@ -181,7 +212,8 @@ def render_chat_template(tokenizer: Any, template: str) -> Callable[[list[dict],
                           "to a Jinja template")
 
     def render(messages: list[dict], add_generation_prompt: bool) -> str:
-        return tokenizer.apply_chat_template(messages, chat_template=chosen, tokenize=False,
+        with _time_limit(RENDER_SECONDS):
+            return tokenizer.apply_chat_template(messages, chat_template=chosen, tokenize=False,
                                              add_generation_prompt=add_generation_prompt)
 
     return render

@@ -16,6 +16,11 @@ BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parqu
 def load_rows(src: DataSourceConfig) -> datasets.Dataset:
     """The rows of `src.split` (datasets slicing syntax works), cut to `src.limit`."""
     path = Path(src.source)
+    if not path.exists() and (path.suffix.lower() in BUILDERS or src.source.startswith((".", "/", "~"))):
+        raise ConfigError(f"{src.source}: no such file (relative paths are relative to {Path.cwd()}); a hub dataset "
+                          "id looks like `namespace/name`")
+    if path.is_file() and path.stat().st_size == 0:
+        raise ConfigError(f"{src.source}: the file is empty")
     squad_rows = _nested_squad_rows(path) if path.is_file() else None
     if squad_rows is not None:
         ds = _slice(datasets.Dataset.from_list(squad_rows), src.split, src.source)
@@ -45,7 +50,7 @@ def _csv_as_text(path: Path) -> dict:
 def _load(name: str, src: DataSourceConfig, **kwargs) -> datasets.Dataset:
     try:
         return datasets.load_dataset(name, split=src.split, **kwargs)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, StopIteration) as e:
         raise ConfigError(f"data source `{src.source}` (split `{src.split}`) could not be loaded: {e}") from None
     except ConnectionError as e:
         raise ConfigError(f"data source `{src.source}`: not a local file and the hub is unreachable: {e}") from None

@@ -18,7 +18,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from automodel.config import ConfigError, DataConfig, DataSourceConfig
-from automodel.data.formats import FORMATS, BadRow, Example, FormatOptions
+from automodel.data.formats import FORMATS, BadRow, Example, FormatOptions, TemplateTimeout
 from automodel.data.sources import load_rows
 from automodel.loss import IGNORE_INDEX
 CACHE_VERSION = 1  # bump when tokenisation changes, so old caches are not reused
@@ -118,7 +118,12 @@ def load_examples(src: DataSourceConfig, options: FormatOptions, rows: Optional[
     fmt = FORMATS[src.format]
     rows = load_rows(src) if rows is None else rows
     examples, skipped = [], 0
-    for i, row in enumerate(rows):
+    for i in range(len(rows)):
+        try:
+            row = rows[i]
+        except UnicodeDecodeError as e:  # datasets decodes text lazily, row by row
+            raise ConfigError(f"{src.source}: row {i} (split `{src.split}`) is not UTF-8 text ({e.reason} at byte "
+                              f"{e.start}); re-encode the file as UTF-8") from None
         try:
             examples.append(fmt(row, src.columns, options))
         except BadRow as e:
@@ -127,6 +132,9 @@ def load_examples(src: DataSourceConfig, options: FormatOptions, rows: Optional[
                 continue
             raise ConfigError(f"{src.source}: row {i} (split `{src.split}`), field `{e.field}`: {e}; fix the row or "
                               f"set data.on_bad_row = \"skip\"") from None
+        except TemplateTimeout as e:
+            raise ConfigError(f"data.chat_template: {src.source} row {i}: {e}; the template loops without end, or "
+                              "nearly: fix it, or use \"chatml\"") from None
     return examples, skipped
 
 

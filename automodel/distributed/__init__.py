@@ -102,6 +102,24 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def gather_objects(obj):
+    """[obj of rank 0, obj of rank 1, ...] (picklable objects; a collective), or [obj] on one rank."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank (a collective); `obj` itself on one rank."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -112,4 +130,4 @@ def barrier() -> None:
         dist.barrier()
 
 
-__all__ = ["AllReduce", "RankInfo", "barrier", "device_for", "first_host", "rank_info", "setup", "teardown"]
+__all__ = ["AllReduce", "RankInfo", "barrier", "broadcast_object", "gather_objects", "device_for", "first_host", "rank_info", "setup", "teardown"]

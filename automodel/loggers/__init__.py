@@ -1,6 +1,7 @@
 """Where metrics go: the console (a tqdm bar on a terminal, plain lines otherwise) and metrics.jsonl."""
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -22,7 +23,27 @@ def format_row(row: dict[str, Any], max_steps: int) -> str:
              f"{row['ms_per_step']:.1f} ms/step", f"pad {100 * row['padding']:.0f}%"]
     if row.get("mfu") is not None:
         parts.append(f"MFU {100 * row['mfu']:.1f}%")
+    if row.get("skipped_steps"):
+        parts.append(f"{row['skipped_steps']} non-finite steps skipped")
     return " | ".join(parts)
+
+
+def read_rows(path: Path) -> tuple[list[dict], int]:
+    """(the rows of a metrics.jsonl, how many lines could not be read): a torn last line, say, is left out."""
+    rows, bad = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+        else:
+            bad += 1
+    return rows, bad
 
 
 class RunLogger:
@@ -35,9 +56,16 @@ class RunLogger:
         # A run from step 0 starts the file afresh; a resumed one continues it, without the rows of the
         # steps it is about to redo (logged after its checkpoint by the run that stopped).
         path = output_dir / "metrics.jsonl"
+        dropped = 0
         if enabled and start_step > 0 and path.exists():
-            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start_step]
-            path.write_text("".join(ln + "\n" for ln in kept))
+            rows, dropped = read_rows(path)
+            # The run resumes at `start_step`: the rows after it are about to be logged again, and so is the final
+            # evaluation when it resumes at the end (re-running a finished run re-evaluates and re-exports).
+            kept = [r for r in rows if r["step"] < start_step or (r["step"] == start_step and not
+                                                                   ("eval_loss" in r and start_step == max_steps))]
+            tmp = path.with_name(path.name + ".partial")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, path)
         self._file = open(path, "a" if start_step > 0 else "w") if enabled else None
         self._summary = output_dir / "summary.json"
         if enabled:  # written again when this run finishes; until then the run is not done
@@ -45,6 +73,9 @@ class RunLogger:
         show = progress_bar == "on" or (progress_bar == "auto" and sys.stderr.isatty())
         self._bar: Optional[tqdm] = (tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True)
                                      if enabled and show else None)
+        if dropped:
+            self.info(f"metrics.jsonl: dropped {dropped} unreadable line(s) (a write cut short: a full disk or a "
+                      "killed process)")
 
     def info(self, message: str) -> None:
         if not self.enabled:

@@ -1,9 +1,11 @@
 """Build the tokenizer and the causal LM that a config names: from the hub, a local dir, or from config."""
 
+from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from automodel.config import ConfigError, ModelConfig, TokenizerConfig
@@ -15,6 +17,7 @@ def build_tokenizer(tok_cfg: TokenizerConfig, model_cfg: ModelConfig) -> PreTrai
     """The tokenizer named in [tokenizer], else the model's. A missing pad token becomes EOS (padding is
     masked out of attention and loss, so which id pads does not matter)."""
     name = tok_cfg.name_or_path or model_cfg.name_or_path
+    missing_local_dir("tokenizer.name_or_path" if tok_cfg.name_or_path else "model.name_or_path", name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=model_cfg.trust_remote_code)
     except (OSError, ValueError) as e:
@@ -41,8 +44,27 @@ def _hf_config(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> tr
         fields.setdefault(name, getattr(tokenizer, name))
     try:
         return AutoConfig.for_model(model_type, **fields)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"model.config: cannot build a `{model_type}` config: {e}") from None
+    except (ValueError, TypeError, StrictDataclassError) as e:
+        raise ConfigError(f"model.config: cannot build a `{model_type}` config: {_last_line(e)}") from None
+
+
+def _last_line(error: BaseException) -> str:
+    """The root cause of a chained error, on one line (transformers' validators wrap theirs)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return " ".join(str(error).split())
+
+
+def looks_local(name: str) -> bool:
+    """A path, not a hub id (`namespace/name`): starts with ".", "/" or "~", or has more than one "/"."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def missing_local_dir(key: str, name: str) -> None:
+    """A name that can only be a local directory, and is not there: one line naming the key, before the hub is
+    asked (which would answer with a complaint about repository names)."""
+    if name and looks_local(name) and not Path(name).expanduser().exists():
+        raise ConfigError(f"{key}: no such directory `{name}` (relative paths are relative to {Path.cwd()})")
 
 
 def build_model(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> torch.nn.Module:
@@ -50,9 +72,14 @@ def build_model(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed
     dtype = DTYPES[model_cfg.dtype]
     common: dict[str, Any] = dict(attn_implementation=model_cfg.attn_implementation,
                                   trust_remote_code=model_cfg.trust_remote_code)
+    missing_local_dir("model.name_or_path", model_cfg.name_or_path)
     if model_cfg.init == "random":
+        hf_cfg = _hf_config(model_cfg, tokenizer)
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(_hf_config(model_cfg, tokenizer), dtype=dtype, **common)
+        try:
+            model = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype, **common)
+        except (ValueError, StrictDataclassError) as e:
+            raise ConfigError(f"model.config: cannot build the model: {_last_line(e)}") from None
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, dtype=dtype, **model_cfg.config,

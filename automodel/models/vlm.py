@@ -67,7 +67,10 @@ def build_processor(tok_cfg: TokenizerConfig, model_cfg: ModelConfig) -> Any:
     """AutoProcessor from [tokenizer] name_or_path, else the model's; right padding, a pad token."""
     from transformers import AutoProcessor
 
+    from automodel.models.build import missing_local_dir
+
     name = tok_cfg.name_or_path or model_cfg.name_or_path
+    missing_local_dir("tokenizer.name_or_path" if tok_cfg.name_or_path else "model.name_or_path", name)
     try:
         processor = AutoProcessor.from_pretrained(name, trust_remote_code=model_cfg.trust_remote_code)
     except (OSError, ValueError, ImportError) as e:

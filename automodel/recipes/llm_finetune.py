@@ -31,15 +31,16 @@ def run(cfg: TrainConfig) -> TrainResult:
 
 def parts(run: Run) -> Parts:
     cfg = run.cfg
-    # Tokenizer and model (under ZeRO-3 a pretrained model loads already partitioned); LoRA per [peft].
+    # The tokenizer, then the data (tokenised and cached once; packed into seq_len rows if asked): a data problem is
+    # reported before any weights load.
     tokenizer = models.build_tokenizer(cfg.tokenizer, cfg.model)
-    model = run.build_model(lambda: models.build_model(cfg.model, tokenizer, cfg.seed))
-    model, base_path = run.apply_lora(model, tokenizer)
-
-    # Data: tokenised (and cached) once; packed into seq_len rows if asked.
     train_set, val_set = data.build(cfg.data, tokenizer, seed=cfg.seed, rank=run.ranks.rank, log=print)
     if cfg.data.packing:
         train_set = data.pack(train_set, cfg.data.seq_len)
+
+    # The model (under ZeRO-3 a pretrained model loads already partitioned); LoRA per [peft].
+    model = run.build_model(lambda: models.build_model(cfg.model, tokenizer, cfg.seed))
+    model, base_path = run.apply_lora(model, tokenizer)
     pad = tokenizer.pad_token_id
     eval_size = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
 

@@ -1,18 +1,20 @@
 """What every recipe does, written once, in the order it happens:
 
-    ranks and device -> the run directory and its config.toml -> the recipe's parts (model, data, evaluation)
-    -> the batch plan -> the backend and resume -> the loop (checkpoints, evaluations, preemption)
-    -> the final checkpoint -> the final evaluation -> the export -> summary.json
+    ranks and device -> signals handled, the run directory locked -> the recipe's parts (model, data, evaluation)
+    -> the batch plan -> the backend and resume (the newest checkpoint that passes its check) -> config.toml
+    -> the loop (checkpoints, evaluations, preemption) -> the final checkpoint -> the final evaluation -> the export
+    -> summary.json
 
 A recipe is a function from a `Run` (what is set up before it) to its `Parts` (what differs: the model and the
 tokenizer or processor saved with it, how training samples become batches, the validation batches, exact match,
 an optional teacher); `run(cfg, parts_of)` does the rest.
 """
 
+import contextlib
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import attrs
 import torch
@@ -22,12 +24,12 @@ from automodel import checkpoint, data, distributed, models
 from automodel import peft as peft_lora
 from automodel.backends import Backend, build_backend, model_init_context
 from automodel.backends.deepspeed_config import deepspeed_config
-from automodel.config import BatchShape, ConfigError, PeftConfig, TrainConfig, save_config
+from automodel.config import BatchShape, ConfigError, PeftConfig, TrainConfig, save_config, to_dict
 from automodel.loggers import RunLogger
 from automodel.training.distill import Teacher
 from automodel.training.evaluate import eval_loss
 from automodel.training.forward import Batch, to_device
-from automodel.training.loop import TrainResult, run_loop
+from automodel.training.loop import NonFiniteLoss, TrainResult, run_loop
 from automodel.training.metrics import peak_flops
 from automodel.training.preemption import Preempted, StopRequest
 from automodel.training.state import TrainState
@@ -98,52 +100,62 @@ def run(cfg: TrainConfig, parts_of: Callable[[Run], Parts]) -> TrainResult:
     use_deepspeed = cfg.distributed.backend == "deepspeed"
     all_reduce = distributed.setup(ranks, device, group_on_one_rank=use_deepspeed)
     out = Path(cfg.output_dir)
-    if ranks.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.toml")
-    setup = Run(cfg, ranks, device, out, deepspeed_config(cfg, ranks.world_size) if use_deepspeed else None)
-    parts = parts_of(setup)
+    # From here to the export, SIGUSR1/SIGTERM (a cluster's time limit or preemption) only set a flag: before the
+    # first step the run exits with status 75 (requeue: nothing new to save); during training it checkpoints at the
+    # next step boundary and exits 75; after the last step it finishes its work. The run directory is locked.
+    with StopRequest() as stop, run_directory(out, ranks.rank):
+        setup = Run(cfg, ranks, device, out, deepspeed_config(cfg, ranks.world_size) if use_deepspeed else None)
+        parts = parts_of(setup)
 
-    # The order of samples, and how long the run is.
-    plan = data.BatchPlan(parts.num_train, BatchShape.of(cfg.train, ranks.world_size), cfg.seed)
-    max_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * plan.steps_per_epoch))
-    if cfg.schedule.warmup_steps > max_steps:
-        raise ConfigError(f"schedule.warmup_steps ({cfg.schedule.warmup_steps}) is larger than the run's "
-                          f"{max_steps} steps ({cfg.train.epochs} epochs of {plan.steps_per_epoch})")
+        # The order of samples, and how long the run is.
+        plan = data.BatchPlan(parts.num_train, BatchShape.of(cfg.train, ranks.world_size), cfg.seed)
+        max_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * plan.steps_per_epoch))
+        if cfg.schedule.warmup_steps > max_steps:
+            raise ConfigError(f"schedule.warmup_steps ({cfg.schedule.warmup_steps}) is larger than the run's "
+                              f"{max_steps} steps ({cfg.train.epochs} epochs of {plan.steps_per_epoch})")
 
-    # The backend owns weights and optimizer state and provides the step; resume per train.resume.
-    backend = build_backend(cfg, parts.model, setup.ds_config, max_steps, device, all_reduce, ranks.rank,
-                            ranks.world_size, teacher=parts.teacher)
-    state, meta, resume_from = resume(cfg, backend, out, ranks.rank, ranks.world_size, device)
+        # The backend owns weights and optimizer state and provides the step; resume from the newest checkpoint that
+        # passes its check, refusing config changes to what is being trained.
+        backend = build_backend(cfg, parts.model, setup.ds_config, max_steps, device, all_reduce, ranks.rank,
+                                ranks.world_size, teacher=parts.teacher)
+        state, meta, resume_from, changes = resume(cfg, backend, out, ranks.rank, ranks.world_size, device)
+        if setup.is_main:  # the resolved config, and one per segment of the run (configs/step_N.toml)
+            save_config(cfg, out / "config.toml")
+            (out / "configs").mkdir(exist_ok=True)
+            save_config(cfg, out / "configs" / f"step_{state.step:06d}.toml")
 
-    logger = RunLogger(out, max_steps, cfg.logging.progress_bar, enabled=setup.is_main, start_step=state.step)
-    note = f"; {parts.model_note}" if parts.model_note else ""
-    logger.info(f"model: {type(parts.model).__name__}, {models.count_params(parts.model):,} parameters "
-                f"({backend.trainable_params:,} trainable{note}), {cfg.model.dtype} on {device}; "
-                f"{ranks.world_size} rank(s), {backend.name} backend")
-    for line in parts.data_lines:
-        logger.info(f"data: {line}")
-    logger.info(f"training: {max_steps} steps of {cfg.train.global_batch_size} samples ({plan.accumulation_steps} "
-                f"accumulation x {cfg.train.micro_batch_size} per rank), {plan.steps_per_epoch} steps per epoch")
-    logger.info(f"memory: activation checkpointing {'on' if cfg.train.activation_checkpointing else 'off'}; loss "
-                f"from {backend.loss_description}")
-    if resume_from is not None:
-        logger.info(f"resumed from {resume_from} at step {state.step}")
+        logger = RunLogger(out, max_steps, cfg.logging.progress_bar, enabled=setup.is_main, start_step=state.step)
+        note = f"; {parts.model_note}" if parts.model_note else ""
+        logger.info(f"model: {type(parts.model).__name__}, {models.count_params(parts.model):,} parameters "
+                    f"({backend.trainable_params:,} trainable{note}), {cfg.model.dtype} on {device}; "
+                    f"{ranks.world_size} rank(s), {backend.name} backend")
+        for line in parts.data_lines:
+            logger.info(f"data: {line}")
+        logger.info(f"training: {max_steps} steps of {cfg.train.global_batch_size} samples "
+                    f"({plan.accumulation_steps} accumulation x {cfg.train.micro_batch_size} per rank), "
+                    f"{plan.steps_per_epoch} steps per epoch")
+        logger.info(f"memory: activation checkpointing {'on' if cfg.train.activation_checkpointing else 'off'}; "
+                    f"loss from {backend.loss_description}")
+        if resume_from is not None:
+            logger.info(f"resumed from {resume_from} at step {state.step}"
+                        + (f"; config changed since: {'; '.join(changes)}" if changes else ""))
+        if stop.agreed(device):
+            logger.close()
+            raise Preempted(state.step, stop.received or "a signal on another rank", saved=False)
 
-    def evaluate(st: TrainState) -> dict:
-        return evaluation(backend, st, parts, cfg.eval.generate_samples > 0, device)
+        def evaluate(st: TrainState) -> dict:
+            return evaluation(backend, st, parts, cfg.eval.generate_samples > 0, device)
 
-    def save_checkpoint(st: TrainState) -> None:
-        logger.info(f"checkpoint: {checkpoint.save(backend.save, st, out, ranks.rank, cfg.checkpoint.keep_last, meta)}")
+        def save_checkpoint(st: TrainState) -> None:
+            path = checkpoint.save(backend.save, st, out, ranks.rank, ranks.world_size, cfg.checkpoint.keep_last,
+                                   meta, backend.tensor_table(st), to_dict(cfg))
+            logger.info(f"checkpoint: {path}")
 
-    validating = parts.val_batches is not None
-    first_eval = evaluate(state) if validating and cfg.eval.at_start and state.step == 0 else None
-    if first_eval is not None:
-        logger.row(first_eval)
+        validating = parts.val_batches is not None
+        first_eval = evaluate(state) if validating and cfg.eval.at_start and state.step == 0 else None
+        if first_eval is not None:
+            logger.row(first_eval)
 
-    # SIGUSR1/SIGTERM (cluster preemption): checkpoint at the next step boundary and exit with status 75.
-    start_step = state.step
-    with StopRequest() as stop:
         try:
             state, last_row = run_loop(
                 state, train_step=backend.step, plan=plan, collate=parts.collate, max_steps=max_steps,
@@ -151,36 +163,59 @@ def run(cfg: TrainConfig, parts_of: Callable[[Run], Parts]) -> TrainResult:
                 eval_every=cfg.train.eval_every, evaluate=evaluate if validating else None,
                 flops_per_token=parts.flops_per_token, peak_flops=peak_flops(device, cfg.logging.peak_tflops),
                 checkpoint_every=cfg.checkpoint.every, save_checkpoint=save_checkpoint, stop=stop,
-            )
-        except Preempted as e:
+            )  # ends with the final checkpoint
+        except (Preempted, NonFiniteLoss) as e:
             logger.info(str(e))
             logger.close()
             raise
-    if state.step > start_step:
-        save_checkpoint(state)
 
-    metrics = {"steps": state.step, "train_loss": last_row.get("loss"), "train_samples": state.data_position,
-               "padding_fraction": last_row.get("run_padding")}
-    if validating:
-        final_eval = evaluate(state)
-        logger.row(final_eval)
-        metrics.update({k: final_eval[k] for k in ("eval_loss", "exact_match") if k in final_eval})
-        metrics.update({f"{k}_at_start": first_eval[k] for k in ("eval_loss", "exact_match")
-                        if first_eval is not None and k in first_eval})
+        metrics = {"steps": state.step, "train_loss": last_row.get("loss"), "train_samples": state.data_position,
+                   "padding_fraction": last_row.get("run_padding")}
+        if validating:
+            final_eval = evaluate(state)
+            logger.row(final_eval)
+            metrics.update({k: final_eval[k] for k in ("eval_loss", "exact_match") if k in final_eval})
+            metrics.update({f"{k}_at_start": first_eval[k] for k in ("eval_loss", "exact_match")
+                            if first_eval is not None and k in first_eval})
 
-    # Every rank exports (under ZeRO-3 it gathers); with [peft] final/ is the adapter, which the merge needs.
-    final_dir = out / "final" if cfg.checkpoint.save_final or cfg.checkpoint.export_merged else None
-    if final_dir is not None:
-        backend.export(state, parts.saver, final_dir)
-    if cfg.checkpoint.export_merged and setup.is_main:
-        peft_lora.merge(parts.base_path, str(final_dir), str(out / "final_merged"), models.DTYPES[cfg.model.dtype])
-        logger.info(f"merged model saved to {out / 'final_merged'}")
-    distributed.barrier()
-    metrics["wall_s"] = time.perf_counter() - started
-    logger.info(summary_line(metrics, final_dir))
-    logger.summary({**metrics, "final_dir": str(final_dir) if final_dir else None})
-    logger.close()
+        # Every rank exports (under ZeRO-3 it gathers); with [peft] final/ is the adapter, which the merge needs.
+        final_dir = out / "final" if cfg.checkpoint.save_final or cfg.checkpoint.export_merged else None
+        if final_dir is not None:
+            backend.export(state, parts.saver, final_dir)
+        if cfg.checkpoint.export_merged and setup.is_main:
+            peft_lora.merge(parts.base_path, str(final_dir), str(out / "final_merged"),
+                            models.DTYPES[cfg.model.dtype])
+            logger.info(f"merged model saved to {out / 'final_merged'}")
+        distributed.barrier()
+        metrics["wall_s"] = time.perf_counter() - started
+        logger.info(summary_line(metrics, final_dir))
+        logger.summary({**metrics, "final_dir": str(final_dir) if final_dir else None})
+        logger.close()
     return TrainResult(output_dir=out, metrics=metrics, final_dir=final_dir)
+
+
+@contextlib.contextmanager
+def run_directory(out: Path, rank: int) -> Iterator[None]:
+    """The output directory, created and locked by rank 0 for the run's life; every rank learns whether that
+    worked (one line naming the problem: a file in the way, no permission, another run holding it)."""
+    lock, problem = checkpoint.RunLock(out), None
+    if rank == 0:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+        except (FileExistsError, NotADirectoryError):
+            problem = f"output_dir {out}: a file is in the way; give a directory"
+        except PermissionError as e:
+            problem = f"output_dir {out}: no permission to write there ({e.strerror}); give another output_dir"
+        except ConfigError as e:
+            problem = str(e)
+    problems = [p for p in distributed.gather_objects(problem) if p]
+    if problems:
+        raise ConfigError(problems[0])
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def evaluation(backend: Backend, state: TrainState, parts: Parts, generate: bool, device: torch.device) -> dict:
@@ -197,15 +232,19 @@ def evaluation(backend: Backend, state: TrainState, parts: Parts, generate: bool
 
 
 def resume(cfg: TrainConfig, backend: Backend, out: Path, rank: int, world_size: int,
-           device: torch.device) -> tuple[TrainState, dict, Optional[Path]]:
-    """(state, checkpoint meta, the checkpoint resumed from or None) per train.resume."""
+           device: torch.device) -> tuple[TrainState, dict, Optional[Path], list[str]]:
+    """(state, checkpoint meta, the checkpoint resumed from or None, config changes accepted since it was written)
+    per train.resume: the newest checkpoint that passes its check (one that fails is reported and moved aside)."""
     meta = {"backend": backend.name, "global_batch_size": cfg.train.global_batch_size, "seed": cfg.seed,
             "world_size": world_size}
-    path = checkpoint.store.resume_path(out, cfg.train.resume)
-    state = backend.state
-    if path is not None:
-        state = checkpoint.restore(backend.load, state, path, rank, device, meta)
-    return state, meta, path
+    log = print if rank == 0 else (lambda _: None)
+    explicit = cfg.train.resume not in ("auto", "never")
+    path = checkpoint.choose(checkpoint.store.candidates(out, cfg.train.resume), rank, world_size, explicit, log)
+    if path is None:
+        return backend.state, meta, None, []
+    state, changes = checkpoint.restore(backend.load, backend.state, path, rank, device, meta, to_dict(cfg),
+                                        tuple(cfg.train.resume_allow_changes), backend.tensor_table(backend.state))
+    return state, meta, path, changes
 
 
 def summary_line(metrics: dict, final_dir: Optional[Path]) -> str:

@@ -32,16 +32,17 @@ def run(cfg: TrainConfig) -> TrainResult:
 
 def parts(run: Run) -> Parts:
     cfg = run.cfg
-    # Processor, model (partitioned at load under ZeRO-3), frozen parts, LoRA off the vision tower.
+    # Conversations with images, read and checked before any weights load; the collator renders, tokenises and
+    # masks them batch by batch.
     processor = vlm_models.build_processor(cfg.tokenizer, cfg.model)
-    model = run.build_model(lambda: vlm_models.build_vlm(cfg.model, processor, cfg.seed))
-    frozen = vlm_models.freeze(model, cfg.model.freeze)
-    model, base_path = run.apply_lora(model, processor, exclude=vlm_models.lora_exclusions(model))
-
-    # Conversations with images; the collator renders, tokenises and masks them batch by batch.
     train_samples, skipped = load_samples(cfg.data.train, cfg.data.on_bad_row)
     val_samples = load_samples(cfg.data.validation, cfg.data.on_bad_row)[0] if cfg.data.validation else None
     collate = VlmCollator(processor, cfg.data.crop_images, cfg.data.seq_len, models.DTYPES[cfg.model.dtype])
+
+    # The model (partitioned at load under ZeRO-3), frozen parts, LoRA off the vision tower.
+    model = run.build_model(lambda: vlm_models.build_vlm(cfg.model, processor, cfg.seed))
+    frozen = vlm_models.freeze(model, cfg.model.freeze)
+    model, base_path = run.apply_lora(model, processor, exclude=vlm_models.lora_exclusions(model))
     eval_size = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
 
     def val_batches():

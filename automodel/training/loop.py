@@ -1,6 +1,5 @@
 """The training loop: batches in, the pure step, and around it every side effect (log, eval, progress)."""
 
-import math
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -16,7 +15,27 @@ from automodel.training.state import TrainState
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """A step's loss or gradient norm was not finite (the run stops; its checkpoints stay the last good ones)."""
+
+
+class FiniteGuard:
+    """Watches every applied step's loss and gradient norm on the device, without a sync, so that no checkpoint is
+    ever written after a non-finite step: `check()` (one sync) raises NonFiniteLoss naming the first such step."""
+
+    def __init__(self, device: torch.device):
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+
+    def observe(self, loss: torch.Tensor, grad_norm: torch.Tensor, step: int) -> None:
+        bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        self.first_bad = torch.where(bad & (self.first_bad < 0), torch.full_like(self.first_bad, step), self.first_bad)
+
+    def check(self) -> None:
+        first = int(self.first_bad)
+        if first >= 0:
+            raise NonFiniteLoss(f"the loss or gradient norm is not finite at step {first}: the run stops, and no "
+                                "checkpoint was written after it (the newest is the last good one); lower optim.lr, "
+                                "keep optim.clip_grad_norm on, use model.dtype = \"float32\", or set "
+                                "train.on_nonfinite = \"skip\"")
 
 
 @attrs.frozen
@@ -45,12 +64,21 @@ def run_loop(
     save_checkpoint: Optional[Callable[[TrainState], None]] = None,
     stop: Optional[StopRequest] = None,
 ) -> tuple[TrainState, dict]:
-    """Steps from state.step to max_steps. Returns the final state and the last logged row.
+    """Steps from state.step to max_steps, then writes the final checkpoint (if a step ran). Returns the final state
+    and the last logged row.
 
     Timing covers whole log windows (no per-step device sync): ms/step, tokens/s (non-padding input
     tokens over all ranks) and the padding fraction are window averages (run_padding: since the start
-    of this process); the loss is that of the logged step.
+    of this process); the loss is that of the logged step. Every step's loss and gradient norm are checked on the
+    device and read at each log and before each checkpoint (FiniteGuard).
     """
+    guard = FiniteGuard(device)
+    start_step, skipped = state.step, 0
+
+    def checkpoint(st: TrainState) -> None:
+        guard.check()
+        save_checkpoint(st)
+
     last_row: dict = {}
     window_start, window_tokens, window_steps, window_slots = time.perf_counter(), 0, 0, 0
     run_tokens = run_slots = 0
@@ -63,14 +91,16 @@ def run_loop(
         micro_batches = [to_device(b, device) for b in cpu_batches]
 
         state, metrics = train_step(state, micro_batches)
+        if metrics.skipped:
+            skipped += 1
+        else:
+            guard.observe(metrics.loss, metrics.grad_norm, state.step)
 
         window_steps += 1
         logger.advance()
         if state.step % log_every == 0 or state.step == max_steps:
             loss = metrics.loss.item()  # the one device sync per log window
-            if not math.isfinite(loss):
-                raise NonFiniteLoss(f"the loss is {loss} at step {state.step}; lower optim.lr, keep "
-                                    f"optim.clip_grad_norm on, or use model.dtype = \"float32\"")
+            guard.check()
             seconds = time.perf_counter() - window_start
             tokens_per_s = window_tokens / seconds
             last_row = {
@@ -80,6 +110,8 @@ def run_loop(
                 "mfu": flops_per_token * tokens_per_s / peak_flops if peak_flops else None,
                 "padding": 1 - window_tokens / window_slots, "run_padding": 1 - run_tokens / run_slots,
             }
+            if skipped:
+                last_row["skipped_steps"] = skipped
             logger.row(last_row)
             window_start, window_tokens, window_steps, window_slots = time.perf_counter(), 0, 0, 0
         if evaluate is not None and eval_every and state.step % eval_every == 0 and state.step < max_steps:
@@ -87,11 +119,13 @@ def run_loop(
             window_start = time.perf_counter()  # eval time is not step time
         if save_checkpoint is not None and checkpoint_every and state.step % checkpoint_every == 0 \
                 and state.step < max_steps:
-            save_checkpoint(state)
+            checkpoint(state)
             window_start = time.perf_counter()
         if stop is not None and state.step < max_steps and stop.agreed(device):
             if save_checkpoint is not None and not (checkpoint_every and state.step % checkpoint_every == 0):
-                save_checkpoint(state)
+                checkpoint(state)
             stop.checkpointed = save_checkpoint is not None
             raise Preempted(state.step, stop.received or "a signal on another rank")
+    if save_checkpoint is not None and state.step > start_step:
+        checkpoint(state)
     return state, last_row

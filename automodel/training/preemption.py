@@ -19,9 +19,12 @@ SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 class Preempted(Exception):
-    def __init__(self, step: int, signal_name: str):
-        super().__init__(f"stopped at step {step} on {signal_name}; a checkpoint was written, run the same command "
-                         "again to resume")
+    def __init__(self, step: int, signal_name: str, saved: bool = True):
+        if saved:
+            message = f"stopped at step {step} on {signal_name}; a checkpoint was written"
+        else:  # before the first step of this process: what is on disk is all there is
+            message = f"stopped before training (step {step}) on {signal_name}; nothing new to save"
+        super().__init__(message + "; run the same command again to resume")
         self.step = step
 
 

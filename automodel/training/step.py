@@ -31,6 +31,7 @@ class StepMetrics:
     grad_norm: torch.Tensor  # global L2 norm before clipping
     lr: float
     label_tokens: torch.Tensor  # N
+    skipped: bool = False  # train.on_nonfinite = "skip" dropped this update (its loss or gradients were not finite)
 
 
 def make_train_step(
@@ -44,8 +45,11 @@ def make_train_step(
     grad_method: str = "autograd",
     all_reduce: AllReduce = None,
     world_size: int = 1,
+    on_nonfinite: str = "stop",
 ) -> Callable[[TrainState, Sequence[Batch]], tuple[TrainState, StepMetrics]]:
-    """The functional step over `binding.model`, whose trainable tensors the state holds."""
+    """The functional step over `binding.model`, whose trainable tensors the state holds. on_nonfinite = "skip":
+    a step whose loss or gradient norm is not finite leaves weights and moments as they were (deciding that reads
+    the norm on the host: one device sync per step); "stop" applies every update and leaves the check to the loop."""
 
     def grads_autograd(params: Tensors, batch: Batch, n: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
@@ -93,11 +97,16 @@ def make_train_step(
         loss_total = reduced.pop()
         del reduced
         grad_norm = clip_by_global_norm_(grads, clip_grad_norm)
+        samples = world_size * sum(b["input_ids"].shape[0] for b in micro_batches)
+        lr = lr_fn(state.step)
+        if on_nonfinite == "skip" and not bool(torch.isfinite(grad_norm) & torch.isfinite(loss_total)):
+            unchanged = attrs.evolve(state, step=state.step + 1, rng=rng_out[0],
+                                     data_position=state.data_position + samples)
+            return unchanged, StepMetrics(loss=loss_total / n, grad_norm=grad_norm, lr=lr, label_tokens=n,
+                                          skipped=True)
         grads_by_name = dict(zip(state.params, grads))
         del grads  # adamw_update_ frees each gradient once read
-        lr = lr_fn(state.step)
         params, opt_state = adamw_update_(state.params, grads_by_name, state.opt_state, lr, hyper)
-        samples = world_size * sum(b["input_ids"].shape[0] for b in micro_batches)
         new_state = attrs.evolve(state, step=state.step + 1, params=params, opt_state=opt_state, rng=rng_out[0],
                                  data_position=state.data_position + samples)
         return new_state, StepMetrics(loss=loss_total / n, grad_norm=grad_norm, lr=lr, label_tokens=n)
