@@ -81,6 +81,7 @@ def _add_launch_parser(sub) -> None:
 def run_command(config: str, overrides: Sequence[str]) -> int:
     import automodel
     from automodel import distributed
+    from automodel.training.loop import NonFiniteLoss
     from automodel.training.preemption import Preempted
 
     try:
@@ -89,6 +90,10 @@ def run_command(config: str, overrides: Sequence[str]) -> int:
         distributed.teardown()
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    except NonFiniteLoss as e:  # the run's checkpoints are the last good ones; retrying as it is would fail again
+        distributed.teardown()
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except Preempted:
         # "Try again": the batch script requeues on it. The checkpoint is complete on every rank; during the
         # interpreter's shutdown a SIGTERM would kill with 143 (srun sends one to the other ranks as soon as the

@@ -10,6 +10,7 @@
   validation data; logging; launch) may change, and the run says what changed.
 """
 
+from pathlib import Path
 from typing import Any
 
 FROZEN = ("recipe", "seed", "model", "tokenizer", "peft", "distill", "data", "train.global_batch_size",
@@ -23,11 +24,24 @@ FREE_INSIDE = ("model.attn_implementation", "data.validation", "data.validation_
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out = {}
     for key, value in d.items():
-        if isinstance(value, dict) and value and key not in ("config", "columns", "deepspeed_overrides", "env"):
+        if isinstance(value, dict) and value:
             out.update(flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+PATH_KEYS = ("name_or_path", "source", "teacher", "cache_dir")
+
+
+def _same(key: str, before: Any, after: Any) -> bool:
+    """Equal, or the same local file or directory written differently (relative or absolute)."""
+    if before == after:
+        return True
+    if key.rsplit(".", 1)[-1] in PATH_KEYS and isinstance(before, str) and isinstance(after, str):
+        a, b = Path(before).expanduser(), Path(after).expanduser()
+        return a.exists() and b.exists() and a.resolve() == b.resolve()
+    return False
 
 
 def _under(key: str, prefixes: tuple[str, ...]) -> bool:
@@ -43,7 +57,7 @@ def compare(saved: dict[str, Any], current: dict[str, Any],
         if key in ("train.resume", "train.resume_allow_changes", "output_dir"):
             continue
         before, after = old.get(key), new.get(key)
-        if before == after:
+        if _same(key, before, after):
             continue
         line = f"{key}: {before!r} -> {after!r}"
         frozen = _under(key, FROZEN) and not _under(key, FREE_INSIDE)

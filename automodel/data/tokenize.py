@@ -213,6 +213,8 @@ def build(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 
         if use_cache and rank == 0 and not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             save_set(_tokenize_split(name, src, carve, data_cfg, tokenizer, options, log, rank), path)
+        elif use_cache and rank == 0 and log is not None:
+            log(f"data: {name} read from the tokenisation cache, {path} (data.cache_dir or $AUTOMODEL_CACHE moves it)")
         if use_cache:
             barrier()
             sets[name] = load_set(path)

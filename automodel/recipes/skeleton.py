@@ -140,8 +140,10 @@ def run(cfg: TrainConfig, parts_of: Callable[[Run], Parts]) -> TrainResult:
             logger.info(f"resumed from {resume_from} at step {state.step}"
                         + (f"; config changed since: {'; '.join(changes)}" if changes else ""))
         if stop.agreed(device):
+            early = Preempted(state.step, stop.received or "a signal on another rank", saved=False)
+            logger.info(str(early))
             logger.close()
-            raise Preempted(state.step, stop.received or "a signal on another rank", saved=False)
+            raise early
 
         def evaluate(st: TrainState) -> dict:
             return evaluation(backend, st, parts, cfg.eval.generate_samples > 0, device)

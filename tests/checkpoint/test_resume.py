@@ -43,11 +43,11 @@ def test_resume_ignores_half_written_checkpoints_and_honours_never_and_paths(tmp
     shutil.copytree(ckpts / "step_000004", ckpts / ".tmp-step_000006")  # crashed while writing
     shutil.copytree(ckpts / "step_000004", ckpts / "step_000008")
     (ckpts / "step_000008" / "COMPLETE").unlink()  # crashed before marking complete
-    assert store.resume_path(out, "auto") == ckpts / "step_000004"
-    assert store.resume_path(out, "never") is None
-    assert store.resume_path(out, str(ckpts / "step_000002")) == ckpts / "step_000002"
+    assert store.candidates(out, "auto") == [ckpts / "step_000004", ckpts / "step_000002"]
+    assert store.candidates(out, "never") == []
+    assert store.candidates(out, str(ckpts / "step_000002")) == [ckpts / "step_000002"]
     with pytest.raises(automodel.ConfigError, match="not a complete checkpoint directory"):
-        store.resume_path(out, str(ckpts / "step_000008"))
+        store.candidates(out, str(ckpts / "step_000008"))
 
     again = automodel.train(quickstart(tmp_path / "run", *COMMON, "train.max_steps=6"))
     assert again.metrics["steps"] == 6
@@ -71,3 +71,6 @@ def test_rerunning_a_finished_run_only_evaluates_and_exports(tmp_path):
     assert again.metrics["steps"] == 2 and again.metrics["train_loss"] is None
     assert again.metrics["eval_loss"] == first.metrics["eval_loss"]
     assert (again.final_dir / "model.safetensors").is_file() and sorted(losses(again.output_dir)) == [1, 2]
+    # Re-evaluating replaces the final evaluation's row rather than adding one each time.
+    evals = [r for r in read_rows(again.output_dir / "metrics.jsonl") if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2]

@@ -40,8 +40,15 @@ def test_pretrained_dir_with_config_overrides_and_vocab_check(tmp_path):
     tiny_llama(vocab_size=100).save_pretrained(small)
     with pytest.raises(ConfigError, match="tokenizer has 259 tokens but the model's embedding has 100 rows"):
         build_model(ModelConfig(name_or_path=str(small)), tok, seed=0)
-    with pytest.raises(ConfigError, match="could not be loaded"):
+    # A missing local directory is named as one (not as a malformed hub repository id).
+    with pytest.raises(ConfigError, match=r"model.name_or_path: no such directory `.*/missing`"):
         build_model(ModelConfig(name_or_path=str(tmp_path / "missing")), tok, seed=0)
+    with pytest.raises(ConfigError, match=r"tokenizer.name_or_path: no such directory `\./tokenizr`"):
+        build_tokenizer(TokenizerConfig(name_or_path="./tokenizr"), cfg)
+    with pytest.raises(ConfigError, match=r"model.config: cannot build a `llama` config: The hidden size \(130\) is "
+                                          r"not a multiple of the number of attention heads \(4\)"):
+        build_model(ModelConfig(init="random", config={"model_type": "llama", "hidden_size": 130,
+                                                       "num_attention_heads": 4}), tok, seed=0)
 
 
 def test_param_binding_owns_the_weights_and_keeps_ties(tmp_path):
