@@ -62,11 +62,13 @@ def free_port() -> int:
 COMMON = ["schedule.kind=constant", "schedule.warmup_steps=0", "train.log_every=1", "checkpoint.every=2",
           "checkpoint.keep_last=2", "checkpoint.save_final=false", "eval.generate_samples=0", "eval.at_start=false",
           "data.validation.limit=16", "train.global_batch_size=16", "train.micro_batch_size=8", "train.eval_every=3",
-          'logging.progress_bar="off"', "train.max_steps=8"]
+          'logging.progress_bar="off"']
+# Long enough that a kill 0-3 s after the first checkpoint lands mid-run (a ZeRO-3 step on 2 CPU ranks is ~10x slower).
+STEPS = {"functional": 40, "zero3": 12}
 
 
 def command(backend: str) -> list[str]:
-    run = ["launch/run.py", "--config", "configs_toml/quickstart.toml", *COMMON]
+    run = ["launch/run.py", "--config", "configs_toml/quickstart.toml", *COMMON, f"train.max_steps={STEPS[backend]}"]
     if backend == "zero3":
         launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port",
                     str(free_port())]

@@ -68,7 +68,7 @@ def test_a_second_run_on_a_locked_directory_is_refused_naming_the_holder(tmp_pat
 
 def test_a_lock_left_by_a_dead_process_never_blocks(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from automodel.checkpoint import RunLock; "
-                               f"RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)",
+                               "RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)",
                                str(tmp_path)], stdout=subprocess.PIPE, text=True, cwd=REPO)
     assert holder.stdout.readline().strip() == "held"
     with pytest.raises(ConfigError, match=f"pid {holder.pid}"):
