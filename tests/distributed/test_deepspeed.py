@@ -95,7 +95,7 @@ RESUME = QUIET + ["train.log_every=1", "schedule.kind=constant", "schedule.warmu
                   "distributed.backend=deepspeed", "optim.lr=1e-3"]
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [3])  # ZeRO-2 too when run by hand: [2, 3] (docs/reliability.md: more trials)
 def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path, stage):
     common = RESUME + [f"distributed.zero_stage={stage}"]
     whole = tmp_path / "whole"
