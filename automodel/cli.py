@@ -10,6 +10,9 @@
                                                            print and run the deepspeed command, or write an
                                                            sbatch script (job array for sweeps)
     automodel sweep status RUN_DIR                         each sweep task's state and final metrics
+    automodel plot RUN_DIR [RUN_DIR ...] [--out F]         loss curves of runs (or of every task of a sweep)
+    automodel chat MODEL_DIR [--max-new-tokens N ...]      talk to a trained model (or LoRA adapter)
+    automodel generate MODEL_DIR --prompt TEXT             one answer, printed as it is generated
 """
 
 import argparse
@@ -53,7 +56,37 @@ def build_parser() -> argparse.ArgumentParser:
     sweep_sub = sweep.add_subparsers(dest="sweep_command", required=True)
     status = sweep_sub.add_parser("status", help="state and final metrics of each task of a sweep")
     status.add_argument("run_dir", help="the sweep's output_dir (holds sweep.json)")
+    plot = sub.add_parser("plot", help="draw the loss curves of runs or sweeps into one PNG")
+    plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                      help="a run's output_dir (metrics.jsonl) or a sweep's (sweep.json: every task, labelled by its "
+                      "overrides)")
+    plot.add_argument("--out", default=None, help="the PNG to write (default: loss.png in the current directory, or "
+                      "RUN_DIR/plots/loss.png for a single run)")
+    plot.add_argument("--title", default=None)
+    for name, text in (("chat", "a terminal chat with a saved model or adapter"),
+                       ("generate", "generate one answer to --prompt")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("model_dir", metavar="MODEL_DIR", help="a run's final/ (or final_merged/), any saved causal "
+                       "LM directory, or a LoRA adapter directory")
+        _add_generation_args(p)
+        if name == "generate":
+            p.add_argument("--prompt", required=True, help="the user's message (or, with --raw, the text to continue)")
+            p.add_argument("--raw", action="store_true", help="continue --prompt as plain text, without the chat "
+                           "template")
     return parser
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="seeds sampling")
+    p.add_argument("--system", default="", help="a system message that starts every conversation")
+    p.add_argument("--chat-template", default="", help="\"chatml\" or a Jinja template, for a tokenizer without one")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
 
 
 def _add_launch_parser(sub) -> None:
@@ -135,6 +168,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return run_command(args.config, args.overrides)
     if args.command in ("launch", "sweep"):
         return _launch_or_sweep(args)
+    if args.command in ("chat", "generate", "plot"):
+        try:
+            return _plot(args) if args.command == "plot" else _talk(args)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
     if args.command == "merge":
         from automodel.models import DTYPES
         from automodel.peft import merge
@@ -166,6 +205,40 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from automodel.loggers.plot import plot_runs, runs_of
+
+    runs = runs_of(args.run_dirs)
+    single = len(args.run_dirs) == 1 and not (Path(args.run_dirs[0]) / "sweep.json").is_file()
+    out = Path(args.out) if args.out else (Path(args.run_dirs[0]) / "plots" / "loss.png" if single
+                                           else Path("loss.png"))
+    print(f"plotted {len(runs)} run(s) to {plot_runs(runs, out, args.title)}")
+    return 0
+
+
+def _talk(args: argparse.Namespace) -> int:
+    import torch
+
+    from automodel import chat
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = chat.load(args.model_dir, args.dtype, device, args.chat_template)
+    settings = chat.GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                       top_p=args.top_p, top_k=args.top_k,
+                                       repetition_penalty=args.repetition_penalty, seed=args.seed)
+    if args.command == "chat":
+        return chat.chat(model, tokenizer, settings, system=args.system, name=args.model_dir)
+    if not args.raw and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"{args.model_dir}: the tokenizer has no chat template; pass --chat-template chatml, or "
+                          "--raw to continue the prompt as plain text")
+    messages = None if args.raw else ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": args.prompt}]
+    chat.reply(model, tokenizer, messages, settings, sys.stdout, prompt=args.prompt)
     return 0
 
 

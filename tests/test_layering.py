@@ -17,7 +17,7 @@ LAYERS = [
     ["checkpoint"],
     ["backends"],
     ["recipes"],
-    ["launcher"],
+    ["launcher", "chat"],
     ["cli"],
 ]
 RANK = {package: i for i, layer in enumerate(LAYERS) for package in layer}

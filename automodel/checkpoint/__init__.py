@@ -23,9 +23,11 @@ TRAIN_STATE_KEYS = ("step", "data_position") + MUST_MATCH
 
 
 def save(save_fn: Callable[[TrainState, Path], None], state: TrainState, output_dir: Path, rank: int, world_size: int,
-         keep_last: int, meta: dict[str, Any], tensors: dict[str, list], config: dict[str, Any]) -> Path:
+         keep_last: int, meta: dict[str, Any], tensors: dict[str, list], config: dict[str, Any],
+         extra: Optional[dict[str, Any]] = None, keep: Optional[int] = None) -> Path:
     """Writes checkpoint `state.step` (collective: every rank calls it) and returns its directory. `tensors`: the
-    trainable tensors' names, shapes and dtypes; `config`: the resolved config of this run."""
+    trainable tensors' names, shapes and dtypes; `config`: the resolved config of this run; `extra`: more
+    train_state.json fields (the evaluation record); `keep`: a step whose checkpoint is never pruned (the best)."""
     if rank == 0:
         store.prepare(output_dir, state.step)
     barrier()
@@ -34,14 +36,15 @@ def save(save_fn: Callable[[TrainState, Path], None], state: TrainState, output_
     save_fn(state, tmp)
     barrier()
     if rank == 0:
-        store.write_train_state(tmp, {"step": state.step, "data_position": state.data_position, **meta})
+        store.write_train_state(tmp, {"step": state.step, "data_position": state.data_position, **meta,
+                                      **(extra or {})})
     barrier()
     files: dict[str, dict] = {}
     for share in gather_objects(manifest.hash_share(tmp, rank, world_size, sync=True)):
         files.update(share)
     if rank == 0:
         manifest.write(tmp, files, tensors, config)
-        store.commit(output_dir, state.step, keep_last)
+        store.commit(output_dir, state.step, keep_last, keep)
     barrier()
     return store.final_dir(output_dir, state.step)
 

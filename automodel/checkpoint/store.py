@@ -97,8 +97,9 @@ def write_train_state(tmp: Path, train_state: dict[str, Any]) -> None:
     _write_atomic(tmp / "train_state.json", json.dumps(train_state, indent=2))
 
 
-def commit(output_dir: Path, step: int, keep_last: int) -> Path:
-    """Rank 0, once the manifest is written: mark complete, rename, point `latest` at it, prune."""
+def commit(output_dir: Path, step: int, keep_last: int, keep: Optional[int] = None) -> Path:
+    """Rank 0, once the manifest is written: mark complete, rename, point `latest` at it, prune (never the new one,
+    nor that of step `keep`)."""
     tmp, final = staging_dir(output_dir, step), final_dir(output_dir, step)
     for directory in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
         fsync_dir(directory)
@@ -109,7 +110,7 @@ def commit(output_dir: Path, step: int, keep_last: int) -> Path:
     fsync_dir(final.parent)
     _write_atomic(checkpoints_dir(output_dir) / "latest", final.name + "\n")
     for old in complete_checkpoints(output_dir)[:-keep_last]:
-        if old != final:
+        if old != final and old != final_dir(output_dir, keep if keep is not None else -1):
             shutil.rmtree(old, ignore_errors=True)
     return final
 

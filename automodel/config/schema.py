@@ -200,6 +200,14 @@ class TrainingConfig:
         "it; the newest stays the last good one), or \"skip\" its update and count it (functional backend; "
         "one device sync per step)."
     )
+    early_stopping_patience: int = field(
+        0, "End the run after this many evaluations in a row without an eval_loss improvement of at least "
+        "early_stopping_min_delta (checkpointed; summary.json says why); 0 turns it off. Needs validation data and "
+        "train.eval_every."
+    )
+    early_stopping_min_delta: float = field(
+        0.0, "The smallest drop of eval_loss below the best so far that counts as an improvement."
+    )
 
 
 @attrs.frozen(kw_only=True)
@@ -251,15 +259,47 @@ class CheckpointConfig:
         False, "With [peft]: also write the base model with the adapter merged in to <output_dir>/final_merged "
         "(the adapter is then written to final/ as well)."
     )
+    keep_best: bool = field(
+        False, "Checkpoint at each evaluation that improves eval_loss and keep that checkpoint besides the keep_last "
+        "newest; final/ (and final_merged/) is then the best-eval model, and summary.json names its step."
+    )
 
 
 @attrs.frozen(kw_only=True)
 class LoggingConfig:
-    """Console, progress bar and metrics.jsonl."""
+    """Console, progress bar, metrics.jsonl, experiment trackers, loss plots and profiles (rank 0 writes)."""
 
     progress_bar: Literal["auto", "on", "off"] = field("auto", "tqdm bar: auto shows it only on a terminal.")
     peak_tflops: float = field(
         0.0, "Accelerator peak TFLOP/s for MFU; 0 uses a built-in table of known GPUs (no MFU on CPU)."
+    )
+    backends: list[Literal["tensorboard", "wandb", "mlflow"]] = field(
+        doc="Experiment trackers that get the same scalars as metrics.jsonl (always written) and the resolved config: "
+        "\"tensorboard\" (<output_dir>/tensorboard), \"wandb\", \"mlflow\"; each is an extra, e.g. "
+        "`pip install 'automodel[wandb]'` (docs/tracking.md).",
+        factory=list,
+    )
+    run_name: str = field("", "The run's name in the trackers; empty means the name of output_dir.")
+    wandb_project: str = field("automodel", "W&B project.")
+    wandb_mode: Literal["", "online", "offline"] = field(
+        "", "W&B mode; empty leaves it to W&B (WANDB_MODE, else online). \"offline\" writes <output_dir>/wandb only "
+        "(upload later with `wandb sync`)."
+    )
+    mlflow_tracking_uri: str = field(
+        "", "MLflow tracking URI; empty means MLFLOW_TRACKING_URI, else a SQLite store at <output_dir>/mlflow.db."
+    )
+    mlflow_experiment: str = field("automodel", "MLflow experiment name.")
+    plot: bool = field(
+        True, "Draw <output_dir>/plots/loss.png (train and eval loss, lr) at each evaluation and at the end."
+    )
+    profile_steps: list[int] = field(
+        doc="[first, last]: a torch.profiler trace of these steps in <output_dir>/profile/ (TensorBoard or "
+        "Perfetto); empty profiles nothing.",
+        factory=list,
+    )
+    verbose: bool = field(
+        False, "Show third-party progress bars and warnings on the console; by default they go to "
+        "<output_dir>/logs/debug.log."
     )
 
 

@@ -45,7 +45,7 @@ def validate(cfg: TrainConfig, world_size: int = 1, source: str = "config") -> T
     """`cfg` if every check passes, else a ConfigError listing each problem on a line of its own."""
     problems = [*_schedule_problems(cfg, world_size), *_model_problems(cfg), *_data_problems(cfg),
                 *_distributed_problems(cfg), *_memory_problems(cfg), *_vlm_problems(cfg), *_distill_problems(cfg),
-                *_launch_problems(cfg.launch)]
+                *_logging_problems(cfg), *_launch_problems(cfg.launch)]
     if problems:
         raise ConfigError(f"{source}: " + f"\n{source}: ".join(problems))
     return cfg
@@ -123,6 +123,25 @@ def _data_problems(cfg: TrainConfig) -> list[str]:
             problems.append(f"data.{name}.limit must be >= 1 (got {src.limit}); leave it out for all rows")
     if cfg.eval.generate_samples > 0 and d.validation is None:
         problems.append("eval.generate_samples needs a [data.validation] set")
+    return problems
+
+
+def _logging_problems(cfg: TrainConfig) -> list[str]:
+    """Trackers, profiling, early stopping and the best checkpoint."""
+    problems = []
+    t, log = cfg.train, cfg.logging
+    validating = cfg.data.validation is not None or cfg.data.validation_fraction > 0
+    if len(set(log.backends)) != len(log.backends):
+        problems.append(f"logging.backends lists a tracker twice ({log.backends})")
+    if log.profile_steps and not (len(log.profile_steps) == 2 and 1 <= log.profile_steps[0] <= log.profile_steps[1]):
+        problems.append(f"logging.profile_steps must be [first, last] with 1 <= first <= last (got {log.profile_steps})")
+    if t.early_stopping_patience < 0 or t.early_stopping_min_delta < 0:
+        problems.append("train.early_stopping_patience and train.early_stopping_min_delta must be >= 0")
+    for key, on in (("train.early_stopping_patience", t.early_stopping_patience > 0),
+                    ("checkpoint.keep_best", cfg.checkpoint.keep_best)):
+        if on and not (validating and t.eval_every > 0):
+            problems.append(f"{key} needs evaluations: a validation set ([data.validation] or "
+                            "data.validation_fraction) and train.eval_every > 0")
     return problems
 
 

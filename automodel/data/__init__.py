@@ -1,11 +1,12 @@
 """Data: sources (hub or local files), row formats, tokenisation with masking, caching, packing, batch order."""
 
 from automodel.data.batching import BatchPlan, collate, eval_batches
-from automodel.data.formats import CHAT_TEMPLATES, FORMATS, PROMPT_TEMPLATES, BadRow, Example, FormatOptions
+from automodel.data.formats import (CHAT_TEMPLATES, FORMATS, PROMPT_TEMPLATES, BadRow, Example, FormatOptions,
+                                    trained_chat_template)
 from automodel.data.packing import block_causal_mask, pack
 from automodel.data.sources import load_rows
 from automodel.data.tokenize import TokenizedSet, build, load_examples, tokenize_examples
 
 __all__ = ["BatchPlan", "BadRow", "CHAT_TEMPLATES", "Example", "FORMATS", "FormatOptions",
            "PROMPT_TEMPLATES", "TokenizedSet", "block_causal_mask", "build", "collate", "eval_batches",
-           "load_examples", "load_rows", "pack", "tokenize_examples"]
+           "load_examples", "load_rows", "pack", "tokenize_examples", "trained_chat_template"]

@@ -121,6 +121,16 @@ CHAT_TEMPLATES = {
         "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
     ),
 }
+
+
+def trained_chat_template(sources: list[Any], chat_template: str) -> Optional[str]:
+    """The template a run with these data sources renders chats with, when it is not the tokenizer's own (then the
+    export must carry it: whoever serves the model builds prompts the way training did); else None."""
+    if not chat_template or not any(s is not None and s.format == "chat" for s in sources):
+        return None
+    return CHAT_TEMPLATES.get(chat_template, chat_template)
+
+
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
                   "function_call": "assistant", "observation": "tool", "tool": "tool"}
 

@@ -213,6 +213,9 @@ def build(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 
         if use_cache and rank == 0 and not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             save_set(_tokenize_split(name, src, carve, data_cfg, tokenizer, options, log, rank), path)
+            if log is not None:
+                log(f"data: {name} written to the tokenisation cache, {path} (data.cache_dir or $AUTOMODEL_CACHE "
+                    "moves it)")
         elif use_cache and rank == 0 and log is not None:
             log(f"data: {name} read from the tokenisation cache, {path} (data.cache_dir or $AUTOMODEL_CACHE moves it)")
         if use_cache:

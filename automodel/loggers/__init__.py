@@ -1,12 +1,17 @@
-"""Where metrics go: the console (a tqdm bar on a terminal, plain lines otherwise) and metrics.jsonl."""
+"""Where metrics go: the console (a tqdm bar on a terminal, plain lines otherwise), metrics.jsonl, the experiment
+trackers (trackers.py) and plots/loss.png (plot.py)."""
 
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from tqdm.auto import tqdm
+
+from automodel.loggers.metrics import read_rows
+from automodel.loggers.plot import plot_runs
+from automodel.loggers.trackers import Tracker, scalars
 
 
 
@@ -28,31 +33,16 @@ def format_row(row: dict[str, Any], max_steps: int) -> str:
     return " | ".join(parts)
 
 
-def read_rows(path: Path) -> tuple[list[dict], int]:
-    """(the rows of a metrics.jsonl, how many lines could not be read): a torn last line, say, is left out."""
-    rows, bad = [], 0
-    for line in path.read_text(errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            bad += 1
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int):
-            rows.append(row)
-        else:
-            bad += 1
-    return rows, bad
-
-
 class RunLogger:
     """One per run; only rank 0 writes. `row(...)` prints a line and appends it to metrics.jsonl."""
 
     def __init__(self, output_dir: Path, max_steps: int, progress_bar: str, enabled: bool = True,
-                 start_step: int = 0):
+                 start_step: int = 0, trackers: Sequence[Tracker] = (), plot: bool = False, redo_eval: bool = False):
         self.enabled = enabled
         self.max_steps = max_steps
+        self.trackers = list(trackers)
+        self.plot_path: Optional[Path] = output_dir / "plots" / "loss.png" if plot and enabled else None
+        self._output_dir = output_dir
         # A run from step 0 starts the file afresh; a resumed one continues it, without the rows of the
         # steps it is about to redo (logged after its checkpoint by the run that stopped).
         path = output_dir / "metrics.jsonl"
@@ -61,8 +51,10 @@ class RunLogger:
             rows, dropped = read_rows(path)
             # The run resumes at `start_step`: the rows after it are about to be logged again, and so is the final
             # evaluation when it resumes at the end (re-running a finished run re-evaluates and re-exports).
+            # (`redo_eval`: a run that stopped early and re-evaluates where it stopped.)
+            redo = redo_eval or start_step == max_steps
             kept = [r for r in rows if r["step"] < start_step or (r["step"] == start_step and not
-                                                                   ("eval_loss" in r and start_step == max_steps))]
+                                                                   ("eval_loss" in r and redo))]
             tmp = path.with_name(path.name + ".partial")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
             os.replace(tmp, path)
@@ -93,6 +85,20 @@ class RunLogger:
         self.info(format_row(row, self.max_steps))
         if self._bar is not None and "loss" in row:
             self._bar.set_postfix(loss=f"{row['loss']:.4f}")
+        for tracker in self.trackers:
+            tracker.log(scalars(row), row["step"])
+        if "eval_loss" in row:
+            self.draw_plot()
+
+    def draw_plot(self) -> None:
+        """plots/loss.png from metrics.jsonl; a failure to draw is reported once and never stops the run."""
+        if self.plot_path is None:
+            return
+        try:
+            plot_runs([(self._output_dir.resolve().name, self._output_dir)], self.plot_path)
+        except Exception as e:  # noqa: BLE001 - a picture is not worth a run
+            self.info(f"plots: could not draw {self.plot_path} ({type(e).__name__}: {e}); no more plots this run")
+            self.plot_path = None
 
     def summary(self, metrics: dict[str, Any]) -> None:
         """summary.json: the final metrics of a finished run (what `automodel sweep status` reads)."""
@@ -107,7 +113,14 @@ class RunLogger:
             self._bar.update(1)
 
     def close(self) -> None:
+        """Draws the last picture and closes the file and the trackers (idempotent)."""
         if self._bar is not None:
             self._bar.close()
+            self._bar = None
         if self._file is not None:
             self._file.close()
+            self._file = None
+            self.draw_plot()
+        trackers, self.trackers = self.trackers, []
+        for tracker in trackers:
+            tracker.close()

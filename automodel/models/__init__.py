@@ -2,8 +2,10 @@
 
 from automodel.models.build import (DTYPES, build_model, build_tokenizer, count_params, enable_activation_checkpointing,
                                    flops_per_token, numel, vocab_size)
+from automodel.models.card import model_card
 from automodel.models.export import save_hf_model
 from automodel.models.tokenizers import byte_level_tokenizer
 
 __all__ = ["DTYPES", "build_model", "build_tokenizer", "byte_level_tokenizer", "count_params",
-           "enable_activation_checkpointing", "flops_per_token", "numel", "save_hf_model", "vocab_size"]
+           "enable_activation_checkpointing", "flops_per_token", "model_card", "numel", "save_hf_model",
+           "vocab_size"]

@@ -14,8 +14,10 @@ Features:
 - token-weighted eval loss and greedy exact match on the validation set;
 - preemption: on SIGUSR1/SIGTERM every rank stops at the same step boundary, checkpoints and exits with
   status 75; the same command resumes;
-- console/tqdm progress, metrics.jsonl, the resolved config.toml, summary.json, and a final HF model directory
-  (gathered from ZeRO-3 shards onto rank 0).
+- console/tqdm progress, metrics.jsonl, TensorBoard/W&B/MLflow, plots/loss.png, the resolved config.toml,
+  summary.json, and a final HF model directory (gathered from ZeRO-3 shards onto rank 0) with the chat template
+  it trained with and a model card;
+- early stopping on eval loss, and the best-eval checkpoint kept and exported.
 """
 
 from automodel import data, models
@@ -37,6 +39,9 @@ def parts(run: Run) -> Parts:
     train_set, val_set = data.build(cfg.data, tokenizer, seed=cfg.seed, rank=run.ranks.rank, log=print)
     if cfg.data.packing:
         train_set = data.pack(train_set, cfg.data.seq_len)
+    template = data.trained_chat_template([cfg.data.train, cfg.data.validation], cfg.data.chat_template)
+    if template is not None:  # saved with the tokenizer (checkpoints, final/): prompts are built as in training
+        tokenizer.chat_template = template
 
     # The model (under ZeRO-3 a pretrained model loads already partitioned); LoRA per [peft].
     model = run.build_model(lambda: models.build_model(cfg.model, tokenizer, cfg.seed))

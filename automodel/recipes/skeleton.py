@@ -21,17 +21,20 @@ import torch
 from torch import nn
 
 from automodel import checkpoint, data, distributed, models
+from automodel.loggers import quiet, trackers
 from automodel import peft as peft_lora
 from automodel.backends import Backend, build_backend, model_init_context
 from automodel.backends.deepspeed_config import deepspeed_config
-from automodel.config import BatchShape, ConfigError, PeftConfig, TrainConfig, save_config, to_dict
+from automodel.config import BatchShape, ConfigError, PeftConfig, TrainConfig, save_config, to_dict, to_toml
 from automodel.loggers import RunLogger
 from automodel.training.distill import Teacher
+from automodel.training.early_stopping import EvalWatch
 from automodel.training.evaluate import eval_loss
 from automodel.training.forward import Batch, to_device
 from automodel.training.loop import NonFiniteLoss, TrainResult, run_loop
 from automodel.training.metrics import peak_flops
 from automodel.training.preemption import Preempted, StopRequest
+from automodel.training.profile import StepProfiler
 from automodel.training.state import TrainState
 
 # (model in eval mode with the state's weights, generate() keyword arguments) -> (exact match, [(prediction, ref)])
@@ -103,7 +106,11 @@ def run(cfg: TrainConfig, parts_of: Callable[[Run], Parts]) -> TrainResult:
     # From here to the export, SIGUSR1/SIGTERM (a cluster's time limit or preemption) only set a flag: before the
     # first step the run exits with status 75 (requeue: nothing new to save); during training it checkpoints at the
     # next step boundary and exits 75; after the last step it finishes its work. The run directory is locked.
-    with StopRequest() as stop, run_directory(out, ranks.rank):
+    with StopRequest() as stop, run_directory(out, ranks.rank), contextlib.ExitStack() as context:
+        # Libraries' messages and progress bars go to logs/debug.log; a tracker's missing package fails here.
+        trackers.check_installed(cfg.logging.backends)
+        debug_log = None if cfg.logging.verbose else context.enter_context(quiet.libraries_to_file(
+            out, ranks.rank, preload=[trackers.EXTRAS[b][0] for b in cfg.logging.backends]))
         setup = Run(cfg, ranks, device, out, deepspeed_config(cfg, ranks.world_size) if use_deepspeed else None)
         parts = parts_of(setup)
 
@@ -118,13 +125,21 @@ def run(cfg: TrainConfig, parts_of: Callable[[Run], Parts]) -> TrainResult:
         # passes its check, refusing config changes to what is being trained.
         backend = build_backend(cfg, parts.model, setup.ds_config, max_steps, device, all_reduce, ranks.rank,
                                 ranks.world_size, teacher=parts.teacher)
-        state, meta, resume_from, changes = resume(cfg, backend, out, ranks.rank, ranks.world_size, device)
+        state, meta, resume_from, changes, saved = resume(cfg, backend, out, ranks.rank, ranks.world_size, device)
+        # The evaluation record (early stopping, the best checkpoint) continues the checkpoint's.
+        watch = EvalWatch(cfg.train.early_stopping_patience, cfg.train.early_stopping_min_delta).resumed(
+            saved.get("evals"))
         if setup.is_main:  # the resolved config, and one per segment of the run (configs/step_N.toml)
             save_config(cfg, out / "config.toml")
             (out / "configs").mkdir(exist_ok=True)
             save_config(cfg, out / "configs" / f"step_{state.step:06d}.toml")
 
-        logger = RunLogger(out, max_steps, cfg.logging.progress_bar, enabled=setup.is_main, start_step=state.step)
+        logger = RunLogger(out, max_steps, cfg.logging.progress_bar, enabled=setup.is_main, start_step=state.step,
+                           trackers=trackers.open_trackers(cfg.logging, out, to_dict(cfg), to_toml(cfg), state.step)
+                           if setup.is_main else (), plot=cfg.logging.plot, redo_eval=watch.should_stop)
+        if debug_log is not None:
+            logger.info(f"logs: libraries' messages and warnings go to {debug_log} (logging.verbose = true shows "
+                        "them here)")
         note = f"; {parts.model_note}" if parts.model_note else ""
         logger.info(f"model: {type(parts.model).__name__}, {models.count_params(parts.model):,} parameters "
                     f"({backend.trainable_params:,} trainable{note}), {cfg.model.dtype} on {device}; "
@@ -145,12 +160,16 @@ def run(cfg: TrainConfig, parts_of: Callable[[Run], Parts]) -> TrainResult:
             logger.close()
             raise early
 
-        def evaluate(st: TrainState) -> dict:
-            return evaluation(backend, st, parts, cfg.eval.generate_samples > 0, device)
+        evals: list[dict] = []  # this process's evaluations
 
-        def save_checkpoint(st: TrainState) -> None:
+        def evaluate(st: TrainState) -> dict:
+            evals.append(evaluation(backend, st, parts, cfg.eval.generate_samples > 0, device))
+            return evals[-1]
+
+        def save_checkpoint(st: TrainState, watch: EvalWatch) -> None:
             path = checkpoint.save(backend.save, st, out, ranks.rank, ranks.world_size, cfg.checkpoint.keep_last,
-                                   meta, backend.tensor_table(st), to_dict(cfg))
+                                   meta, backend.tensor_table(st), to_dict(cfg), extra={"evals": watch.to_json()},
+                                   keep=watch.best_step if cfg.checkpoint.keep_best else None)
             logger.info(f"checkpoint: {path}")
 
         validating = parts.val_batches is not None
@@ -158,13 +177,16 @@ def run(cfg: TrainConfig, parts_of: Callable[[Run], Parts]) -> TrainResult:
         if first_eval is not None:
             logger.row(first_eval)
 
+        first, last = cfg.logging.profile_steps or (0, 0)
+        profiler = StepProfiler(first, last, out / "profile", ranks.rank, logger.info) if first else None
         try:
-            state, last_row = run_loop(
+            state, last_row, watch = run_loop(
                 state, train_step=backend.step, plan=plan, collate=parts.collate, max_steps=max_steps,
                 rank=ranks.rank, device=device, logger=logger, log_every=cfg.train.log_every,
                 eval_every=cfg.train.eval_every, evaluate=evaluate if validating else None,
                 flops_per_token=parts.flops_per_token, peak_flops=peak_flops(device, cfg.logging.peak_tflops),
-                checkpoint_every=cfg.checkpoint.every, save_checkpoint=save_checkpoint, stop=stop,
+                checkpoint_every=cfg.checkpoint.every, save_checkpoint=save_checkpoint, stop=stop, watch=watch,
+                keep_best=cfg.checkpoint.keep_best, profiler=profiler,
             )  # ends with the final checkpoint
         except (Preempted, NonFiniteLoss) as e:
             logger.info(str(e))
@@ -173,23 +195,42 @@ def run(cfg: TrainConfig, parts_of: Callable[[Run], Parts]) -> TrainResult:
 
         metrics = {"steps": state.step, "train_loss": last_row.get("loss"), "train_samples": state.data_position,
                    "padding_fraction": last_row.get("run_padding")}
+        if watch.should_stop:
+            metrics["stopped_early"] = watch.reason()
+            logger.info(watch.reason())
+        export_state = state
         if validating:
-            final_eval = evaluate(state)
-            logger.row(final_eval)
+            if evals and evals[-1]["step"] == state.step:  # evaluated at this step already (an early stop)
+                final_eval = evals[-1]
+            else:
+                final_eval = evaluate(state)
+                logger.row(final_eval)
+                if not watch.should_stop:
+                    watch = watch.observe(state.step, final_eval["eval_loss"])
             metrics.update({k: final_eval[k] for k in ("eval_loss", "exact_match") if k in final_eval})
             metrics.update({f"{k}_at_start": first_eval[k] for k in ("eval_loss", "exact_match")
                             if first_eval is not None and k in first_eval})
+            if cfg.checkpoint.keep_best and watch.best_step is not None:
+                export_state = best_state(cfg, backend, state, watch, out, meta, metrics, evals, ranks.rank, device)
+                logger.info(f"best evaluation: step {watch.best_step}, eval loss {watch.best_loss:.4f}; it is what "
+                            "final/ holds")
 
         # Every rank exports (under ZeRO-3 it gathers); with [peft] final/ is the adapter, which the merge needs.
         final_dir = out / "final" if cfg.checkpoint.save_final or cfg.checkpoint.export_merged else None
         if final_dir is not None:
-            backend.export(state, parts.saver, final_dir)
+            backend.export(export_state, parts.saver, final_dir)
         if cfg.checkpoint.export_merged and setup.is_main:
             peft_lora.merge(parts.base_path, str(final_dir), str(out / "final_merged"),
                             models.DTYPES[cfg.model.dtype])
             logger.info(f"merged model saved to {out / 'final_merged'}")
-        distributed.barrier()
         metrics["wall_s"] = time.perf_counter() - started
+        if final_dir is not None and setup.is_main:  # README.md: the model card
+            exported = [(final_dir, cfg.peft is not None)] + ([(out / "final_merged", False)]
+                                                               if cfg.checkpoint.export_merged else [])
+            for directory, adapter in exported:
+                (directory / "README.md").write_text(models.model_card(
+                    cfg, to_toml(cfg), metrics, parts.data_lines, parts.base_path, adapter, directory))
+        distributed.barrier()
         logger.info(summary_line(metrics, final_dir))
         logger.summary({**metrics, "final_dir": str(final_dir) if final_dir else None})
         logger.close()
@@ -234,30 +275,54 @@ def evaluation(backend: Backend, state: TrainState, parts: Parts, generate: bool
 
 
 def resume(cfg: TrainConfig, backend: Backend, out: Path, rank: int, world_size: int,
-           device: torch.device) -> tuple[TrainState, dict, Optional[Path], list[str]]:
-    """(state, checkpoint meta, the checkpoint resumed from or None, config changes accepted since it was written)
-    per train.resume: the newest checkpoint that passes its check (one that fails is reported and moved aside)."""
+           device: torch.device) -> tuple[TrainState, dict, Optional[Path], list[str], dict]:
+    """(state, checkpoint meta, the checkpoint resumed from or None, config changes accepted since it was written,
+    its train_state.json) per train.resume: the newest checkpoint that passes its check (one that fails is reported
+    and moved aside)."""
     meta = {"backend": backend.name, "global_batch_size": cfg.train.global_batch_size, "seed": cfg.seed,
             "world_size": world_size}
     log = print if rank == 0 else (lambda _: None)
     explicit = cfg.train.resume not in ("auto", "never")
     path = checkpoint.choose(checkpoint.store.candidates(out, cfg.train.resume), rank, world_size, explicit, log)
     if path is None:
-        return backend.state, meta, None, []
+        return backend.state, meta, None, [], {}
     state, changes = checkpoint.restore(backend.load, backend.state, path, rank, device, meta, to_dict(cfg),
                                         tuple(cfg.train.resume_allow_changes), backend.tensor_table(backend.state))
-    return state, meta, path, changes
+    return state, meta, path, changes, checkpoint.store.read_train_state(path)
+
+
+def best_state(cfg: TrainConfig, backend: Backend, state: TrainState, watch: EvalWatch, out: Path, meta: dict,
+               metrics: dict, evals: list[dict], rank: int, device: torch.device) -> TrainState:
+    """checkpoint.keep_best: the state of the best evaluation (loaded from its checkpoint unless it is `state`);
+    `metrics` are updated to describe it (the last evaluation's loss stays as final_eval_loss)."""
+    metrics.update(best_step=watch.best_step, final_eval_loss=metrics.get("eval_loss"), eval_loss=watch.best_loss)
+    if watch.best_step == state.step:
+        return state
+    best = [e for e in evals if e["step"] == watch.best_step]
+    metrics.pop("exact_match", None)
+    if best and "exact_match" in best[0]:
+        metrics["exact_match"] = best[0]["exact_match"]
+    path = checkpoint.store.final_dir(out, watch.best_step)
+    if not checkpoint.store.is_complete(path):
+        raise ConfigError(f"checkpoint.keep_best: the best evaluation's checkpoint {path} is missing; final/ is not "
+                          "written (was it deleted by hand?)")
+    loaded, _ = checkpoint.restore(backend.load, state, path, rank, device, meta, to_dict(cfg),
+                                   tuple(cfg.train.resume_allow_changes), backend.tensor_table(state))
+    return loaded
 
 
 def summary_line(metrics: dict, final_dir: Optional[Path]) -> str:
     """`done: 500 steps in 58.3s | train loss 0.0006 | eval loss 0.0006 (was 5.5386) | exact match 100.0% (was
     0.0%) | model saved to runs/quickstart/final`"""
-    parts = [f"done: {metrics['steps']} steps in {metrics['wall_s']:.1f}s"]
+    parts = [f"done: {metrics['steps']} steps in {metrics['wall_s']:.1f}s"
+             + (" (stopped early)" if metrics.get("stopped_early") else "")]
     if metrics["train_loss"] is not None:  # None: resumed at the end, no step ran in this process
         parts.append(f"train loss {metrics['train_loss']:.4f}")
     if "eval_loss" in metrics:
         was = f" (was {metrics['eval_loss_at_start']:.4f})" if "eval_loss_at_start" in metrics else ""
         parts.append(f"eval loss {metrics['eval_loss']:.4f}{was}")
+    if metrics.get("best_step") is not None:
+        parts.append(f"best eval at step {metrics['best_step']}")
     if "exact_match" in metrics:
         start = metrics.get("exact_match_at_start")
         was = f" (was {100 * start:.1f}%)" if start is not None else ""

@@ -9,8 +9,10 @@ import torch
 
 from automodel.data import BatchPlan
 from automodel.loggers import RunLogger
+from automodel.training.early_stopping import EvalWatch
 from automodel.training.forward import to_device
 from automodel.training.preemption import Preempted, StopRequest
+from automodel.training.profile import StepProfiler
 from automodel.training.state import TrainState
 
 
@@ -61,28 +63,36 @@ def run_loop(
     flops_per_token: float = 0.0,
     peak_flops: Optional[float] = None,
     checkpoint_every: int = 0,
-    save_checkpoint: Optional[Callable[[TrainState], None]] = None,
+    save_checkpoint: Optional[Callable[[TrainState, EvalWatch], None]] = None,
     stop: Optional[StopRequest] = None,
-) -> tuple[TrainState, dict]:
-    """Steps from state.step to max_steps, then writes the final checkpoint (if a step ran). Returns the final state
-    and the last logged row.
+    watch: EvalWatch = EvalWatch(),
+    keep_best: bool = False,
+    profiler: Optional[StepProfiler] = None,
+) -> tuple[TrainState, dict, EvalWatch]:
+    """Steps from state.step to max_steps, or until `watch` says evaluations stopped improving, then writes the final
+    checkpoint (if a step ran). Returns the final state, the last logged row and the evaluation record.
 
     Timing covers whole log windows (no per-step device sync): ms/step, tokens/s (non-padding input
     tokens over all ranks) and the padding fraction are window averages (run_padding: since the start
     of this process); the loss is that of the logged step. Every step's loss and gradient norm are checked on the
-    device and read at each log and before each checkpoint (FiniteGuard).
+    device and read at each log and before each checkpoint (FiniteGuard). With `keep_best`, each evaluation that
+    improves on the best is checkpointed.
     """
     guard = FiniteGuard(device)
-    start_step, skipped = state.step, 0
+    start_step, skipped, saved_at = state.step, 0, None
 
     def checkpoint(st: TrainState) -> None:
+        nonlocal saved_at
         guard.check()
-        save_checkpoint(st)
+        save_checkpoint(st, watch)
+        saved_at = st.step
 
     last_row: dict = {}
     window_start, window_tokens, window_steps, window_slots = time.perf_counter(), 0, 0, 0
     run_tokens = run_slots = 0
-    while state.step < max_steps:
+    while state.step < max_steps and not watch.should_stop:
+        if profiler is not None:
+            profiler.before_step(state.step + 1)
         cpu_batches = [collate(idx) for idx in plan.micro_batches(state.step, rank)]
         tokens = sum(int(b["attention_mask"].sum()) for b in cpu_batches) * plan.world_size
         slots = sum(b["input_ids"].numel() for b in cpu_batches) * plan.world_size
@@ -91,6 +101,8 @@ def run_loop(
         micro_batches = [to_device(b, device) for b in cpu_batches]
 
         state, metrics = train_step(state, micro_batches)
+        if profiler is not None:
+            profiler.after_step(state.step)
         if metrics.skipped:
             skipped += 1
         else:
@@ -115,17 +127,23 @@ def run_loop(
             logger.row(last_row)
             window_start, window_tokens, window_steps, window_slots = time.perf_counter(), 0, 0, 0
         if evaluate is not None and eval_every and state.step % eval_every == 0 and state.step < max_steps:
-            logger.row(evaluate(state))
+            row = evaluate(state)
+            logger.row(row)
+            watch = watch.observe(state.step, row["eval_loss"])
+            if save_checkpoint is not None and (watch.should_stop or (keep_best and watch.best_step == state.step)):
+                checkpoint(state)
             window_start = time.perf_counter()  # eval time is not step time
         if save_checkpoint is not None and checkpoint_every and state.step % checkpoint_every == 0 \
-                and state.step < max_steps:
+                and state.step < max_steps and saved_at != state.step:
             checkpoint(state)
             window_start = time.perf_counter()
-        if stop is not None and state.step < max_steps and stop.agreed(device):
-            if save_checkpoint is not None and not (checkpoint_every and state.step % checkpoint_every == 0):
+        if stop is not None and state.step < max_steps and not watch.should_stop and stop.agreed(device):
+            if save_checkpoint is not None and saved_at != state.step:
                 checkpoint(state)
             stop.checkpointed = save_checkpoint is not None
             raise Preempted(state.step, stop.received or "a signal on another rank")
-    if save_checkpoint is not None and state.step > start_step:
+    if profiler is not None:
+        profiler.close()
+    if save_checkpoint is not None and state.step > start_step and saved_at != state.step:
         checkpoint(state)
-    return state, last_row
+    return state, last_row, watch

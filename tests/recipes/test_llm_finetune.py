@@ -130,5 +130,10 @@ def test_entry_points_train_with_overrides(tmp_path, entry):
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step 3/3 | loss" in proc.stdout and "exact match" in proc.stdout
+    # Quiet: the libraries' warnings (DeepSpeed's accelerator notice, imported with the export) are in the run's debug
+    # log, not on the console; the console names the log and the tokenisation cache.
+    assert "Setting accelerator" not in proc.stdout + proc.stderr and "[WARNING]" not in proc.stdout + proc.stderr
+    assert "Setting accelerator to CPU" in (out / "logs" / "debug.log").read_text()
+    assert f"go to {out / 'logs' / 'debug.log'}" in proc.stdout and "tokenisation cache" in proc.stdout
     assert (out / "final" / "model.safetensors").is_file()
     assert load_config(out / "config.toml", world_size=1).optim.lr == 1e-3

@@ -5,6 +5,7 @@ processor and image tokens differ from LLaVA's); DeepSpeed ZeRO-0..3 on 2 ranks
 refused."""
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -65,6 +66,11 @@ def assert_reloads_with_the_reported_eval_loss(result, cfg):
 
     model = AutoModelForImageTextToText.from_pretrained(result.final_dir).eval()
     processor = AutoProcessor.from_pretrained(result.final_dir)
+    # The export carries the chat template the run rendered its conversations with (the eval loss below is computed
+    # through it).
+    assert processor.chat_template and processor.chat_template == AutoProcessor.from_pretrained(
+        REPO / cfg.tokenizer.name_or_path if not Path(cfg.tokenizer.name_or_path).is_absolute()
+        else cfg.tokenizer.name_or_path).chat_template
     samples, _ = load_samples(cfg.data.validation)
     batch = VlmCollator(processor, crop_to_content=cfg.data.crop_images)(samples)
     with torch.no_grad():

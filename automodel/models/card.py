@@ -1,0 +1,79 @@
+"""The model card written into final/: what was trained from what, on what, how well, and how to load it."""
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PIPELINE = {"llm_finetune": "text-generation", "llm_kd": "text-generation", "vlm_finetune": "image-text-to-text"}
+
+
+def _is_local(path: str) -> bool:
+    return Path(path).expanduser().exists() or path.startswith((".", "/", "~"))
+
+
+def model_card(cfg: Any, config_toml: str, metrics: dict[str, Any], data_lines: list[str], base_path: str,
+               adapter: bool, final_dir: Path) -> str:
+    """README.md text: YAML front matter (huggingface_hub's ModelCard reads it) and a body a person reads."""
+    where = str(final_dir)
+    pretrained = cfg.model.init == "pretrained"
+    base = cfg.model.name_or_path if pretrained else None
+    sources = [s.source for s in (cfg.data.train, cfg.data.validation) if s is not None]
+    front: dict[str, Any] = {
+        "library_name": "peft" if adapter else "transformers",
+        "pipeline_tag": PIPELINE.get(cfg.recipe, "text-generation"),
+        "tags": ["automodel", cfg.recipe, "lora" if adapter else "full-fine-tune"],
+    }
+    if base and not _is_local(base):
+        front["base_model"] = base
+    hub_sets = sorted({s for s in sources if not _is_local(s)})
+    if hub_sets:
+        front["datasets"] = hub_sets
+
+    what = "A LoRA adapter" if adapter else "A fine-tuned model"
+    origin = (f"`{base}`" if base else f"a `{cfg.model.config.get('model_type', 'model')}` architecture initialised "
+              f"at random (seed {cfg.seed})" + (f", saved to `{base_path}`" if adapter else ""))
+    lines = [f"# {Path(cfg.output_dir).name}", "",
+             f"{what} trained with automodel's recipe `{cfg.recipe}` from {origin}.", ""]
+    if cfg.distill is not None:
+        lines += [f"Distilled from the teacher `{cfg.distill.teacher}` (alpha {cfg.distill.alpha}, temperature "
+                  f"{cfg.distill.temperature}).", ""]
+    lines += ["## Data", ""]
+    for src_name in ("train", "validation"):
+        src = getattr(cfg.data, src_name)
+        if src is not None:
+            lines.append(f"- {src_name}: `{src.source}` (format `{src.format}`, split `{src.split}`"
+                         + (f", first {src.limit} rows" if src.limit else "") + ")")
+    lines += [f"- {line}" for line in data_lines]
+    lines += ["", "## Results", "", "| metric | value |", "|---|---|"]
+    for key in ("steps", "train_loss", "eval_loss", "eval_loss_at_start", "exact_match", "exact_match_at_start",
+                "best_step", "stopped_early", "wall_s"):
+        if metrics.get(key) is not None:
+            value = metrics[key]
+            text = (f"{100 * value:.1f}%" if key.startswith("exact_match") else
+                    f"{value:.4f}" if isinstance(value, float) else str(value))
+            lines.append(f"| {key} | {text} |")
+    lines += ["", "## How to load it", "", "```python"]
+    if adapter:
+        lines += ["from peft import AutoPeftModelForCausalLM" if cfg.recipe != "vlm_finetune"
+                  else "from peft import PeftModel",
+                  "from transformers import AutoTokenizer", "",
+                  f"# the adapter names its base: {base_path}"]
+        if cfg.recipe != "vlm_finetune":
+            lines += [f'model = AutoPeftModelForCausalLM.from_pretrained("{where}")']
+        else:
+            lines += ["from transformers import AutoModelForImageTextToText",
+                      f'base = AutoModelForImageTextToText.from_pretrained("{base_path}")',
+                      f'model = PeftModel.from_pretrained(base, "{where}")']
+        lines += [f'tokenizer = AutoTokenizer.from_pretrained("{where}")']
+    elif cfg.recipe == "vlm_finetune":
+        lines += ["from transformers import AutoModelForImageTextToText, AutoProcessor", "",
+                  f'model = AutoModelForImageTextToText.from_pretrained("{where}")',
+                  f'processor = AutoProcessor.from_pretrained("{where}")']
+    else:
+        lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                  f'model = AutoModelForCausalLM.from_pretrained("{where}")',
+                  f'tokenizer = AutoTokenizer.from_pretrained("{where}")']
+    lines += ["```", "", f"Or talk to it: `automodel chat {where}`.", "",
+              "## Training config", "", "```toml", config_toml.rstrip(), "```", ""]
+    return "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n\n" + "\n".join(lines)

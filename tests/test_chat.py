@@ -1,0 +1,95 @@
+"""`automodel chat` and `automodel generate`, driven over stdin in a subprocess, against transformers' own generate on
+the same saved model: the replies, the conversation history, /reset, and a LoRA adapter directory."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from automodel.data import CHAT_TEMPLATES
+from automodel.models import byte_level_tokenizer
+from tests.helpers import REPO, tiny_llama
+
+pytestmark = pytest.mark.slow  # each test starts processes that load transformers
+
+END = "<|im_end|>"
+
+
+def automodel_command(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    exe = shutil.which("automodel", path=os.path.dirname(sys.executable))
+    cmd = [exe] if exe else [sys.executable, "-m", "automodel"]
+    return subprocess.run(cmd + list(args), input=stdin, capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def saved_chat_model(path, seed: int = 0):
+    tokenizer = byte_level_tokenizer(["hello there, how are you? <|im_start|> user assistant"])
+    tokenizer.chat_template = CHAT_TEMPLATES["chatml"]
+    model = tiny_llama(vocab_size=len(tokenizer), seed=seed)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model.eval(), tokenizer
+
+
+def expected_reply(model, tokenizer, messages, max_new_tokens):
+    """transformers alone: the chat template, greedy generate, decoded, cut at ChatML's end of turn."""
+    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    text = tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return text.split(END)[0].strip()
+
+
+def test_chat_keeps_the_conversation_resets_it_and_streams_what_generate_gives(tmp_path):
+    model, tokenizer = saved_chat_model(tmp_path / "model", seed=4)  # a seed whose answers depend on the history
+    proc = automodel_command("chat", str(tmp_path / "model"), "--max-new-tokens", "12",
+                             stdin="hello\nhow are you?\n/reset\nhow are you?\n/exit\nnever read\n")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = expected_reply(model, tokenizer, [{"role": "user", "content": "hello"}], 12)
+    history = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": first},
+               {"role": "user", "content": "how are you?"}]
+    second = expected_reply(model, tokenizer, history, 12)
+    fresh = expected_reply(model, tokenizer, [{"role": "user", "content": "how are you?"}], 12)
+    assert second != fresh  # the history changes the answer, so the next check can tell /reset worked
+    lines = proc.stdout.split("> ")
+    assert lines[0].startswith("chat with ") and "/reset" in lines[0]
+    assert [line.strip() for line in lines[1:5]] == [first, second, "(new conversation)", fresh]
+    assert lines[5] == "" and "never read" not in proc.stdout  # /exit ends it
+
+
+def test_generate_loads_a_lora_adapter_onto_its_base(tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    base, tokenizer = saved_chat_model(tmp_path / "base", seed=1)
+    torch.manual_seed(2)
+    adapted = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                             LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    adapted.save_pretrained(tmp_path / "adapter")
+    tokenizer.save_pretrained(tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        tmp_path / "base")
+    proc = automodel_command("generate", str(tmp_path / "adapter"), "--prompt", "hello", "--max-new-tokens", "10")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                                         tmp_path / "adapter").eval()
+    want = expected_reply(reloaded, tokenizer, [{"role": "user", "content": "hello"}], 10)
+    assert want != expected_reply(base, tokenizer, [{"role": "user", "content": "hello"}], 10)  # the adapter counts
+    assert proc.stdout.strip() == want
+
+
+def test_talking_to_a_model_without_a_chat_template_says_what_to_do(tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "examples" / "quickstart" / "tokenizer")
+    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    proc = automodel_command("generate", str(tmp_path / "m"), "--prompt", "abc")
+    assert proc.returncode == 2 and "no chat template" in proc.stderr and "--raw" in proc.stderr
+    raw = automodel_command("generate", str(tmp_path / "m"), "--prompt", "abc", "--raw", "--max-new-tokens", "5")
+    assert raw.returncode == 0, raw.stderr[-3000:]
+    missing = automodel_command("chat", str(tmp_path / "nowhere"))
+    assert missing.returncode == 2 and "not a directory" in missing.stderr
