@@ -1,5 +1,5 @@
-"""`automodel chat` and `automodel generate`, driven over stdin in a subprocess, against transformers' own generate on
-the same saved model: the replies, the conversation history, /reset, and a LoRA adapter directory."""
+"""`automodel chat` (driven over stdin in a subprocess) and `automodel generate`, against transformers' own generate on
+the same saved model: the replies, the conversation history, /reset, a LoRA adapter directory, plain text."""
 
 import json
 import os
@@ -11,11 +11,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from automodel.cli import main
 from automodel.data import CHAT_TEMPLATES
 from automodel.models import byte_level_tokenizer
 from tests.helpers import REPO, tiny_llama
-
-pytestmark = pytest.mark.slow  # each test starts processes that load transformers
 
 END = "<|im_end|>"
 
@@ -46,6 +45,7 @@ def expected_reply(model, tokenizer, messages, max_new_tokens):
     return text.split(END)[0].strip()
 
 
+@pytest.mark.slow  # a process of its own, reading a real stdin
 def test_chat_keeps_the_conversation_resets_it_and_streams_what_generate_gives(tmp_path):
     model, tokenizer = saved_chat_model(tmp_path / "model", seed=4)  # a seed whose answers depend on the history
     proc = automodel_command("chat", str(tmp_path / "model"), "--max-new-tokens", "12",
@@ -63,7 +63,7 @@ def test_chat_keeps_the_conversation_resets_it_and_streams_what_generate_gives(t
     assert lines[5] == "" and "never read" not in proc.stdout  # /exit ends it
 
 
-def test_generate_loads_a_lora_adapter_onto_its_base(tmp_path):
+def test_generate_loads_a_lora_adapter_onto_its_base(tmp_path, capsys):
     from peft import LoraConfig, PeftModel, get_peft_model
 
     base, tokenizer = saved_chat_model(tmp_path / "base", seed=1)
@@ -74,22 +74,30 @@ def test_generate_loads_a_lora_adapter_onto_its_base(tmp_path):
     tokenizer.save_pretrained(tmp_path / "adapter")
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
         tmp_path / "base")
-    proc = automodel_command("generate", str(tmp_path / "adapter"), "--prompt", "hello", "--max-new-tokens", "10")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "adapter"), "--prompt", "hello", "--max-new-tokens", "10"]) == 0
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
                                          tmp_path / "adapter").eval()
     want = expected_reply(reloaded, tokenizer, [{"role": "user", "content": "hello"}], 10)
     assert want != expected_reply(base, tokenizer, [{"role": "user", "content": "hello"}], 10)  # the adapter counts
-    assert proc.stdout.strip() == want
+    assert capsys.readouterr().out.strip() == want
 
 
-def test_talking_to_a_model_without_a_chat_template_says_what_to_do(tmp_path):
+def test_talking_to_a_model_without_a_chat_template_says_what_to_do(tmp_path, capsys):
     tokenizer = AutoTokenizer.from_pretrained(REPO / "examples" / "quickstart" / "tokenizer")
-    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(tmp_path / "m")
+    model = tiny_llama(vocab_size=len(tokenizer)).eval()
+    model.save_pretrained(tmp_path / "m")
     tokenizer.save_pretrained(tmp_path / "m")
-    proc = automodel_command("generate", str(tmp_path / "m"), "--prompt", "abc")
-    assert proc.returncode == 2 and "no chat template" in proc.stderr and "--raw" in proc.stderr
-    raw = automodel_command("generate", str(tmp_path / "m"), "--prompt", "abc", "--raw", "--max-new-tokens", "5")
-    assert raw.returncode == 0, raw.stderr[-3000:]
-    missing = automodel_command("chat", str(tmp_path / "nowhere"))
-    assert missing.returncode == 2 and "not a directory" in missing.stderr
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "m"), "--prompt", "abc"]) == 2
+    err = capsys.readouterr().err
+    assert "no chat template" in err and "--raw" in err
+    # --raw continues the text as it is: what transformers' generate continues it with.
+    assert main(["generate", str(tmp_path / "m"), "--prompt", "abc", "--raw", "--max-new-tokens", "5"]) == 0
+    ids = tokenizer("abc", return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert capsys.readouterr().out.strip() == tokenizer.decode(out[0, ids["input_ids"].shape[1]:],
+                                                              skip_special_tokens=True).strip()
+    assert main(["chat", str(tmp_path / "nowhere")]) == 2
+    assert "not a directory" in capsys.readouterr().err

@@ -10,10 +10,22 @@ from torch import nn
 
 from automodel.backends.base import Backend
 from automodel.backends.functional import build_functional
-from automodel.config import TrainConfig
+from automodel.config import ConfigError, TrainConfig
 from automodel.distributed import AllReduce
 from automodel.optim import lr_at
 from automodel.training.distill import Teacher, local_head_weights
+
+
+def _deepspeed():
+    """backends/deepspeed.py, or one line saying how to install DeepSpeed."""
+    try:
+        from automodel.backends import deepspeed
+    except ImportError as e:
+        if e.name != "deepspeed":
+            raise
+        raise ConfigError("distributed.backend = \"deepspeed\" needs DeepSpeed, which is not installed: "
+                          "pip install 'automodel[deepspeed]' (or use distributed.backend = \"functional\")") from None
+    return deepspeed
 
 
 def model_init_context(backend: str, ds_config: Optional[dict], pretrained: bool) -> ContextManager:
@@ -22,7 +34,7 @@ def model_init_context(backend: str, ds_config: Optional[dict], pretrained: bool
     config is built whole (seeded, so every backend starts from the same weights) and partitioned by
     deepspeed.initialize."""
     if backend == "deepspeed" and pretrained and ds_config["zero_optimization"]["stage"] == 3:
-        from automodel.backends.deepspeed import zero3_init
+        zero3_init = _deepspeed().zero3_init
 
         return zero3_init(ds_config)
     return contextlib.nullcontext()
@@ -34,7 +46,7 @@ def build_backend(cfg: TrainConfig, model: nn.Module, ds_config: Optional[dict],
     `teacher`, the loss is the distillation loss of [distill]."""
     lr_fn = functools.partial(lr_at, sched=cfg.schedule, base_lr=cfg.optim.lr, max_steps=max_steps)
     if cfg.distributed.backend == "deepspeed":
-        from automodel.backends.deepspeed import build_deepspeed
+        build_deepspeed = _deepspeed().build_deepspeed
 
         return build_deepspeed(model, ds_config=ds_config, optim=cfg.optim, lr_fn=lr_fn, device=device,
                                all_reduce=all_reduce, rank=rank, world_size=world_size, seed=cfg.seed,
@@ -55,7 +67,7 @@ def build_teacher(model: nn.Module, cfg: TrainConfig, ds_config: Optional[dict],
     kd = cfg.distill
     dtype = next(model.parameters()).dtype
     if ds_config is not None and ds_config["zero_optimization"]["stage"] == 3:
-        from automodel.backends.deepspeed import teacher_engine
+        teacher_engine = _deepspeed().teacher_engine
 
         run, head_weights = teacher_engine(model, ds_config)
     else:

@@ -57,7 +57,12 @@ def plot_runs(runs: Sequence[tuple[str, Path]], out: Path, title: Optional[str] 
                 lr_axis.set_ylabel("learning rate")
                 lr_axis.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     if log_scale and ax.lines:
+        from matplotlib.ticker import FuncFormatter
+
         ax.set_yscale("log")
+        plain = FuncFormatter(lambda v, _: f"{v:g}")  # 2, 3, 4 rather than 2x10^0
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(True, alpha=0.3)

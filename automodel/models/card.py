@@ -74,6 +74,8 @@ def model_card(cfg: Any, config_toml: str, metrics: dict[str, Any], data_lines: 
         lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
                   f'model = AutoModelForCausalLM.from_pretrained("{where}")',
                   f'tokenizer = AutoTokenizer.from_pretrained("{where}")']
-    lines += ["```", "", f"Or talk to it: `automodel chat {where}`.", "",
-              "## Training config", "", "```toml", config_toml.rstrip(), "```", ""]
+    lines += ["```", ""]
+    if cfg.recipe != "vlm_finetune":
+        lines += [f"Or talk to it: `automodel chat {where}`.", ""]
+    lines += ["## Training config", "", "```toml", config_toml.rstrip(), "```", ""]
     return "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n\n" + "\n".join(lines)
