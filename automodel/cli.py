@@ -223,8 +223,11 @@ def _plot(args: argparse.Namespace) -> int:
 
 def _talk(args: argparse.Namespace) -> int:
     import torch
+    from transformers.utils import logging as hf_logging
 
     from automodel import chat
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars would interleave with the conversation
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = chat.load(args.model_dir, args.dtype, device, args.chat_template)

@@ -123,12 +123,30 @@ CHAT_TEMPLATES = {
 }
 
 
-def trained_chat_template(sources: list[Any], chat_template: str) -> Optional[str]:
-    """The template a run with these data sources renders chats with, when it is not the tokenizer's own (then the
-    export must carry it: whoever serves the model builds prompts the way training did); else None."""
-    if not chat_template or not any(s is not None and s.format == "chat" for s in sources):
-        return None
-    return CHAT_TEMPLATES.get(chat_template, chat_template)
+def trained_chat_template(sources: list[Any], data_cfg: Any, tokenizer: Any) -> Optional[str]:
+    """The chat template to save with the model, so that whoever serves it builds prompts the way training did; None
+    leaves the tokenizer as it is.
+
+    - chat data with `data.chat_template` set: that template (e.g. ChatML for a tokenizer without one);
+    - instruction data and a tokenizer without a template: one that renders a user turn as the prompt template does
+      (and the tokenizer's leading special tokens, as training adds them) and an assistant turn as the response and
+      EOS, so `automodel chat` and `apply_chat_template` reproduce the training prompt of a single turn (only the
+      last user turn is rendered: the model was trained on single prompts).
+    """
+    formats = {s.format for s in sources if s is not None}
+    if "chat" in formats and data_cfg.chat_template:
+        return CHAT_TEMPLATES.get(data_cfg.chat_template, data_cfg.chat_template)
+    if formats == {"instruction"} and not getattr(tokenizer, "chat_template", None):
+        before, after = PROMPT_TEMPLATES[data_cfg.prompt_template][1].split("{instruction}")
+        specials = tokenizer("", add_special_tokens=True)["input_ids"]
+        start = json.dumps("".join(tokenizer.convert_ids_to_tokens(specials)))
+        # An instruction model answers one prompt: the template renders the last user turn (and what follows it).
+        return ("{% set last = namespace(user=0) %}{% for message in messages %}{% if message['role'] == 'user' %}"
+                "{% set last.user = loop.index0 %}{% endif %}{% endfor %}"
+                "{{ " + start + " }}{% for message in messages[last.user:] %}{% if message['role'] == 'user' %}{{ "
+                + json.dumps(before) + " + message['content'] + " + json.dumps(after) + " }}{% elif message['role'] == "
+                "'assistant' %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}")
+    return None
 
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",

@@ -39,7 +39,7 @@ def parts(run: Run) -> Parts:
     train_set, val_set = data.build(cfg.data, tokenizer, seed=cfg.seed, rank=run.ranks.rank, log=print)
     if cfg.data.packing:
         train_set = data.pack(train_set, cfg.data.seq_len)
-    template = data.trained_chat_template([cfg.data.train, cfg.data.validation], cfg.data.chat_template)
+    template = data.trained_chat_template([cfg.data.train, cfg.data.validation], cfg.data, tokenizer)
     if template is not None:  # saved with the tokenizer (checkpoints, final/): prompts are built as in training
         tokenizer.chat_template = template
 

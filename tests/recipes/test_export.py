@@ -61,3 +61,24 @@ def test_a_lora_runs_model_card_names_peft_and_its_loading_code_runs(tmp_path):
     assert type(scope["model"]).__name__ == "PeftModelForCausalLM"
     assert scope["tokenizer"].vocab_size == AutoTokenizer.from_pretrained(result.final_dir).vocab_size
     assert "| steps | 3 |" in card.text
+
+
+def test_an_instruction_run_exports_a_template_that_renders_its_prompts_so_chat_works(tmp_path, capsys):
+    from automodel.cli import main
+
+    cfg = quickstart(tmp_path, "train.max_steps=2", "eval.at_start=false", "data.validation.limit=8",
+                     "checkpoint.save_final=true")
+    assert AutoTokenizer.from_pretrained(cfg.tokenizer.name_or_path).chat_template is None
+    result = automodel.train(cfg)
+    final = AutoTokenizer.from_pretrained(result.final_dir)
+    train_set, _ = data.build(cfg.data, AutoTokenizer.from_pretrained(cfg.tokenizer.name_or_path), use_cache=False)
+    rows = [json.loads(line) for line in open(cfg.data.train.source)][:50]
+    for row, ids, labels in zip(rows, train_set.input_ids, train_set.labels):
+        # the whole training row (prompt, answer, EOS), and the prompt alone (a chat's generation prompt)
+        conversation = [{"role": "user", "content": row["instruction"]}, {"role": "assistant", "content": row["output"]}]
+        assert final.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"] == ids
+        prompt = final.apply_chat_template(conversation[:1], tokenize=True, add_generation_prompt=True,
+                                           return_dict=True)["input_ids"]
+        assert prompt == ids[:len(prompt)] and all(label == -100 for label in labels[:len(prompt)])
+    capsys.readouterr()
+    assert main(["generate", str(result.final_dir), "--prompt", rows[0]["instruction"], "--max-new-tokens", "4"]) == 0
