@@ -119,7 +119,8 @@ def build_deepspeed(model: nn.Module, *, ds_config: dict, optim, lr_fn: Callable
                 engine.step()
                 total = total + loss_sum.detach()
         if grad_norm is None:
-            grad_norm = torch.as_tensor(float(engine.get_global_grad_norm()))
+            # A tensor until the loop logs it (a float where DeepSpeed keeps one): no sync here.
+            grad_norm = torch.as_tensor(engine.get_global_grad_norm(), device=device)
         samples = world_size * sum(b["input_ids"].shape[0] for b in micro_batches)
         new_state = attrs.evolve(state, step=state.step + 1, rng=rng_out[0],
                                  data_position=state.data_position + samples)

@@ -120,7 +120,25 @@ def broadcast_object(obj):
     return box[0]
 
 
+_HOST_GROUP = None  # a gloo group for host-side collectives when the default group is NCCL
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is True on any: a collective over CPU tensors (gloo), so it never waits for the
+    device; `flag` itself on one rank."""
+    global _HOST_GROUP
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    if _HOST_GROUP is None:  # created on first use: every rank gets here at the same point
+        _HOST_GROUP = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    box = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX, group=_HOST_GROUP)
+    return bool(box[0])
+
+
 def teardown() -> None:
+    global _HOST_GROUP
+    _HOST_GROUP = None
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -130,4 +148,4 @@ def barrier() -> None:
         dist.barrier()
 
 
-__all__ = ["AllReduce", "RankInfo", "barrier", "broadcast_object", "gather_objects", "device_for", "first_host", "rank_info", "setup", "teardown"]
+__all__ = ["AllReduce", "RankInfo", "any_rank", "barrier", "broadcast_object", "gather_objects", "device_for", "first_host", "rank_info", "setup", "teardown"]

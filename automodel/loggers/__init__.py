@@ -16,7 +16,8 @@ from automodel.loggers.trackers import Tracker, scalars
 
 
 def format_row(row: dict[str, Any], max_steps: int) -> str:
-    """`step 20/200 | loss 2.3456 | lr 1.00e-04 | grad_norm 1.234 | 12,345 tok/s | 85.3 ms/step | pad 12% | MFU 3.1%`"""
+    """`step 20/200 | loss 2.3456 | lr 1.00e-04 | grad_norm 1.234 | 12,345 tok/s | 85.3 ms/step | pad 12% |
+    30.6 TFLOP/s | MFU 3.1%` (TFLOP/s and MFU per device, where the device's peak is known)"""
     if "eval_loss" in row:
         parts = [f"eval @ step {row['step']}/{max_steps}", f"eval_loss {row['eval_loss']:.4f}",
                  f"{row['eval_tokens']:,} tokens"]
@@ -27,7 +28,7 @@ def format_row(row: dict[str, Any], max_steps: int) -> str:
              f"grad_norm {row['grad_norm']:.3f}", f"{row['tokens_per_s']:,.0f} tok/s",
              f"{row['ms_per_step']:.1f} ms/step", f"pad {100 * row['padding']:.0f}%"]
     if row.get("mfu") is not None:
-        parts.append(f"MFU {100 * row['mfu']:.1f}%")
+        parts.append(f"{row['tflops']:.1f} TFLOP/s | MFU {100 * row['mfu']:.1f}%")
     if row.get("skipped_steps"):
         parts.append(f"{row['skipped_steps']} non-finite steps skipped")
     return " | ".join(parts)

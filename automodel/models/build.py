@@ -120,15 +120,3 @@ def vocab_size(model: torch.nn.Module) -> int:
 
 def count_params(model: torch.nn.Module) -> int:
     return sum(numel(p) for p in model.parameters())
-
-
-def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward): 6 N for the matmuls plus 12 L d T for attention
-    scores (PaLM appendix B), with the input embedding left out of N since it is a lookup."""
-    cfg = model.config
-    embedding = model.get_input_embeddings().weight
-    tied = any(p is embedding for p in (model.get_output_embeddings() or torch.nn.Linear(1, 1)).parameters())
-    n = count_params(model) - (0 if tied else numel(embedding))
-    layers = getattr(cfg, "num_hidden_layers", 0)
-    hidden = getattr(cfg, "hidden_size", 0)
-    return 6.0 * n + 12.0 * layers * hidden * seq_len

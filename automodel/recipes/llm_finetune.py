@@ -62,5 +62,5 @@ def parts(run: Run) -> Parts:
         val_batches=val_batches if val_set is not None else None,
         exact_match=answers if val_set is not None else None,
         data_lines=[s.summary() for s in (train_set, val_set) if s is not None],
-        flops_per_token=models.flops_per_token(model, cfg.data.seq_len),
+        flops=models.flop_model(model),
     )

@@ -92,7 +92,7 @@ class Parts:
     exact_match: Optional[ExactMatch]  # greedy answers against references (None: not asked for)
     data_lines: list[str]  # what the log says about the data
     model_note: str = ""  # said after the parameter counts (e.g. what is frozen)
-    flops_per_token: float = 0.0
+    flops: Optional[models.FlopModel] = None  # training FLOPs of a batch, for MFU
     teacher: Optional[Teacher] = None
 
 
@@ -154,7 +154,7 @@ def run(cfg: TrainConfig, parts_of: Callable[[Run], Parts]) -> TrainResult:
         if resume_from is not None:
             logger.info(f"resumed from {resume_from} at step {state.step}"
                         + (f"; config changed since: {'; '.join(changes)}" if changes else ""))
-        if stop.agreed(device):
+        if stop.agreed():
             early = Preempted(state.step, stop.received or "a signal on another rank", saved=False)
             logger.info(str(early))
             logger.close()
@@ -184,7 +184,7 @@ def run(cfg: TrainConfig, parts_of: Callable[[Run], Parts]) -> TrainResult:
                 state, train_step=backend.step, plan=plan, collate=parts.collate, max_steps=max_steps,
                 rank=ranks.rank, device=device, logger=logger, log_every=cfg.train.log_every,
                 eval_every=cfg.train.eval_every, evaluate=evaluate if validating else None,
-                flops_per_token=parts.flops_per_token, peak_flops=peak_flops(device, cfg.logging.peak_tflops),
+                flops=parts.flops, peak_flops=peak_flops(device, cfg.logging.peak_tflops),
                 checkpoint_every=cfg.checkpoint.every, save_checkpoint=save_checkpoint, stop=stop, watch=watch,
                 keep_best=cfg.checkpoint.keep_best, profiler=profiler,
             )  # ends with the final checkpoint

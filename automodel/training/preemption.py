@@ -1,7 +1,7 @@
 """Stopping at a step boundary when the cluster asks (SIGUSR1 from Slurm's --signal, SIGTERM on preemption).
 
-The handler only sets a flag; the loop checks it after each step, every rank agrees (one tiny all-reduce,
-so all ranks stop at the same step), a checkpoint is written and the run exits with EXIT_PREEMPTED.
+The handler only sets a flag; the loop checks it after each step, every rank agrees (one tiny all-reduce of a CPU
+tensor over gloo, which never waits for the GPU, so all ranks stop at the same step), a checkpoint is written and the run exits with EXIT_PREEMPTED.
 Running the same command again resumes from that checkpoint.
 """
 
@@ -10,9 +10,7 @@ import signal
 import sys
 from typing import Optional
 
-import torch
-import torch.distributed as dist
-
+from automodel.distributed import any_rank
 from automodel.status import EXIT_PREEMPTED
 
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
@@ -61,9 +59,7 @@ class StopRequest:
     def _handle(self, signum: int, frame) -> None:
         self.received = signal.Signals(signum).name
 
-    def agreed(self, device: torch.device) -> bool:
-        """True on every rank if any rank received a signal (a collective when there are several ranks)."""
-        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    def agreed(self) -> bool:
+        """True on every rank if any rank received a signal (a host-side collective when there are several ranks:
+        no device sync)."""
+        return any_rank(self.received is not None)

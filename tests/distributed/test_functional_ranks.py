@@ -27,7 +27,8 @@ def test_two_ranks_match_one_rank(tmp_path):
                          text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          *base, f"output_dir={tmp_path / 'two'}", f"data.cache_dir={tmp_path / 'cache'}"],
+                          *base, f"output_dir={tmp_path / 'two'}", f"data.cache_dir={tmp_path / 'cache'}",
+                          'logging.backends=["tensorboard"]'],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "2 rank(s)" in two.stdout and "(2 accumulation x 8 per rank)" in two.stdout
@@ -38,3 +39,12 @@ def test_two_ranks_match_one_rank(tmp_path):
     assert len(train_one) == 4
     assert train_two == pytest.approx(train_one, rel=1e-5)
     assert eval_two == pytest.approx(eval_one, rel=1e-5)
+    # Trackers are rank 0's: one event file, holding the losses of metrics.jsonl; each rank has its debug log.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert len(list((tmp_path / "two" / "tensorboard").iterdir())) == 1
+    events = EventAccumulator(str(tmp_path / "two" / "tensorboard"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx(train_two, rel=1e-6)
+    assert (tmp_path / "two" / "logs" / "debug.log").is_file()
+    assert (tmp_path / "two" / "logs" / "debug_rank1.log").is_file()
