@@ -18,10 +18,20 @@ Batch = dict[str, torch.Tensor]
 NOT_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids", "target_index")
 
 
-def to_device(batch: Batch, device: torch.device) -> Batch:
-    """A collated (host) batch on the device, with the flat positions the loss trains on (`target_index`) worked out
-    on the host first, so the chunked loss never has to ask the device how many there are (a sync)."""
+def host_ready(batch: Batch, pin: bool = False) -> Batch:
+    """A collated batch with the flat positions the loss trains on (`target_index`) worked out on the host, so the
+    chunked loss never has to ask the device how many there are (a sync); with `pin`, in pinned memory (CUDA copies
+    from it run asynchronously)."""
     batch = {**batch, "target_index": target_index(batch["labels"])}
+    if pin:
+        batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return batch
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """A host batch (host_ready, or it is made so here) on the device."""
+    if "target_index" not in batch:
+        batch = host_ready(batch)
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 

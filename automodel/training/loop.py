@@ -12,6 +12,7 @@ from automodel.loggers import RunLogger
 from automodel.models import FlopModel
 from automodel.training.early_stopping import EvalWatch
 from automodel.training.forward import to_device
+from automodel.training.prefetch import Prefetcher
 from automodel.training.preemption import Preempted, StopRequest
 from automodel.training.profile import StepProfiler
 from automodel.training.state import TrainState
@@ -92,64 +93,69 @@ def run_loop(
     last_row: dict = {}
     window_start, window_tokens, window_steps, window_slots, window_flops = time.perf_counter(), 0, 0, 0, 0.0
     run_tokens = run_slots = 0
-    while state.step < max_steps and not watch.should_stop:
-        if profiler is not None:
-            profiler.before_step(state.step + 1)
-        cpu_batches = [collate(idx) for idx in plan.micro_batches(state.step, rank)]
-        # Counted on the host (numpy): the loop reads nothing from the device between log windows.
-        tokens = sum(int(b["attention_mask"].numpy().sum()) for b in cpu_batches) * plan.world_size
-        slots = sum(b["input_ids"].numel() for b in cpu_batches) * plan.world_size
-        window_tokens, window_slots = window_tokens + tokens, window_slots + slots
-        if flops is not None:  # this rank's work: MFU is per device
-            window_flops += sum(flops.of_batch(b) for b in cpu_batches)
-        run_tokens, run_slots = run_tokens + tokens, run_slots + slots
-        micro_batches = [to_device(b, device) for b in cpu_batches]
+    # The next step's batches are collated in the background while a step runs (order: a function of the step).
+    prefetch = Prefetcher(plan, collate, rank, max_steps, pin=device.type == "cuda")
+    try:
+        while state.step < max_steps and not watch.should_stop:
+            if profiler is not None:
+                profiler.before_step(state.step + 1)
+            cpu_batches = prefetch.get(state.step)  # collated while the previous step ran
+            # Counted on the host (numpy): the loop reads nothing from the device between log windows.
+            tokens = sum(int(b["attention_mask"].numpy().sum()) for b in cpu_batches) * plan.world_size
+            slots = sum(b["input_ids"].numel() for b in cpu_batches) * plan.world_size
+            window_tokens, window_slots = window_tokens + tokens, window_slots + slots
+            if flops is not None:  # this rank's work: MFU is per device
+                window_flops += sum(flops.of_batch(b) for b in cpu_batches)
+            run_tokens, run_slots = run_tokens + tokens, run_slots + slots
+            micro_batches = [to_device(b, device) for b in cpu_batches]
 
-        state, metrics = train_step(state, micro_batches)
-        if profiler is not None:
-            profiler.after_step(state.step)
-        if metrics.skipped:
-            skipped += 1
-        else:
-            guard.observe(metrics.loss, metrics.grad_norm, state.step)
+            state, metrics = train_step(state, micro_batches)
+            if profiler is not None:
+                profiler.after_step(state.step)
+            if metrics.skipped:
+                skipped += 1
+            else:
+                guard.observe(metrics.loss, metrics.grad_norm, state.step)
 
-        window_steps += 1
-        logger.advance()
-        if state.step % log_every == 0 or state.step == max_steps:
-            # The one device sync per log window: the logged step's loss and norm and the guard, read together.
-            loss, grad_norm, first_bad = torch.stack([metrics.loss.float(), metrics.grad_norm.float().to(
-                metrics.loss.device), guard.first_bad.float().to(metrics.loss.device)]).tolist()
-            guard.check(int(first_bad))
-            seconds = time.perf_counter() - window_start
-            tokens_per_s = window_tokens / seconds
-            last_row = {
-                "step": state.step, "loss": loss, "lr": metrics.lr, "grad_norm": grad_norm,
-                "tokens_per_s": tokens_per_s, "ms_per_step": 1000 * seconds / window_steps,
-                "epoch": state.data_position / (plan.steps_per_epoch * plan.global_batch_size),
-                "tflops": window_flops / seconds / 1e12 if flops is not None else None,
-                "mfu": window_flops / seconds / peak_flops if flops is not None and peak_flops else None,
-                "padding": 1 - window_tokens / window_slots, "run_padding": 1 - run_tokens / run_slots,
-            }
-            if skipped:
-                last_row["skipped_steps"] = skipped
-            logger.row(last_row)
-            window_start, window_tokens, window_steps, window_slots, window_flops = time.perf_counter(), 0, 0, 0, 0.0
-        paused = time.perf_counter()  # evaluations and checkpoints are not step time: the window skips them
-        if evaluate is not None and eval_every and state.step % eval_every == 0 and state.step < max_steps:
-            row = evaluate(state)
-            logger.row(row)
-            watch = watch.observe(state.step, row["eval_loss"])
-            if save_checkpoint is not None and (watch.should_stop or (keep_best and watch.best_step == state.step)):
+            window_steps += 1
+            logger.advance()
+            if state.step % log_every == 0 or state.step == max_steps:
+                # The one device sync per log window: the logged step's loss and norm and the guard, read together.
+                loss, grad_norm, first_bad = torch.stack([metrics.loss.float(), metrics.grad_norm.float().to(
+                    metrics.loss.device), guard.first_bad.float().to(metrics.loss.device)]).tolist()
+                guard.check(int(first_bad))
+                seconds = time.perf_counter() - window_start
+                tokens_per_s = window_tokens / seconds
+                last_row = {
+                    "step": state.step, "loss": loss, "lr": metrics.lr, "grad_norm": grad_norm,
+                    "tokens_per_s": tokens_per_s, "ms_per_step": 1000 * seconds / window_steps,
+                    "epoch": state.data_position / (plan.steps_per_epoch * plan.global_batch_size),
+                    "tflops": window_flops / seconds / 1e12 if flops is not None else None,
+                    "mfu": window_flops / seconds / peak_flops if flops is not None and peak_flops else None,
+                    "padding": 1 - window_tokens / window_slots, "run_padding": 1 - run_tokens / run_slots,
+                }
+                if skipped:
+                    last_row["skipped_steps"] = skipped
+                logger.row(last_row)
+                window_start, window_tokens, window_steps, window_slots, window_flops = time.perf_counter(), 0, 0, 0, 0.0
+            paused = time.perf_counter()  # evaluations and checkpoints are not step time: the window skips them
+            if evaluate is not None and eval_every and state.step % eval_every == 0 and state.step < max_steps:
+                row = evaluate(state)
+                logger.row(row)
+                watch = watch.observe(state.step, row["eval_loss"])
+                if save_checkpoint is not None and (watch.should_stop or (keep_best and watch.best_step == state.step)):
+                    checkpoint(state)
+            if save_checkpoint is not None and checkpoint_every and state.step % checkpoint_every == 0 \
+                    and state.step < max_steps and saved_at != state.step:
                 checkpoint(state)
-        if save_checkpoint is not None and checkpoint_every and state.step % checkpoint_every == 0 \
-                and state.step < max_steps and saved_at != state.step:
-            checkpoint(state)
-        window_start += time.perf_counter() - paused
-        if stop is not None and state.step < max_steps and not watch.should_stop and stop.agreed():
-            if save_checkpoint is not None and saved_at != state.step:
-                checkpoint(state)
-            stop.checkpointed = save_checkpoint is not None
-            raise Preempted(state.step, stop.received or "a signal on another rank")
+            window_start += time.perf_counter() - paused
+            if stop is not None and state.step < max_steps and not watch.should_stop and stop.agreed():
+                if save_checkpoint is not None and saved_at != state.step:
+                    checkpoint(state)
+                stop.checkpointed = save_checkpoint is not None
+                raise Preempted(state.step, stop.received or "a signal on another rank")
+    finally:
+        prefetch.close()
     if profiler is not None:
         profiler.close()
     if save_checkpoint is not None and state.step > start_step and saved_at != state.step:
