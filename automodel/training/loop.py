@@ -134,6 +134,8 @@ def run_loop(
                     "mfu": window_flops / seconds / peak_flops if flops is not None and peak_flops else None,
                     "padding": 1 - window_tokens / window_slots, "run_padding": 1 - run_tokens / run_slots,
                 }
+                if device.type == "cuda":  # the allocator's high-water mark of this rank (no device sync)
+                    last_row["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                 if skipped:
                     last_row["skipped_steps"] = skipped
                 logger.row(last_row)

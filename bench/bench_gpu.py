@@ -1,0 +1,140 @@
+"""Throughput, MFU and memory at the sizes people train, on CUDA: one JSON line per case.
+
+    python bench/bench_gpu.py                 # every case (needs CUDA)
+    python bench/bench_gpu.py --case lora8b   # one: lora8b, full1b, full1b_zero
+    python bench/bench_gpu.py --smoke         # the same code path on CPU, on tiny shapes (no figures worth keeping)
+
+Cases (random weights: nothing is downloaded; synthetic documents packed into full rows):
+- lora8b: LoRA (r 16, all linear layers) on a Llama-3-8B shape, seq 4096, micro-batch 1, bf16, activation
+  checkpointing, one GPU (configs_toml/llm_lora_8b.toml's settings);
+- full1b: full fine-tuning of a Llama-3.2-1B shape, seq 4096, micro-batch 4, bf16 with float32 masters, one GPU;
+- full1b_zero: the same on every visible GPU with DeepSpeed (ZeRO stage --zero-stage, default 2), launched with the
+  deepspeed launcher.
+
+Each line: tokens/s per GPU, TFLOP/s per GPU and MFU by the formula of docs/performance.md ("The MFU meter"), and
+the peak GPU memory of rank 0, from the run's own metrics.jsonl (the mean of its log windows after the first).
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+LLAMA_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "vocab_size": 128256, "rope_theta": 500000.0, "tie_word_embeddings": False}
+LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "vocab_size": 128256, "rope_theta": 500000.0, "tie_word_embeddings": True}
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 512, "tie_word_embeddings": False}
+
+
+def corpus(root: Path, rows: int) -> tuple[Path, Path]:
+    """A byte-level tokenizer and `rows` synthetic documents (random words): tokens are tokens to a FLOP count."""
+    import random
+
+    from automodel.models import byte_level_tokenizer
+
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(2000)]
+    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(200, 1500))) for _ in range(rows)]
+    data = root / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    tokenizer = byte_level_tokenizer(docs[:50])
+    tokenizer.save_pretrained(root / "tokenizer")
+    return data, root / "tokenizer"
+
+
+def toml_for(case: str, root: Path, data: Path, tokenizer: Path, args) -> Path:
+    shape = TINY if args.smoke else (LLAMA_8B if case == "lora8b" else LLAMA_1B)
+    seq = 128 if args.smoke else 4096
+    micro = 1 if case == "lora8b" else (2 if args.smoke else 4)
+    steps = 6 if args.smoke else args.steps
+    lines = [
+        'recipe = "llm_finetune"', "seed = 0", f'output_dir = "{root / case}"',
+        "[model]", 'init = "random"', f'dtype = "{"float32" if args.smoke else "bfloat16"}"',
+        f'attn_implementation = "{args.attn}"',
+        "[model.config]", 'model_type = "llama"', *(f"{k} = {json.dumps(v)}" for k, v in shape.items()),
+        "[tokenizer]", f'name_or_path = "{tokenizer}"',
+        "[data]", f"seq_len = {seq}", "packing = true",
+        "[data.train]", f'source = "{data}"', 'format = "text"',
+        "[optim]", "lr = 1e-4", f"fused = {'false' if args.smoke else 'true'}",
+        "[schedule]", 'kind = "constant"',
+        "[train]", f"global_batch_size = {micro * 4 * (args.gpus if case == 'full1b_zero' else 1)}",
+        f"micro_batch_size = {micro}", f"max_steps = {steps}", f"log_every = {max(1, steps // 4)}",
+        f"activation_checkpointing = {'true' if case == 'lora8b' else 'false'}", 'resume = "never"',
+        "[checkpoint]", "save_final = false", "every = 0",
+        "[logging]", 'progress_bar = "off"', "plot = false",
+    ]
+    if args.peak_tflops:
+        lines.append(f"peak_tflops = {args.peak_tflops}")
+    if case == "lora8b":
+        lines += ["[peft]", "rank = 16", "alpha = 32.0", 'target_modules = ["all-linear"]']
+    if case == "full1b_zero":
+        lines += ["[distributed]", 'backend = "deepspeed"', f"zero_stage = {args.zero_stage}"]
+    path = root / f"{case}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_case(case: str, root: Path, data: Path, tokenizer: Path, args) -> dict:
+    config = toml_for(case, root, data, tokenizer, args)
+    if case == "full1b_zero":
+        import socket
+
+        with socket.socket() as sock:  # a free port: another job may hold DeepSpeed's default
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        launcher = Path(sys.executable).parent / "deepspeed"
+        cmd = [str(launcher), "--num_gpus", str(args.gpus), "--master_port", str(port), str(ROOT / "launch" / "run.py"),
+               "--config", str(config)]
+    else:
+        cmd = [sys.executable, str(ROOT / "launch" / "run.py"), "--config", str(config)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
+    if proc.returncode != 0:
+        return {"case": case, "error": (proc.stderr or proc.stdout)[-2000:]}
+    rows = [json.loads(line) for line in (root / case / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r][1:] or [r for r in rows if "loss" in r]  # after the first window
+    gpus = args.gpus if case == "full1b_zero" else 1
+
+    def mean(key):
+        values = [r[key] for r in rows if r.get(key) is not None]
+        return sum(values) / len(values) if values else None
+
+    return {"case": case, "gpus": gpus, "tokens_per_s_per_gpu": mean("tokens_per_s") / gpus,
+            "tflops_per_gpu": mean("tflops"), "mfu": mean("mfu"), "ms_per_step": mean("ms_per_step"),
+            "peak_memory_gb": max((r.get("peak_memory_gb") or 0) for r in rows) or None,
+            "loss": rows[-1]["loss"], "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--case", choices=["lora8b", "full1b", "full1b_zero"], action="append")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--zero-stage", type=int, default=2)
+    parser.add_argument("--attn", default="sdpa", help="model.attn_implementation (flash_attention_2 where installed)")
+    parser.add_argument("--peak-tflops", type=float, default=0.0, help="0: the built-in table of known GPUs")
+    parser.add_argument("--timeout", type=int, default=1200)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the script, not the speed")
+    args = parser.parse_args()
+    if not torch.cuda.is_available() and not args.smoke:
+        sys.exit("bench_gpu: no CUDA device here; run it on a GPU machine (or --smoke to check the script on CPU)")
+    args.gpus = torch.cuda.device_count() if torch.cuda.is_available() else 2
+    cases = args.case or (["lora8b", "full1b"] + (["full1b_zero"] if args.gpus > 1 or args.smoke else []))
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        data, tokenizer = corpus(root, rows=60 if args.smoke else 3000)
+        for case in cases:
+            if args.smoke and case == "full1b_zero":
+                args.gpus = 2
+            print(json.dumps(run_case(case, root, data, tokenizer, args)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
