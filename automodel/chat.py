@@ -121,12 +121,16 @@ def reply(model: Any, tokenizer: Any, messages: Optional[list[dict]], settings: 
     return stream._visible().strip()
 
 
+def require_template(tokenizer: Any, name: str, otherwise: str) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"{name}: the tokenizer has no chat template; pass --chat-template chatml (or a Jinja "
+                          f"template), or {otherwise}")
+
+
 def chat(model: Any, tokenizer: Any, settings: GenerationSettings, system: str = "", inp: TextIO = sys.stdin,
          out: TextIO = sys.stdout, name: str = "") -> int:
     """The conversation loop: one line per user turn."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise ConfigError(f"{name}: the tokenizer has no chat template; pass --chat-template chatml (or a Jinja "
-                          "template), or use `automodel generate --raw` for plain text")
+    require_template(tokenizer, name, "use `automodel generate --raw` for plain text")
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
     out.write(f"chat with {name} ({HELP})\n")

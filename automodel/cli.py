@@ -236,9 +236,8 @@ def _talk(args: argparse.Namespace) -> int:
                                        repetition_penalty=args.repetition_penalty, seed=args.seed)
     if args.command == "chat":
         return chat.chat(model, tokenizer, settings, system=args.system, name=args.model_dir)
-    if not args.raw and not getattr(tokenizer, "chat_template", None):
-        raise ConfigError(f"{args.model_dir}: the tokenizer has no chat template; pass --chat-template chatml, or "
-                          "--raw to continue the prompt as plain text")
+    if not args.raw:
+        chat.require_template(tokenizer, args.model_dir, "--raw to continue the prompt as plain text")
     messages = None if args.raw else ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.prompt}]
     chat.reply(model, tokenizer, messages, settings, sys.stdout, prompt=args.prompt)

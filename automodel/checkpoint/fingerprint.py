@@ -13,22 +13,14 @@
 from pathlib import Path
 from typing import Any
 
+from automodel.config import flatten
+
 FROZEN = ("recipe", "seed", "model", "tokenizer", "peft", "distill", "data", "train.global_batch_size",
           "distributed.backend", "distributed.zero_stage")
 NEEDS_ALLOW = ("optim", "schedule")
 # Inside the frozen sections, what changes how a run computes but not what it trains.
 FREE_INSIDE = ("model.attn_implementation", "data.validation", "data.validation_fraction", "data.cache_dir",
                "data.on_bad_row")
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 PATH_KEYS = ("name_or_path", "source", "teacher", "cache_dir")

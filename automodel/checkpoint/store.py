@@ -109,8 +109,9 @@ def commit(output_dir: Path, step: int, keep_last: int, keep: Optional[int] = No
     os.replace(tmp, final)
     fsync_dir(final.parent)
     _write_atomic(checkpoints_dir(output_dir) / "latest", final.name + "\n")
+    protected = {final} | ({final_dir(output_dir, keep)} if keep is not None else set())
     for old in complete_checkpoints(output_dir)[:-keep_last]:
-        if old != final and old != final_dir(output_dir, keep if keep is not None else -1):
+        if old not in protected:
             shutil.rmtree(old, ignore_errors=True)
     return final
 

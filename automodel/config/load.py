@@ -280,6 +280,17 @@ def _drop_none(d: Any) -> Any:
     return d
 
 
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"optim": {"lr": 1e-4}} -> {"optim.lr": 1e-4}: dotted key paths to the leaves (an empty table is a leaf)."""
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def to_toml(cfg: TrainConfig) -> str:
     return tomli_w.dumps(to_dict(cfg))
 

@@ -210,14 +210,14 @@ def build(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 
     tokenizer_id = _tokenizer_identity(tokenizer) if use_cache else ""  # hashes the whole vocabulary: once
     for name, src, carve in plan:
         path = cache_root(data_cfg) / f"{name}-{cache_key(src, data_cfg, tokenizer_id, carve)}.npz"
-        if use_cache and rank == 0 and not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_set(_tokenize_split(name, src, carve, data_cfg, tokenizer, options, log, rank), path)
+        if use_cache and rank == 0:
+            cached = path.is_file()
+            if not cached:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_set(_tokenize_split(name, src, carve, data_cfg, tokenizer, options, log, rank), path)
             if log is not None:
-                log(f"data: {name} written to the tokenisation cache, {path} (data.cache_dir or $AUTOMODEL_CACHE "
-                    "moves it)")
-        elif use_cache and rank == 0 and log is not None:
-            log(f"data: {name} read from the tokenisation cache, {path} (data.cache_dir or $AUTOMODEL_CACHE moves it)")
+                log(f"data: {name} {'read from' if cached else 'written to'} the tokenisation cache, {path} "
+                    "(data.cache_dir or $AUTOMODEL_CACHE moves it)")
         if use_cache:
             barrier()
             sets[name] = load_set(path)

@@ -24,6 +24,7 @@ import tomli_w
 
 from automodel.config import ConfigError
 from automodel.config.load import parse_override, read_toml
+from automodel.loggers.metrics import read_rows
 
 
 @attrs.frozen
@@ -152,13 +153,7 @@ def task_status(run_dir: Path) -> dict[str, Any]:
     if summary.is_file():
         return {"state": "done", **json.loads(summary.read_text())}
     metrics = run_dir / "metrics.jsonl"
-    rows = []
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a line being written
-                pass
+    rows = read_rows(metrics)[0] if metrics.is_file() else []  # (a line being written is left out)
     if not rows:
         return {"state": "pending"}
     last_train = next((r for r in reversed(rows) if "loss" in r), {})

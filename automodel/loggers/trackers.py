@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
-from automodel.config import ConfigError, LoggingConfig
+from automodel.config import ConfigError, LoggingConfig, flatten
 
 # tracker -> (module that must import, the extra that installs it)
 EXTRAS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
@@ -44,17 +44,9 @@ def scalars(row: dict[str, Any]) -> dict[str, float]:
             and not isinstance(v, bool) and math.isfinite(v)}
 
 
-def flat_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flat_config(config: dict[str, Any]) -> dict[str, Any]:
     """{"optim.lr": 3e-4, ...}: scalars as they are, lists and empty tables as text."""
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, dict) and value:
-            out.update(flat_config(value, f"{prefix}{key}."))
-        elif isinstance(value, (bool, int, float, str)):
-            out[f"{prefix}{key}"] = value
-        else:
-            out[f"{prefix}{key}"] = json.dumps(value)
-    return out
+    return {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in flatten(config).items()}
 
 
 def open_trackers(log_cfg: LoggingConfig, output_dir: Path, config: dict[str, Any], config_toml: str,
