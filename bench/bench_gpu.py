@@ -118,7 +118,7 @@ def main() -> None:
     parser.add_argument("--case", choices=["lora8b", "full1b", "full1b_zero"], action="append")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--zero-stage", type=int, default=2)
-    parser.add_argument("--attn", default="sdpa", help="model.attn_implementation (flash_attention_2 where installed)")
+    parser.add_argument("--attn", default="auto", help="model.attn_implementation (auto: flash-attn where installed, else flex_attention for the packed rows)")
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="0: the built-in table of known GPUs")
     parser.add_argument("--timeout", type=int, default=1200)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the script, not the speed")

@@ -29,8 +29,11 @@ class ModelConfig:
         "pretrained", "\"pretrained\" loads weights from name_or_path; \"random\" builds the architecture from config."
     )
     dtype: Dtype = field("float32", "Dtype of the model weights (and of the forward pass).")
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = field(
-        "sdpa", "Attention kernel passed to transformers."
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3",
+                                 "flex_attention"] = field(
+        "auto", "Attention kernel passed to transformers. \"auto\": flash-attention 3 (Hopper) or 2 where installed "
+        "(bfloat16/float16 on CUDA), else flex_attention for packed rows on CUDA, else sdpa. flex_attention trains on "
+        "CUDA only. The start-up log says which ran."
     )
     trust_remote_code: bool = field(False, "Allow model code from the hub repository to run. Off unless you trust it.")
     config: dict[str, Any] = field(

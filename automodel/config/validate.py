@@ -113,8 +113,6 @@ def _data_problems(cfg: TrainConfig) -> list[str]:
         problems.append(f"data.validation_fraction must be in [0, 1) (got {d.validation_fraction})")
     if d.validation_fraction > 0 and d.validation is not None:
         problems.append("data.validation_fraction and [data.validation] both define a validation set; keep one")
-    if d.packing and cfg.model.attn_implementation == "flex_attention":
-        problems.append('data.packing works with sdpa, eager and flash_attention_2, not "flex_attention"')
     if d.seq_len < 2:
         problems.append(f"data.seq_len must be >= 2 (got {d.seq_len})")
     for name in ("train", "validation"):

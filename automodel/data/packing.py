@@ -7,8 +7,10 @@ loss over the same samples unpacked (tested).
 """
 
 import bisect
+import functools
 
 import torch
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 from automodel.data.tokenize import TokenizedSet
 from automodel.loss import IGNORE_INDEX
@@ -42,6 +44,37 @@ def pack(tset: TokenizedSet, seq_len: int) -> TokenizedSet:
         positions.append(row_pos)
     return TokenizedSet(ids, labels, [0] * len(bins), [()] * len(bins), tset.name, tset.rows_read, tset.dropped,
                         tset.truncated, tset.skipped, position_ids=positions, samples=len(tset))
+
+
+def flex_block_mask(position_ids: torch.Tensor) -> BlockMask:
+    """flex_attention's BlockMask for packed rows: causal within each sample (a sample starts where its position id
+    is 0). It stores which 128 x 128 blocks are empty, full or partial, so the kernel skips whole blocks across
+    samples and no (T x T) mask exists; built on the device from `position_ids`, with no host read."""
+    sample = (position_ids == 0).cumsum(-1)
+
+    def same_sample_causal(b, h, q, kv):
+        return (q >= kv) & (sample[b, q] == sample[b, kv])
+
+    batch, length = position_ids.shape
+    build = _compiled_create_block_mask() if position_ids.device.type == "cuda" else create_block_mask
+    return build(same_sample_causal, batch, None, length, length, device=position_ids.device)
+
+
+@functools.cache
+def _compiled_create_block_mask():
+    # Compiled, the mask is made block by block; eager, it evaluates all T x T pairs once (fine on CPU, where flex
+    # attention only runs without gradients, and at the lengths tests use).
+    return torch.compile(create_block_mask)
+
+
+def varlen_boundaries(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Flash-attention's varlen arguments for packed rows, over the (batch x T) tokens flattened into one sequence:
+    the cumulative sample starts (int32, batch x samples + 1 entries) and the longest sample. Worked out on the host:
+    transformers infers them from position_ids itself only for a batch of one row, and reads the device to do it."""
+    flat = position_ids.reshape(-1).cpu()
+    starts = torch.nonzero(flat == 0).view(-1)
+    cu_seq_lens = torch.cat([starts, torch.tensor([flat.numel()])]).to(torch.int32)
+    return cu_seq_lens, int(cu_seq_lens.diff().max())
 
 
 def block_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -67,10 +67,48 @@ def missing_local_dir(key: str, name: str) -> None:
         raise ConfigError(f"{key}: no such directory `{name}` (relative paths are relative to {Path.cwd()})")
 
 
+def pick_attention(requested: str, device: torch.device, dtype: str, packing: bool) -> tuple[str, str]:
+    """(the attention kernel to build the model with, why: a phrase for the log). "auto" takes the fastest one
+    installed: flash-attention 3 (Hopper) or 2 for bfloat16/float16 on CUDA; else flex_attention on CUDA for packed
+    rows (a block mask: attention across samples is skipped, not masked); else sdpa."""
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
+
+    on_cuda = device.type == "cuda"
+    if requested == "flex_attention" and not on_cuda:
+        raise ConfigError("model.attn_implementation = \"flex_attention\" trains on CUDA only (torch has no "
+                          "FlexAttention backward on CPU); use \"sdpa\" or \"auto\" here")
+    if requested != "auto":
+        choice, why = requested, "model.attn_implementation"
+    elif on_cuda and dtype != "float32" and is_flash_attn_3_available() and torch.cuda.get_device_capability()[0] == 9:
+        choice, why = "flash_attention_3", "auto: flash-attn 3 is installed"
+    elif on_cuda and dtype != "float32" and is_flash_attn_2_available():
+        choice, why = "flash_attention_2", "auto: flash-attn is installed"
+    elif on_cuda and packing:
+        choice, why = "flex_attention", "auto: packed rows on CUDA, flash-attn not installed"
+    else:
+        choice, why = "sdpa", "auto"
+    if packing and choice in ("sdpa", "eager"):
+        why += ("; packed rows get a dense (batch, 1, T, T) block-causal mask and attention runs over whole rows "
+                "(flash_attention_2 or flex_attention on CUDA skip what crosses samples)")
+    elif packing:
+        why += "; packed rows: " + ("a block mask from position ids" if choice == "flex_attention"
+                                    else "varlen over sample boundaries")
+    return choice, why
+
+
+def attention_for(model_cfg: ModelConfig) -> str:
+    """The kernel to build with: the config's, with "auto" resolved for this machine's first device and no packing
+    (recipes resolve it earlier, knowing both)."""
+    if model_cfg.attn_implementation != "auto":
+        return model_cfg.attn_implementation
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return pick_attention("auto", device, model_cfg.dtype, packing=False)[0]
+
+
 def build_model(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> torch.nn.Module:
     """A causal LM in train mode. Random init is seeded, so the same config gives the same weights."""
     dtype = DTYPES[model_cfg.dtype]
-    common: dict[str, Any] = dict(attn_implementation=model_cfg.attn_implementation,
+    common: dict[str, Any] = dict(attn_implementation=attention_for(model_cfg),
                                   trust_remote_code=model_cfg.trust_remote_code)
     missing_local_dir("model.name_or_path", model_cfg.name_or_path)
     if model_cfg.init == "random":

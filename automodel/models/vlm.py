@@ -90,10 +90,10 @@ def build_vlm(model_cfg: ModelConfig, processor: Any, seed: int) -> nn.Module:
     vision_config tables; the image token and vocabulary follow the processor unless given)."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    from automodel.models.build import DTYPES
+    from automodel.models.build import DTYPES, attention_for
 
     dtype = DTYPES[model_cfg.dtype]
-    common: dict[str, Any] = dict(attn_implementation=model_cfg.attn_implementation,
+    common: dict[str, Any] = dict(attn_implementation=attention_for(model_cfg),
                                   trust_remote_code=model_cfg.trust_remote_code)
     if model_cfg.init == "random" and not model_cfg.name_or_path:
         fields = dict(model_cfg.config)

@@ -111,6 +111,10 @@ def run(cfg: TrainConfig, parts_of: Callable[[Run], Parts]) -> TrainResult:
         trackers.check_installed(cfg.logging.backends)
         debug_log = None if cfg.logging.verbose else context.enter_context(quiet.libraries_to_file(
             out, ranks.rank, preload=[trackers.EXTRAS[b][0] for b in cfg.logging.backends]))
+        # "auto" attention becomes the kernel this machine runs (the resolved config, saved below, names it).
+        attention, attention_why = models.pick_attention(cfg.model.attn_implementation, device, cfg.model.dtype,
+                                                         cfg.data.packing)
+        cfg = attrs.evolve(cfg, model=attrs.evolve(cfg.model, attn_implementation=attention))
         setup = Run(cfg, ranks, device, out, deepspeed_config(cfg, ranks.world_size) if use_deepspeed else None)
         parts = parts_of(setup)
 
@@ -151,6 +155,7 @@ def run(cfg: TrainConfig, parts_of: Callable[[Run], Parts]) -> TrainResult:
                     f"{plan.steps_per_epoch} steps per epoch")
         logger.info(f"memory: activation checkpointing {'on' if cfg.train.activation_checkpointing else 'off'}; "
                     f"loss from {backend.loss_description}")
+        logger.info(f"attention: {attention} ({attention_why})")
         if resume_from is not None:
             logger.info(f"resumed from {resume_from} at step {state.step}"
                         + (f"; config changed since: {'; '.join(changes)}" if changes else ""))

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from automodel.data.packing import block_causal_mask
+from automodel.data.packing import block_causal_mask, flex_block_mask, varlen_boundaries
 from automodel.loss import (chunked_cross_entropy, chunked_distill, distill_sum, next_token_targets, target_index,
                             token_cross_entropy)
 from automodel.models.head import OutputHead, probe_input_ids
@@ -15,14 +15,17 @@ from automodel.training.distill import RunModel, Teacher
 
 Batch = dict[str, torch.Tensor]
 # Batch keys that are not forward arguments (a processor's image extras are).
-NOT_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids", "target_index")
+NOT_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids", "target_index", "cu_seq_lens", "max_length")
+FLASH = ("flash_attention_2", "flash_attention_3")
 
 
 def host_ready(batch: Batch, pin: bool = False) -> Batch:
     """A collated batch with the flat positions the loss trains on (`target_index`) worked out on the host, so the
-    chunked loss never has to ask the device how many there are (a sync); with `pin`, in pinned memory (CUDA copies
-    from it run asynchronously)."""
+    chunked loss never has to ask the device how many there are (a sync), and for packed rows flash-attention's
+    sample boundaries; with `pin`, in pinned memory (CUDA copies from it run asynchronously)."""
     batch = {**batch, "target_index": target_index(batch["labels"])}
+    if "position_ids" in batch:
+        batch["cu_seq_lens"], batch["max_length"] = varlen_boundaries(batch["position_ids"])
     if pin:
         batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     return batch
@@ -32,19 +35,29 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
     """A host batch (host_ready, or it is made so here) on the device."""
     if "target_index" not in batch:
         batch = host_ready(batch)
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def model_inputs(batch: Batch, attn_implementation: str, dtype: torch.dtype) -> dict:
-    """The forward's keyword arguments for a batch, packed or not. Packed: flash-attention's varlen path
-    reads sample boundaries from position_ids; other kernels get the block-diagonal causal mask."""
+    """The forward's keyword arguments for a batch, packed or not. Packed: flash-attention's varlen path reads sample
+    boundaries from position_ids; flex_attention gets a BlockMask (cross-sample blocks skipped); sdpa and eager a
+    dense (batch, 1, T, T) block-diagonal causal mask (the fallback: attention over the whole row, masked)."""
     # What a processor adds for images (pixel_values, image_sizes, ...) goes to the forward as it is.
     extras = {k: v for k, v in batch.items() if k not in NOT_INPUTS}
     if "position_ids" not in batch:
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False,
                 **extras}
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False, **extras}
-    if attn_implementation != "flash_attention_2":
+    if attn_implementation in FLASH:
+        if "cu_seq_lens" in batch:
+            cu_seq_lens, longest = batch["cu_seq_lens"], batch["max_length"]
+        else:
+            cu_seq_lens, longest = varlen_boundaries(batch["position_ids"])
+        cu_seq_lens = cu_seq_lens.to(batch["input_ids"].device)
+        inputs.update(cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens, max_length_q=longest, max_length_k=longest)
+    elif attn_implementation == "flex_attention":
+        inputs["attention_mask"] = flex_block_mask(batch["position_ids"])
+    else:
         inputs["attention_mask"] = block_causal_mask(batch["position_ids"], dtype)
     return inputs
 

@@ -4,14 +4,16 @@ import json
 
 import pytest
 import torch
-from transformers import AutoTokenizer
+from transformers import AttentionInterface, AutoTokenizer
+
+from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
 from automodel.config import BatchShape, ConfigError, DataConfig, DataSourceConfig
 from automodel.data import (BatchPlan, FormatOptions, build, collate, load_examples, pack,
                             tokenize_examples)
 from automodel.data.formats import chat
 from automodel.loss import IGNORE_INDEX, token_cross_entropy
-from automodel.training.forward import model_inputs
+from automodel.training.forward import host_ready, model_inputs
 from tests.helpers import shared_data, tiny_llama
 
 CONVERSATION = [
@@ -113,8 +115,29 @@ def test_text_documents_are_joined_with_eos_and_chunked(gpt2):
     assert all(row == labels for row, labels in zip(tset.input_ids, tset.labels))
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def varlen_reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Flash-attention's varlen contract in plain torch (flash-attn needs CUDA): the batch's tokens flattened into one
+    sequence, causal attention within each [cu_seq_lens_q[i], cu_seq_lens_q[i + 1]) span, nothing across."""
+    batch, heads, length, dim = query.shape
+    if "cu_seq_lens_q" in kwargs:
+        cu = kwargs["cu_seq_lens_q"].tolist()
+        assert kwargs["max_length_q"] == max(b - a for a, b in zip(cu, cu[1:]))
+    else:  # unpacked rows: flash-attention unpads by the 2D padding mask (right padding here)
+        cu = [x for row, n in enumerate(attention_mask.sum(-1).tolist()) for x in (row * length, row * length + n)]
+    groups = heads // key.shape[1]
+    q, k, v = (x.transpose(1, 2).reshape(batch * length, -1, dim) for x in (query, key, value))
+    out = torch.zeros_like(q)
+    for a, b in zip(cu, cu[1:]):
+        span = [x[a:b].transpose(0, 1) for x in (q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1))]
+        out[a:b] = torch.nn.functional.scaled_dot_product_attention(*span, is_causal=True, scale=scaling).transpose(0, 1)
+    return out.reshape(batch, length, heads, dim), None
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager", pytest.param("flex_attention", marks=pytest.mark.slow),
+                                  "flash_attention_2"])
 def test_packed_loss_equals_unpacked_loss(gpt2, attn):
+    """flash_attention_2: the varlen arguments model_inputs passes (flash-attn itself needs CUDA) reach every attention
+    layer, checked by a plain-torch kernel with flash-attention's varlen contract, several packed rows per batch."""
     src = DataSourceConfig(source=str(shared_data("squad-v1.1/dev-v1.1.json")), limit=24)
     tset = tokenize_examples(load_examples(src, FormatOptions())[0], gpt2, 256, "drop", "squad")
     packed = pack(tset, 512)
@@ -123,14 +146,20 @@ def test_packed_loss_equals_unpacked_loss(gpt2, attn):
     assert sum(pos.count(0) for pos in packed.position_ids) == len(tset)  # every sample in exactly one row
     assert sorted(t for row in packed.input_ids for t in row) == sorted(t for row in tset.input_ids for t in row)
     model = tiny_llama(vocab_size=len(gpt2), max_position_embeddings=512)
-    model.set_attn_implementation(attn)
+    if attn == "flash_attention_2":
+        AttentionInterface.register("varlen_reference", varlen_reference_attention)
+        AttentionMaskInterface.register("varlen_reference", flash_attention_mask)  # masks made as for flash-attn
+        model.set_attn_implementation("varlen_reference")
+    else:
+        model.set_attn_implementation(attn)
 
     def total(dataset, batch_size):
         loss = count = 0
-        with torch.no_grad():
+        with torch.no_grad():  # flex_attention has no backward on CPU
             for start in range(0, len(dataset), batch_size):
                 batch = collate(dataset, list(range(start, min(start + batch_size, len(dataset)))), gpt2.eos_token_id)
-                s, n = token_cross_entropy(model(**model_inputs(batch, attn, torch.float32)).logits, batch["labels"])
+                inputs = model_inputs(host_ready(batch) if "position_ids" in batch else batch, attn, torch.float32)
+                s, n = token_cross_entropy(model(**inputs).logits, batch["labels"])
                 loss, count = loss + s.item(), count + n.item()
         return loss, count
 

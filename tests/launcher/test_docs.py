@@ -13,7 +13,7 @@ from automodel.launcher.slurm import render
 from tests.helpers import REPO
 
 COMMAND = ("automodel launch --config configs_toml/llm_lora.toml --slurm --nodes 2 --sweep optim.lr=1e-4,3e-4 "
-           "train.micro_batch_size=4 launch.slurm.partition=gpu")
+           "train.micro_batch_size=1 launch.slurm.partition=gpu")
 HOME = Path("/home/me/automodel")  # the documented submit directory and its venv
 
 

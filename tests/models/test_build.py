@@ -3,7 +3,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from automodel.config import ConfigError, ModelConfig, TokenizerConfig
-from automodel.models import build_model, build_tokenizer, byte_level_tokenizer
+from automodel.models import build_model, build_tokenizer, byte_level_tokenizer, pick_attention
 from automodel.training.state import ParamBinding
 from tests.helpers import REPO, tiny_llama
 
@@ -68,3 +68,13 @@ def test_param_binding_owns_the_weights_and_keeps_ties(tmp_path):
     assert all(p.device.type == "meta" for p in model.parameters())
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
     assert torch.equal(reloaded(input_ids=x).logits, ref)
+
+
+def test_auto_attention_is_sdpa_on_cpu_and_flex_attention_refuses_cpu_training():
+    cpu = torch.device("cpu")
+    assert pick_attention("auto", cpu, "bfloat16", packing=False) == ("sdpa", "auto")
+    attn, why = pick_attention("auto", cpu, "float32", packing=True)
+    assert attn == "sdpa" and "dense (batch, 1, T, T)" in why  # the fallback says what it costs
+    assert pick_attention("eager", cpu, "float32", packing=False) == ("eager", "model.attn_implementation")
+    with pytest.raises(ConfigError, match="flex_attention.*CUDA only"):
+        pick_attention("flex_attention", cpu, "float32", packing=True)
