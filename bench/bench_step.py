@@ -2,6 +2,7 @@
 
     python bench/bench_step.py                      # CPU-sized Llama
     python bench/bench_step.py --hidden 1024 --layers 8 --device cuda --dtype bfloat16
+    python bench/bench_step.py --compile            # train.compile on our side (its first steps compile)
 
 The bare loop shares none of our code: the model's own `.loss` (summed over the global batch's label tokens via
 num_items_in_batch, so it is the same objective), `.backward()` per micro-batch, clip_grad_norm_, and
@@ -23,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from automodel.config.schema import OptimConfig  # noqa: E402
 from automodel.backends import build_functional  # noqa: E402
-from automodel.models import enable_activation_checkpointing  # noqa: E402
+from automodel.models import compile_layers, enable_activation_checkpointing  # noqa: E402
 
 
 def build(args, seed=0):
@@ -66,6 +67,7 @@ def main():
     p.add_argument("--chunk", type=int, default=1024, help="train.loss_chunk_tokens; 0 = whole logits")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing on both sides")
     p.add_argument("--fused", action="store_true", help="optim.fused on our side (the bare loop is fused anyway)")
+    p.add_argument("--compile", action="store_true", help="train.compile on our side (the bare loop stays eager)")
     p.add_argument("--grad-method", default="autograd", choices=["autograd", "grad_and_value"])
     args = p.parse_args()
     device = torch.device(args.device)
@@ -80,6 +82,8 @@ def main():
     n_params = sum(q.numel() for q in model.parameters())
     if args.checkpointing:
         enable_activation_checkpointing(model)
+    if args.compile:
+        compile_layers(model)
     backend = build_functional(model, optim=OptimConfig(**hp, fused=args.fused), clip_grad_norm=1.0, lr_fn=lambda s: hp["lr"],
                                device=device, grad_method=args.grad_method, all_reduce=None, rank=0, world_size=1,
                                seed=0, loss_chunk_tokens=args.chunk, master_dtype="auto")
@@ -122,7 +126,7 @@ def main():
             fn()
     print(f"Llama {n_params / 1e6:.1f}M params, {args.accum} x {args.micro} x {args.seq} tokens per step, "
           f"{args.dtype} on {args.device}, loss chunks {args.chunk or 'off'}, checkpointing "
-          f"{'on' if args.checkpointing else 'off'}, our AdamW {'fused' if args.fused else 'foreach'}, bare AdamW "
+          f"{'on' if args.checkpointing else 'off'}, our layers {'compiled' if args.compile else 'eager'}, our AdamW {'fused' if args.fused else 'foreach'}, bare AdamW "
           f"{'fused' if fused else 'foreach'}, torch "
           f"{torch.__version__}")
     ratios = []

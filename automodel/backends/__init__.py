@@ -55,7 +55,7 @@ def build_backend(cfg: TrainConfig, model: nn.Module, ds_config: Optional[dict],
                             device=device, grad_method=cfg.train.grad_method, all_reduce=all_reduce, rank=rank,
                             world_size=world_size, seed=cfg.seed, loss_chunk_tokens=cfg.train.loss_chunk_tokens,
                             master_dtype=cfg.optim.master_dtype, teacher=teacher,
-                            on_nonfinite=cfg.train.on_nonfinite)
+                            on_nonfinite=cfg.train.on_nonfinite, bucket_mb=cfg.distributed.bucket_mb)
 
 
 def build_teacher(model: nn.Module, cfg: TrainConfig, ds_config: Optional[dict], device: torch.device) -> Teacher:

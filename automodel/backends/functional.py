@@ -22,7 +22,7 @@ from automodel.training.step import make_train_step
 def build_functional(model: nn.Module, *, optim, clip_grad_norm: float, lr_fn: Callable[[int], float],
                      device: torch.device, grad_method: str, all_reduce: AllReduce, rank: int, world_size: int,
                      seed: int, loss_chunk_tokens: int, master_dtype: str,
-                     teacher: Optional[Teacher] = None, on_nonfinite: str = "stop") -> Backend:
+                     teacher: Optional[Teacher] = None, on_nonfinite: str = "stop", bucket_mb: float = 25.0) -> Backend:
     """The functional step with in-place AdamW; several ranks all-reduce the gradient dict, nothing else. With a
     low-precision model and master_dtype "float32"/"auto" the state holds float32 masters of its trainable tensors."""
     binding = ParamBinding(model)
@@ -36,7 +36,7 @@ def build_functional(model: nn.Module, *, optim, clip_grad_norm: float, lr_fn: C
     loss.calibrate(lambda inputs: model(**inputs), device, weights=lambda: binding.bound(params))
     step = make_train_step(binding, loss, hyper=hyper, lr_fn=lr_fn, clip_grad_norm=clip_grad_norm, device=device,
                            grad_method=grad_method, all_reduce=all_reduce, world_size=world_size,
-                           on_nonfinite=on_nonfinite)
+                           on_nonfinite=on_nonfinite, bucket_mb=bucket_mb)
 
     def loss_sum(state: TrainState, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         with binding.bound(state.params) as bound:

@@ -188,6 +188,11 @@ class TrainingConfig:
         "chunk's logits recomputed in the backward, so the (tokens x vocab) logits never exist at once; 0 computes "
         "whole logits."
     )
+    compile: bool = field(
+        False, "torch.compile each decoder layer (functional backend, grad_method \"autograd\"): the first step "
+        "compiles (tens of seconds; once per distinct layer type), later steps run fused kernels. Losses match the "
+        "eager run to float tolerance."
+    )
     resume: str = field(
         "auto", "\"auto\": continue from the newest complete checkpoint in output_dir that passes its check (files, "
         "digests); \"never\": start afresh; or the path of a checkpoint directory."
@@ -236,6 +241,11 @@ class DistributedConfig:
     )
     zero_stage: Literal[0, 1, 2, 3] = field(
         3, "DeepSpeed ZeRO stage: 0 = plain data parallel, 1 = shard optimizer state, 2 = + gradients, 3 = + weights."
+    )
+    bucket_mb: float = field(
+        25.0, "Functional backend, several ranks: gradients all-reduce in float32 buckets of this many MB, each launched "
+        "from the backward as soon as its gradients exist (overlapping communication with compute); 0 sends one flat "
+        "all-reduce after the backward."
     )
     offload_optimizer: Literal["none", "cpu"] = field(
         "none", "DeepSpeed: keep optimizer state (and the update) in CPU memory; stages 1-3."

@@ -150,6 +150,8 @@ def _distributed_problems(cfg: TrainConfig) -> list[str]:
                                       or d.deepspeed_overrides):
         problems.append('distributed.offload_* and distributed.deepspeed_overrides need distributed.backend = '
                         '"deepspeed"')
+    if d.bucket_mb < 0:
+        problems.append(f"distributed.bucket_mb must be >= 0 (got {d.bucket_mb}); 0 turns the overlap off")
     if d.offload_params != "none" and d.zero_stage != 3:
         problems.append(f"distributed.offload_params needs distributed.zero_stage = 3 (got {d.zero_stage})")
     if d.offload_optimizer != "none" and d.zero_stage == 0:
@@ -172,6 +174,11 @@ def _memory_problems(cfg: TrainConfig) -> list[str]:
         if t.loss_chunk_tokens > 0:
             problems.append('train.grad_method = "grad_and_value" cannot recompute loss chunks (torch.func refuses '
                             "saved-tensor hooks); set train.loss_chunk_tokens = 0")
+    if t.compile and cfg.distributed.backend == "deepspeed" and cfg.distributed.zero_stage == 3:
+        problems.append("train.compile is not supported under ZeRO-3 (its hooks gather each layer's weights inside the "
+                        "compiled region); use zero_stage 0-2 or the functional backend")
+    if t.compile and t.grad_method == "grad_and_value":
+        problems.append('train.compile needs train.grad_method = "autograd"')
     if o.master_dtype != "auto" and cfg.model.dtype == "float32":
         problems.append(f'optim.master_dtype = "{o.master_dtype}" is for bfloat16/float16 models; model.dtype is '
                         'float32, whose weights are their own masters: leave it at "auto"')

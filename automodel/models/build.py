@@ -144,6 +144,23 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
+def compile_layers(model: torch.nn.Module) -> int:
+    """torch.compile every decoder layer in place (transformers' layers are GradientCheckpointingLayer instances);
+    the layers of one type share their compiled code, so a model compiles once per layer type, at its first step.
+    Returns how many layers were compiled. Per layer, not the whole model: the loss, the chunked head and the
+    optimizer stay outside, activation checkpointing still recomputes layer by layer, and a graph break in one
+    model's unusual code costs one layer, not the step."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise ConfigError(f"train.compile: {type(model).__name__} has no transformers decoder layers to compile; "
+                          "set it to false")
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
 def numel(p: torch.Tensor) -> int:
     """Elements of a parameter, also when ZeRO-3 has partitioned it away (then `ds_numel` holds the size)."""
     return getattr(p, "ds_numel", p.numel())

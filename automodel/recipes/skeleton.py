@@ -125,6 +125,7 @@ def run(cfg: TrainConfig, parts_of: Callable[[Run], Parts]) -> TrainResult:
             raise ConfigError(f"schedule.warmup_steps ({cfg.schedule.warmup_steps}) is larger than the run's "
                               f"{max_steps} steps ({cfg.train.epochs} epochs of {plan.steps_per_epoch})")
 
+        compiled = models.compile_layers(parts.model) if cfg.train.compile else 0
         # The backend owns weights and optimizer state and provides the step; resume from the newest checkpoint that
         # passes its check, refusing config changes to what is being trained.
         backend = build_backend(cfg, parts.model, setup.ds_config, max_steps, device, all_reduce, ranks.rank,
@@ -156,6 +157,8 @@ def run(cfg: TrainConfig, parts_of: Callable[[Run], Parts]) -> TrainResult:
         logger.info(f"memory: activation checkpointing {'on' if cfg.train.activation_checkpointing else 'off'}; "
                     f"loss from {backend.loss_description}")
         logger.info(f"attention: {attention} ({attention_why})")
+        if compiled:
+            logger.info(f"compile: {compiled} decoder layers compiled with torch.compile (the first step compiles them)")
         if resume_from is not None:
             logger.info(f"resumed from {resume_from} at step {state.step}"
                         + (f"; config changed since: {'; '.join(changes)}" if changes else ""))
@@ -274,7 +277,9 @@ def evaluation(backend: Backend, state: TrainState, parts: Parts, generate: bool
         loss, tokens = eval_loss(module, lambda batch: backend.loss_sum(state, batch), batches)
         row = {"step": state.step, "eval_loss": loss, "eval_tokens": tokens}
         if generate and parts.exact_match is not None:
-            row["exact_match"], pairs = parts.exact_match(module, backend.generate_kwargs)
+            # Compiled layers run eagerly here: each decode step's cache shapes would recompile them.
+            with torch.compiler.set_stance("force_eager"):
+                row["exact_match"], pairs = parts.exact_match(module, backend.generate_kwargs)
             row["examples"] = [{"prediction": p, "reference": r} for p, r in pairs[:3]]
     return row
 

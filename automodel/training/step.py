@@ -7,17 +7,23 @@ the step minimises sum_m l_m / N. So one micro-batch of 8 and four of 2 give the
 The step donates its input state: the new state's weights and moments are the old state's tensors, updated in
 place (see optim/adamw.py). Treat a state as consumed once it has been stepped; clone it to keep it.
 
+Several ranks: the last micro-batch's gradients are all-reduced in float32 buckets launched from gradient hooks while
+its backward still runs (distributed/buckets.py); earlier micro-batches accumulate locally first. With
+bucket_mb = 0 (or grad_method "grad_and_value") one flat all-reduce follows the last backward instead.
+
 Precision: the state's weights may be float32 masters of a lower-precision model. The forward and backward then
 run in the model's dtype (the masters are cast as they are bound), the gradients reach the float32 masters
 through that cast, and they accumulate, all-reduce and update in float32.
 """
 
+import functools
 from typing import Callable, Sequence
 
 import attrs
 import torch
 
 from automodel.distributed import AllReduce
+from automodel.distributed.buckets import GradBuckets
 from automodel.loss import count_label_tokens, token_cross_entropy
 from automodel.optim import AdamWHyper, adamw_update_, clip_by_global_norm_
 from automodel.training.forward import Batch, ModelLoss, model_inputs
@@ -46,6 +52,7 @@ def make_train_step(
     all_reduce: AllReduce = None,
     world_size: int = 1,
     on_nonfinite: str = "stop",
+    bucket_mb: float = 25.0,
 ) -> Callable[[TrainState, Sequence[Batch]], tuple[TrainState, StepMetrics]]:
     """The functional step over `binding.model`, whose trainable tensors the state holds. on_nonfinite = "skip":
     a step whose loss or gradient norm is not finite leaves weights and moments as they were (deciding that reads
@@ -74,7 +81,21 @@ def make_train_step(
         grads, (_, loss_sum) = torch.func.grad_and_value(objective, has_aux=True)(params)
         return [grads[k] for k in params], loss_sum.detach()
 
+    def grads_reduced(params: Tensors, batch: Batch, n: torch.Tensor,
+                      earlier: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        # The last micro-batch: each gradient, added to what earlier micro-batches gave it, goes into its bucket the
+        # moment the backward has accumulated it (and is freed there); full buckets all-reduce during the backward.
+        leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+        buckets = GradBuckets([v.shape for v in leaves.values()], device, int(bucket_mb * 2**20), earlier or None)
+        for i, leaf in enumerate(leaves.values()):
+            leaf.register_post_accumulate_grad_hook(functools.partial(_into_bucket, buckets, i))
+        with binding.bound(leaves, as_parameters=False) as model:
+            loss_sum, _ = loss(lambda inputs: model(**inputs), batch)
+            torch.autograd.backward(loss_sum / n, inputs=list(leaves.values()))
+        return buckets.finish(), loss_sum.detach()
+
     micro_grads = {"autograd": grads_autograd, "grad_and_value": grads_func}[grad_method]
+    overlap = all_reduce is not None and grad_method == "autograd" and bucket_mb > 0
 
     def train_step(state: TrainState, micro_batches: Sequence[Batch]) -> tuple[TrainState, StepMetrics]:
         n = torch.stack([count_label_tokens(b["labels"]) for b in micro_batches]).sum()
@@ -83,7 +104,11 @@ def make_train_step(
         with rng_scope(state.rng, device) as rng_out:
             grads: list[torch.Tensor] = []
             loss_total = torch.zeros((), device=device)
-            for batch in micro_batches:
+            for m, batch in enumerate(micro_batches):
+                if overlap and m == len(micro_batches) - 1:
+                    grads, loss_sum = grads_reduced(state.params, batch, n, grads)
+                    loss_total = loss_total + loss_sum
+                    break
                 g, loss_sum = micro_grads(state.params, batch, n)
                 if grads:
                     torch._foreach_add_(grads, g)
@@ -91,11 +116,13 @@ def make_train_step(
                     grads = [x.float() for x in g]  # accumulate in float32 whatever the compute dtype
                 del g
                 loss_total = loss_total + loss_sum
-        reduced = grads + [loss_total]
-        if all_reduce is not None:
+        if overlap:
+            all_reduce([loss_total])
+        elif all_reduce is not None:
+            reduced = grads + [loss_total]
             all_reduce(reduced)
-        loss_total = reduced.pop()
-        del reduced
+            loss_total = reduced.pop()
+            del reduced
         grad_norm = clip_by_global_norm_(grads, clip_grad_norm)
         samples = world_size * sum(b["input_ids"].shape[0] for b in micro_batches)
         lr = lr_fn(state.step)
@@ -112,3 +139,8 @@ def make_train_step(
         return new_state, StepMetrics(loss=loss_total / n, grad_norm=grad_norm, lr=lr, label_tokens=n)
 
     return train_step
+
+
+def _into_bucket(buckets: GradBuckets, i: int, leaf: torch.Tensor) -> None:
+    buckets.add(i, leaf.grad)
+    leaf.grad = None

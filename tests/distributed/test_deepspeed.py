@@ -69,12 +69,15 @@ def test_two_ranks_match_the_single_process_functional_run(reference, tmp_path, 
 
 
 def test_deepspeed_in_one_plain_process_matches_too(reference, tmp_path):
-    """`python launch/run.py` with backend = "deepspeed": no launcher, one rank, 4 accumulation steps."""
+    """`python launch/run.py` with backend = "deepspeed": no launcher, one rank, 4 accumulation steps; and with
+    train.compile, the engine's module runs compiled decoder layers (the reference is eager)."""
     out = tmp_path / "one"
     proc = helpers.launch_run("python", AGREE + ["distributed.backend=deepspeed", "distributed.zero_stage=2",
-                                         "checkpoint.save_final=false", f"output_dir={out}"])
+                                                 "train.compile=true", "checkpoint.save_final=false",
+                                                 f"output_dir={out}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "1 rank(s), deepspeed (ZeRO-2) backend" in proc.stdout
+    assert "compile: 4 decoder layers compiled" in proc.stdout
     assert list(helpers.train_losses(out).values()) == pytest.approx(list(helpers.train_losses(reference).values()),
                                                                     rel=1e-5)
 

@@ -208,3 +208,25 @@ def test_bfloat16_model_with_float32_masters_follows_the_float32_run():
     assert (rounded != masters[1][name]).float().mean() > 0.9  # 94% of the bf16 weights moved
     assert (same[0].params[name].float() == same[1][name]).float().mean() > 0.75  # 84% never moved
     assert abs(masters[2][-1] - fp32[2][-1]) < 1e-3 < abs(same[2][-1] - fp32[2][-1])
+
+
+@pytest.mark.slow  # compiling takes ~30 s on CPU
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compiled_layers_train_like_eager_ones(checkpointing):
+    """train.compile: each decoder layer through torch.compile (inductor on CPU); the same steps to float tolerance,
+    with activation checkpointing recomputing the compiled layers too."""
+    from automodel.models import compile_layers
+
+    batches = [random_batch(8, 24, 64, seed=s) for s in range(4)]
+    runs = []
+    for compiled in (False, True):
+        model = tiny_llama()
+        if checkpointing:
+            enable_activation_checkpointing(model)
+        if compiled:
+            assert compile_layers(model) == 2
+        runs.append(functional_run(model, batches, 4, chunk_tokens=16))
+    (eager_state, eager_losses, eager_norms), (state, losses, norms) = runs
+    assert losses == pytest.approx(eager_losses, rel=1e-5) and norms == pytest.approx(eager_norms, rel=1e-4)
+    for name, value in eager_state.params.items():
+        torch.testing.assert_close(state.params[name], value, rtol=1e-4, atol=1e-5, msg=name)
