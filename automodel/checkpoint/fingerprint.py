@@ -20,7 +20,7 @@ FROZEN = ("recipe", "seed", "model", "tokenizer", "peft", "distill", "data", "tr
 NEEDS_ALLOW = ("optim", "schedule")
 # Inside the frozen sections, what changes how a run computes but not what it trains.
 FREE_INSIDE = ("model.attn_implementation", "data.validation", "data.validation_fraction", "data.cache_dir",
-               "data.on_bad_row")
+               "data.on_bad_row", "data.num_proc")
 
 
 PATH_KEYS = ("name_or_path", "source", "teacher", "cache_dir")

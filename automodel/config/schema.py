@@ -122,6 +122,10 @@ class DataConfig:
     validation_fraction: float = field(
         0.0, "Without [data.validation]: hold out this fraction of the training rows (seeded) as validation."
     )
+    num_proc: int = field(
+        0, "Processes that tokenise a split (rank 0, once: the result is cached); 0 means the cores this process may "
+        "use, at most 16. The result is the same for any number."
+    )
     cache_dir: str = field(
         "", "Where tokenised datasets are cached; empty means $AUTOMODEL_CACHE or ~/.cache/automodel."
     )

@@ -113,6 +113,8 @@ def _data_problems(cfg: TrainConfig) -> list[str]:
         problems.append(f"data.validation_fraction must be in [0, 1) (got {d.validation_fraction})")
     if d.validation_fraction > 0 and d.validation is not None:
         problems.append("data.validation_fraction and [data.validation] both define a validation set; keep one")
+    if d.num_proc < 0:
+        problems.append(f"data.num_proc must be >= 0 (got {d.num_proc}); 0 uses the available cores")
     if d.seq_len < 2:
         problems.append(f"data.seq_len must be >= 2 (got {d.seq_len})")
     for name in ("train", "validation"):

@@ -64,19 +64,20 @@ def _permutation(n: int, seed: int, epoch: int) -> list[int]:
 def collate(dataset: TokenizedSet, indices: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded to the longest row: input_ids, attention_mask (1 on real tokens), labels (-100 on
     padding), and for packed sets position_ids (padding continues from 0 as a sample of its own)."""
-    length = max(len(dataset.input_ids[i]) for i in indices)
+    rows = [dataset.input_ids.array(i) for i in indices]
+    length = max(len(r) for r in rows)
     ids = torch.full((len(indices), length), pad_id, dtype=torch.long)
     labels = torch.full((len(indices), length), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(indices), length), dtype=torch.long)
     packed = dataset.position_ids is not None
     positions = torch.zeros((len(indices), length), dtype=torch.long) if packed else None
     for row, i in enumerate(indices):
-        n = len(dataset.input_ids[i])
-        ids[row, :n] = torch.tensor(dataset.input_ids[i])
-        labels[row, :n] = torch.tensor(dataset.labels[i])
+        n = len(rows[row])
+        ids[row, :n] = torch.from_numpy(rows[row])
+        labels[row, :n] = torch.from_numpy(dataset.labels.array(i))
         mask[row, :n] = 1
         if packed:
-            positions[row, :n] = torch.tensor(dataset.position_ids[i])
+            positions[row, :n] = torch.from_numpy(dataset.position_ids.array(i))
             positions[row, n:] = torch.arange(length - n)
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     if packed:

@@ -9,15 +9,18 @@ loss over the same samples unpacked (tested).
 import bisect
 import functools
 
+import numpy as np
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
+from automodel.data.store import Packed
 from automodel.data.tokenize import TokenizedSet
-from automodel.loss import IGNORE_INDEX
 
 
 def pack(tset: TokenizedSet, seq_len: int) -> TokenizedSet:
-    lengths = [len(x) for x in tset.input_ids]
+    """The samples of `tset` in rows of at most seq_len tokens. The packed rows are views that reference their
+    samples in `tset`'s arrays (data/store.py: Packed): no token is copied."""
+    lengths = tset.input_ids.lengths().tolist()
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     bins: list[list[int]] = []
     free: list[tuple[int, int]] = []  # (room left, bin index), sorted
@@ -32,18 +35,13 @@ def pack(tset: TokenizedSet, seq_len: int) -> TokenizedSet:
             room -= lengths[i]
         if room > 1:
             bisect.insort(free, (room, b))
-    ids, labels, positions = [], [], []
-    for members in bins:
-        row_ids, row_labels, row_pos = [], [], []
-        for i in members:
-            row_ids += tset.input_ids[i]
-            row_labels += [IGNORE_INDEX] + tset.labels[i][1:]
-            row_pos += list(range(lengths[i]))
-        ids.append(row_ids)
-        labels.append(row_labels)
-        positions.append(row_pos)
-    return TokenizedSet(ids, labels, [0] * len(bins), [()] * len(bins), tset.name, tset.rows_read, tset.dropped,
-                        tset.truncated, tset.skipped, position_ids=positions, samples=len(tset))
+    members = np.fromiter((i for members in bins for i in members), dtype=np.int64, count=len(lengths))
+    row_offsets = np.concatenate([[0], np.cumsum([len(m) for m in bins])]).astype(np.int64)
+    ids, labels = tset.input_ids, tset.labels
+    return TokenizedSet(Packed(ids, members, row_offsets, "ids"), Packed(labels, members, row_offsets, "labels"),
+                        [0] * len(bins), [()] * len(bins), tset.name, tset.rows_read, tset.dropped, tset.truncated,
+                        tset.skipped, position_ids=Packed(ids, members, row_offsets, "positions"),
+                        samples=len(tset))
 
 
 def flex_block_mask(position_ids: torch.Tensor) -> BlockMask:

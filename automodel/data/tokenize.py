@@ -5,8 +5,10 @@ between masked and trained text never splits a token. `text` documents are conca
 between them and cut into seq_len rows instead.
 """
 
+import concurrent.futures
 import hashlib
 import json
+import multiprocessing
 import os
 import time
 from pathlib import Path
@@ -20,34 +22,37 @@ from transformers import PreTrainedTokenizerBase
 from automodel.config import ConfigError, DataConfig, DataSourceConfig
 from automodel.data.formats import FORMATS, BadRow, Example, FormatOptions, TemplateTimeout
 from automodel.data.sources import load_rows
+from automodel.data.store import Rows, concat
+from automodel.data import store
 from automodel.loss import IGNORE_INDEX
-CACHE_VERSION = 1  # bump when tokenisation changes, so old caches are not reused
+CACHE_VERSION = 2  # bump when tokenisation or the stored layout changes, so old caches are not reused
 
 
 @attrs.frozen
 class TokenizedSet:
-    """A tokenised split. Row i: `input_ids[i]`, `labels[i]` (same length, -100 where masked),
-    `prompt_lens[i]` (tokens before the last trained span: the final answer's prompt) and `references[i]` (answers for exact match).
-    Packed sets also carry `position_ids` (restarting at 0 for each sample in a row)."""
+    """A tokenised split. Row i: `input_ids[i]`, `labels[i]` (same length, -100 where masked; lists of ints, or
+    `.array(i)`), `prompt_lens[i]` (tokens before the last trained span: the final answer's prompt) and
+    `references[i]` (answers for exact match). The rows live in flat arrays (data/store.py), memory-mapped when read
+    from the cache. Packed sets also carry `position_ids` (restarting at 0 for each sample in a row)."""
 
-    input_ids: list[list[int]]
-    labels: list[list[int]]
-    prompt_lens: list[int]
-    references: list[tuple[str, ...]]
+    input_ids: Any  # Rows, or a Packed view
+    labels: Any
+    prompt_lens: Sequence[int]
+    references: Sequence[tuple[str, ...]]
     name: str
     rows_read: int
     dropped: int  # longer than seq_len with truncate = "drop", or no trained token left
     truncated: int
     skipped: int = 0  # bad rows with on_bad_row = "skip"
-    position_ids: Optional[list[list[int]]] = None
+    position_ids: Any = None
     samples: int = 0  # samples in it (several per row when packed); 0 means one per row
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
     def summary(self) -> str:
-        tokens = sum(map(len, self.input_ids))
-        trained = sum(sum(1 for t in lab if t != IGNORE_INDEX) for lab in self.labels)
+        tokens = int(self.input_ids.lengths().sum())
+        trained = self.labels.count_trained()
         packed = f" packed into {len(self):,} rows" if self.position_ids is not None else ""
         skipped = f", {self.skipped:,} bad rows skipped" if self.skipped else ""
         return (f"{self.name}: {self.samples or len(self):,} samples{packed} from {self.rows_read:,} rows "
@@ -57,20 +62,12 @@ class TokenizedSet:
 
 def tokenize_examples(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, seq_len: int,
                       truncate: str, name: str, chunk_documents: bool = False) -> TokenizedSet:
+    if chunk_documents:
+        return chunk_stream(document_stream(examples, tokenizer), seq_len, name, len(examples))
     texts = [text for ex in examples for text, _ in ex.segments]
     pieces = iter(tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
     specials = tokenizer("", add_special_tokens=True)["input_ids"]  # e.g. [BOS], or nothing
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    if chunk_documents:
-        stream: list[int] = []
-        for ex in examples:
-            for _ in ex.segments:
-                stream += next(pieces)
-            stream += eos
-        rows = [stream[i:i + seq_len] for i in range(0, len(stream), seq_len)]
-        rows = [r for r in rows if len(r) >= 2]
-        return TokenizedSet(rows, [list(r) for r in rows], [0] * len(rows), [()] * len(rows), name, len(examples),
-                            0, 0)
     out_ids, out_labels, out_prompt_lens, out_refs = [], [], [], []
     dropped = truncated = 0
     for ex in examples:
@@ -99,7 +96,33 @@ def tokenize_examples(examples: Sequence[Example], tokenizer: PreTrainedTokenize
         out_labels.append(labels)
         out_prompt_lens.append(_last_span_start(labels))
         out_refs.append(ex.references)
-    return TokenizedSet(out_ids, out_labels, out_prompt_lens, out_refs, name, len(examples), dropped, truncated)
+    ids = Rows.from_lists(out_ids)
+    return TokenizedSet(ids, Rows.labels_of(ids, out_labels), out_prompt_lens, out_refs, name, len(examples), dropped,
+                        truncated)
+
+
+def document_stream(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """`text` documents as one token stream, EOS after each."""
+    texts = [text for ex in examples for text, _ in ex.segments]
+    pieces = iter(tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    stream: list[int] = []
+    for ex in examples:
+        for _ in ex.segments:
+            stream += next(pieces)
+        stream += eos
+    return stream
+
+
+def chunk_stream(stream: Sequence[int], seq_len: int, name: str, rows_read: int) -> TokenizedSet:
+    """A token stream cut into seq_len rows (all trained); a last row shorter than 2 tokens is left out."""
+    tokens = np.asarray(stream, dtype=np.int32)
+    if len(tokens) % seq_len == 1:  # a last row shorter than 2 tokens trains nothing
+        tokens = tokens[:-1]
+    offsets = np.append(np.arange(0, len(tokens), seq_len, dtype=np.int64), len(tokens))
+    n = len(offsets) - 1
+    return TokenizedSet(Rows(tokens, offsets), Rows(tokens, offsets, np.ones(len(tokens), np.uint8)), [0] * n,
+                        [()] * n, name, rows_read, 0, 0)
 
 
 def _last_span_start(labels: list[int]) -> int:
@@ -113,12 +136,13 @@ def _last_span_start(labels: list[int]) -> int:
 
 
 def load_examples(src: DataSourceConfig, options: FormatOptions, rows: Optional[datasets.Dataset] = None,
-                  on_bad_row: str = "error") -> tuple[list[Example], int]:
-    """(examples, bad rows skipped). A bad row is an error naming the file, row and field, unless skipped."""
+                  on_bad_row: str = "error", span: Optional[tuple[int, int]] = None) -> tuple[list[Example], int]:
+    """(examples, bad rows skipped), of rows [start, stop) with `span`. A bad row is an error naming the file, row
+    and field, unless skipped."""
     fmt = FORMATS[src.format]
     rows = load_rows(src) if rows is None else rows
     examples, skipped = [], 0
-    for i in range(len(rows)):
+    for i in range(*(span or (0, len(rows)))):
         try:
             row = rows[i]
         except UnicodeDecodeError as e:  # datasets decodes text lazily, row by row
@@ -171,24 +195,14 @@ def cache_key(src: DataSourceConfig, data_cfg: DataConfig, tokenizer_id: str, ca
 
 
 def save_set(tset: TokenizedSet, path: Path) -> None:
-    lengths = np.array([len(x) for x in tset.input_ids], dtype=np.int64)
-    flat = lambda rows: np.fromiter((t for r in rows for t in r), dtype=np.int64, count=int(lengths.sum()))  # noqa
     meta = {"name": tset.name, "rows_read": tset.rows_read, "dropped": tset.dropped, "truncated": tset.truncated,
-            "skipped": tset.skipped, "references": [list(r) for r in tset.references]}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, lengths=lengths, input_ids=flat(tset.input_ids), labels=flat(tset.labels),
-             prompt_lens=np.array(tset.prompt_lens, dtype=np.int64), meta=np.array(json.dumps(meta)))
-    os.replace(tmp, path)
+            "skipped": tset.skipped}
+    store.write(path, tset.input_ids, tset.labels, tset.prompt_lens, tset.references, meta)
 
 
 def load_set(path: Path) -> TokenizedSet:
-    with np.load(path) as z:
-        bounds = np.concatenate([[0], np.cumsum(z["lengths"])])
-        ids, labels = z["input_ids"].tolist(), z["labels"].tolist()
-        meta = json.loads(str(z["meta"]))
-        prompt_lens = z["prompt_lens"].tolist()
-    split = lambda flat: [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]  # noqa: E731
-    return TokenizedSet(split(ids), split(labels), prompt_lens, [tuple(r) for r in meta["references"]], meta["name"],
+    ids, labels, prompt_lens, references, meta = store.read(path)
+    return TokenizedSet(ids, labels, prompt_lens, references, meta["name"],
                         meta["rows_read"], meta["dropped"], meta["truncated"], meta["skipped"])
 
 
@@ -209,9 +223,9 @@ def build(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 
     sets: dict[str, TokenizedSet] = {}
     tokenizer_id = _tokenizer_identity(tokenizer) if use_cache else ""  # hashes the whole vocabulary: once
     for name, src, carve in plan:
-        path = cache_root(data_cfg) / f"{name}-{cache_key(src, data_cfg, tokenizer_id, carve)}.npz"
+        path = cache_root(data_cfg) / f"{name}-{cache_key(src, data_cfg, tokenizer_id, carve)}"
         if use_cache and rank == 0:
-            cached = path.is_file()
+            cached = (path / "meta.json").is_file()
             if not cached:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 save_set(_tokenize_split(name, src, carve, data_cfg, tokenizer, options, log, rank), path)
@@ -236,12 +250,90 @@ def _tokenize_split(name: str, src: DataSourceConfig, carve: Any, data_cfg: Data
     if carve is not None:
         side, fraction, seed = carve
         rows = rows.train_test_split(test_size=fraction, seed=seed, shuffle=True)[side]
-    examples, skipped = load_examples(src, options, rows, data_cfg.on_bad_row)
-    tset = tokenize_examples(examples, tokenizer, data_cfg.seq_len, data_cfg.truncate, name,
-                             chunk_documents=src.format == "text")
+    text = src.format == "text"
+    job = _Job(src, rows, options, data_cfg, tokenizer, text)
+    workers = min(num_proc(data_cfg), max(1, len(rows) // ROWS_PER_CHUNK))
+    spans = _spans(len(rows), workers)
+    parts: list = [None] * len(spans)
+    if workers == 1:
+        parts[0] = job(spans[0])
+    else:
+        # Forked workers inherit the rows (memory-mapped Arrow), the tokenizer and the options; each takes a
+        # contiguous span of rows and the parts are joined in order, so the result is the one worker's, exactly.
+        global _JOB
+        _JOB = job
+        try:
+            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+                futures = {pool.submit(_run_job, span): k for k, span in enumerate(spans)}
+                done_rows = 0
+                for future in concurrent.futures.as_completed(futures):
+                    k = futures[future]
+                    parts[k] = future.result()  # a worker's ConfigError (a bad row) is raised here, as it was
+                    done_rows += spans[k][1] - spans[k][0]
+                    if log is not None and done_rows < len(rows):
+                        log(f"data: tokenising {name}: {done_rows:,}/{len(rows):,} rows "
+                            f"({100 * done_rows / len(rows):.0f}%, {time.perf_counter() - started:.0f}s)")
+        finally:
+            _JOB = None
+    skipped = sum(p[1] for p in parts)
+    if text:
+        tset = chunk_stream(np.concatenate([np.asarray(p[0], dtype=np.int32) for p in parts]), data_cfg.seq_len, name,
+                            len(rows))
+    else:
+        tset = _join([p[0] for p in parts], name)
     tset = attrs.evolve(tset, rows_read=len(rows), skipped=skipped)
     if log is not None:
         seconds = time.perf_counter() - started
-        log(f"data: rank {rank} tokenised {name} ({len(rows):,} rows) in {seconds:.1f}s, "
-            f"{sum(map(len, tset.input_ids)) / max(seconds, 1e-9):,.0f} tokens/s")
+        log(f"data: rank {rank} tokenised {name} ({len(rows):,} rows) in {seconds:.1f}s with {workers} process(es), "
+            f"{int(tset.input_ids.lengths().sum()) / max(seconds, 1e-9):,.0f} tokens/s")
     return tset
+
+
+ROWS_PER_CHUNK = 2000  # below this many rows per process, forking costs more than it saves
+
+
+def num_proc(data_cfg: DataConfig) -> int:
+    """Tokenising processes: data.num_proc, else the cores this process may use (at most 16)."""
+    if data_cfg.num_proc > 0:
+        return data_cfg.num_proc
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(16, cores))
+
+
+def _spans(n: int, parts: int) -> list[tuple[int, int]]:
+    """[start, stop) row ranges: `parts` (x4 for progress and balance when parallel) contiguous, near-equal."""
+    pieces = 1 if parts == 1 else min(n, parts * 4)
+    bounds = [n * k // pieces for k in range(pieces + 1)]
+    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+@attrs.frozen
+class _Job:
+    """Rows [start, stop) of a split -> (their TokenizedSet, or the token stream of `text` documents; bad rows
+    skipped)."""
+
+    src: DataSourceConfig
+    rows: Any
+    options: FormatOptions
+    data_cfg: DataConfig
+    tokenizer: PreTrainedTokenizerBase
+    text: bool
+
+    def __call__(self, span: tuple[int, int]) -> tuple[Any, int]:
+        examples, skipped = load_examples(self.src, self.options, self.rows, self.data_cfg.on_bad_row, span)
+        if self.text:
+            return np.asarray(document_stream(examples, self.tokenizer), dtype=np.int32), skipped
+        return tokenize_examples(examples, self.tokenizer, self.data_cfg.seq_len, self.data_cfg.truncate, ""), skipped
+
+
+_JOB: Optional[_Job] = None  # what forked tokenising workers run
+
+
+def _run_job(span: tuple[int, int]) -> tuple[Any, int]:
+    return _JOB(span)
+
+
+def _join(parts: list[TokenizedSet], name: str) -> TokenizedSet:
+    return TokenizedSet(concat([p.input_ids for p in parts]), concat([p.labels for p in parts]),
+                        [x for p in parts for x in p.prompt_lens], [x for p in parts for x in p.references], name,
+                        sum(p.rows_read for p in parts), sum(p.dropped for p in parts), sum(p.truncated for p in parts))

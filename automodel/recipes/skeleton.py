@@ -111,11 +111,12 @@ def run(cfg: TrainConfig, parts_of: Callable[[Run], Parts]) -> TrainResult:
         trackers.check_installed(cfg.logging.backends)
         debug_log = None if cfg.logging.verbose else context.enter_context(quiet.libraries_to_file(
             out, ranks.rank, preload=[trackers.EXTRAS[b][0] for b in cfg.logging.backends]))
-        # "auto" attention becomes the kernel this machine runs (the resolved config, saved below, names it).
+        # "auto" attention becomes the kernel this machine runs: the recipe builds with it, the log names it, and the
+        # saved config keeps "auto" (a resume elsewhere picks that machine's kernel).
         attention, attention_why = models.pick_attention(cfg.model.attn_implementation, device, cfg.model.dtype,
                                                          cfg.data.packing)
-        cfg = attrs.evolve(cfg, model=attrs.evolve(cfg.model, attn_implementation=attention))
-        setup = Run(cfg, ranks, device, out, deepspeed_config(cfg, ranks.world_size) if use_deepspeed else None)
+        build_cfg = attrs.evolve(cfg, model=attrs.evolve(cfg.model, attn_implementation=attention))
+        setup = Run(build_cfg, ranks, device, out, deepspeed_config(cfg, ranks.world_size) if use_deepspeed else None)
         parts = parts_of(setup)
 
         # The order of samples, and how long the run is.

@@ -204,7 +204,7 @@ def test_second_build_reads_the_cache_instead_of_tokenising(gpt2, tmp_path):
                      validation=DataSourceConfig(source=squad, split="train[-10:]"))
     first = CountingTokenizer(gpt2)
     train, val = build(cfg, first)
-    assert first.batches == 2 and len(list(tmp_path.glob("*.npz"))) == 2
+    assert first.batches == 2 and len(list(tmp_path.glob("*/meta.json"))) == 2
     second = CountingTokenizer(gpt2)
     train2, val2 = build(cfg, second)
     assert second.batches == 0
@@ -215,6 +215,41 @@ def test_second_build_reads_the_cache_instead_of_tokenising(gpt2, tmp_path):
     build(DataConfig(seq_len=384, cache_dir=str(tmp_path), train=cfg.train,
                      validation=cfg.validation), third)
     assert third.batches == 2
+
+
+@pytest.mark.parametrize("source, fmt", [("squad-v1.1/dev-v1.1.json", "squad"),
+                                         ("llamafactory-demos/v1_sft_demo.jsonl", "chat"),
+                                         ("llamafactory-demos/c4_demo.jsonl", "text")])
+def test_parallel_tokenisation_equals_one_process(gpt2, tmp_path, monkeypatch, source, fmt):
+    """data.num_proc: forked workers tokenise contiguous spans of rows; the joined result is the one process's (text
+    documents: one token stream cut into rows after joining), with progress lines on the way."""
+    import automodel.data.tokenize as tokenize
+
+    monkeypatch.setattr(tokenize, "ROWS_PER_CHUNK", 20)  # parallel on a small set
+    src = DataSourceConfig(source=str(shared_data(source)), format=fmt, limit=300)
+    sets, lines = [], []
+    for workers in (1, 3):
+        cfg = DataConfig(seq_len=256, num_proc=workers, chat_template="chatml", train=src)
+        sets.append(build(cfg, gpt2, use_cache=False, log=lines.append)[0])
+    one, three = sets
+    assert (three.input_ids, three.labels, three.prompt_lens, three.references) == (
+        one.input_ids, one.labels, one.prompt_lens, one.references)
+    assert three.summary() == one.summary() and len(one) > 10
+    assert any("with 3 process(es)" in line for line in lines)
+    assert any(line.startswith("data: tokenising train: ") and "%" in line for line in lines)
+
+
+def test_a_bad_row_in_a_worker_names_its_row_in_the_file(gpt2, tmp_path, monkeypatch):
+    import automodel.data.tokenize as tokenize
+
+    monkeypatch.setattr(tokenize, "ROWS_PER_CHUNK", 10)
+    path = tmp_path / "rows.jsonl"
+    rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(60)]
+    rows[47] = {"instruction": "q47"}
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = DataConfig(seq_len=64, num_proc=3, train=DataSourceConfig(source=str(path), format="instruction"))
+    with pytest.raises(ConfigError, match=r"rows.jsonl: row 47 \(split `train`\), field `output`"):
+        build(cfg, gpt2, use_cache=False)
 
 
 def test_bad_rows_skipped_and_counted(gpt2, tmp_path):
