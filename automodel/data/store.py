@@ -162,6 +162,12 @@ class LazyReferences:
     def __getitem__(self, i):
         return self._load()[i]
 
+    def __iter__(self):
+        return iter(self._load())
+
+    def __eq__(self, other) -> bool:
+        return list(self) == list(other)
+
 
 def write(path: Path, ids: Rows, labels: Rows, prompt_lens: Sequence[int], references: Sequence[Sequence[str]],
           meta: dict) -> None:
