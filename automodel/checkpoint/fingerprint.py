@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from automodel.config import flatten
+from automodel.config.load import normalize_sources
 
 FROZEN = ("recipe", "seed", "model", "tokenizer", "peft", "distill", "data", "train.global_batch_size",
           "distributed.backend", "distributed.zero_stage")
@@ -36,6 +37,10 @@ def _same(key: str, before: Any, after: Any) -> bool:
     return False
 
 
+def _copy(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: _copy(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
 def _under(key: str, prefixes: tuple[str, ...]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 
@@ -43,7 +48,8 @@ def _under(key: str, prefixes: tuple[str, ...]) -> bool:
 def compare(saved: dict[str, Any], current: dict[str, Any],
             allowed: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
     """(refused changes, accepted changes), each as `key: old -> new` lines."""
-    old, new = flatten(saved), flatten(current)
+    # A checkpoint written before [[data.train]] arrays has its one source as a table: the same config.
+    old, new = flatten(normalize_sources(_copy(saved))), flatten(current)
     refused, accepted = [], []
     for key in sorted(set(old) | set(new)):
         if key in ("train.resume", "train.resume_allow_changes", "output_dir"):

@@ -62,18 +62,51 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
     for text in overrides:
         path, value = parse_override(text)
         node = out
-        for i, part in enumerate(path[:-1]):
+        parts = list(path)
+        i = 0
+        while i < len(parts) - 1:
+            part = parts[i]
             child = node.setdefault(part, {})
+            prefix = ".".join(parts[: i + 1])
+            if isinstance(child, list) and child and all(isinstance(x, dict) for x in child):
+                # An array of tables ([[data.train]]): `data.train.1.limit`, or without an index its only entry.
+                if parts[i + 1].isdigit() and int(parts[i + 1]) < len(child):
+                    child = child[int(parts[i + 1])]
+                    i += 1
+                elif len(child) == 1:
+                    child = child[0]
+                else:
+                    raise ConfigError(f"override `{text}`: `{prefix}` has {len(child)} entries; name one by index, "
+                                      f"e.g. {prefix}.0.{'.'.join(parts[i + 1:])}=...")
             if not isinstance(child, dict):
-                prefix = ".".join(path[: i + 1])
                 raise ConfigError(f"override `{text}`: `{prefix}` is a value, not a section")
             node = child
-        node[path[-1]] = value
+            i += 1
+        node[parts[-1]] = value
     return out
 
 
 def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
+    def copy(v: Any) -> Any:
+        if isinstance(v, dict):
+            return _deep_copy(v)
+        return [copy(x) for x in v] if isinstance(v, list) else v
+
+    return {k: copy(v) for k, v in d.items()}
+
+
+SOURCE_LISTS = ("train", "validation")  # [data.train] / [[data.train]]: one table, or an array of them
+
+
+def normalize_sources(raw: dict[str, Any]) -> dict[str, Any]:
+    """A single [data.train] or [data.validation] table as a list of one, as the schema types them (a config saved
+    before arrays were allowed reads the same)."""
+    data = raw.get("data")
+    if isinstance(data, dict):
+        for key in SOURCE_LISTS:
+            if isinstance(data.get(key), dict):
+                data[key] = [data[key]]
+    return raw
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,7 +162,13 @@ def check_keys(raw: dict[str, Any], origin_of: Any, cls: type = TrainConfig, pre
             hint = _suggest(path, list(names), all_key_paths())
             raise ConfigError(f"{origin_of(path)}: unknown key `{path}`; {hint}")
         sub = _section_type(names[key].type)
-        if sub is not None:
+        if sub is not None and typing.get_origin(names[key].type) is list:
+            if not isinstance(value, list) or not all(isinstance(x, dict) for x in value):
+                raise ConfigError(f"{origin_of(path)}: `{path}` is a table ([{path}]) or an array of tables "
+                                  f"([[{path}]]), not {value!r}")
+            for i, entry in enumerate(value):
+                check_keys(entry, origin_of, sub, f"{path}." if len(value) == 1 else f"{path}.{i}.")
+        elif sub is not None:
             if not isinstance(value, dict):
                 raise ConfigError(
                     f"{origin_of(path)}: `{path}` is a section; write it as [{path}] with keys inside, "
@@ -215,12 +254,22 @@ def structure(raw: dict[str, Any], origin_of: Any) -> TrainConfig:
             text, _, where = msg.rpartition(" @ ")
             key = where.removeprefix("$").lstrip(".").replace("[", ".").replace("]", "").replace("'", "")
             value = _lookup(raw, key)
+            key = _single_source_key(raw, key)
             shown = f" (got {value!r})" if value is not _MISSING and "got" not in text else ""
             lines.append(f"{origin_of(key)}: `{key}`: {text}{shown}")
         raise ConfigError("\n".join(lines)) from None
 
 
 _MISSING = object()
+
+
+def _single_source_key(raw: dict[str, Any], key: str) -> str:
+    """`data.train.0.source` -> `data.train.source` when there is one source (as the file wrote it)."""
+    for name in SOURCE_LISTS:
+        prefix = f"data.{name}.0."
+        if key.startswith(prefix) and len(raw.get("data", {}).get(name, [])) == 1:
+            return f"data.{name}." + key[len(prefix):]
+    return key
 
 
 def _lookup(raw: dict[str, Any], dotted: str) -> Any:
@@ -248,7 +297,7 @@ def from_dict(raw: dict[str, Any], overrides: Sequence[str] = (), source: str = 
             return f"{source} (command-line override)"
         return source
 
-    merged = apply_overrides(raw, overrides)
+    merged = normalize_sources(apply_overrides(raw, overrides))
     check_keys(merged, origin_of)
     cfg = structure(merged, origin_of)
     return validate(cfg, world_size if world_size is not None else _world_size_from_env(), source)
@@ -275,8 +324,8 @@ def to_dict(cfg: TrainConfig) -> dict[str, Any]:
 def _drop_none(d: Any) -> Any:
     if isinstance(d, dict):
         return {k: _drop_none(v) for k, v in d.items() if v is not None}
-    if isinstance(d, tuple):
-        return list(d)
+    if isinstance(d, (tuple, list)):
+        return [_drop_none(x) for x in d]
     return d
 
 

@@ -10,11 +10,12 @@ from typing import Any, Literal, Optional
 import attrs
 
 
-def field(default: Any = attrs.NOTHING, doc: str = "", factory: Any = None) -> Any:
+def field(default: Any = attrs.NOTHING, doc: str = "", factory: Any = None, converter: Any = None) -> Any:
     """An attrs field with a one-line doc. Sections are keyword-only, so defaults may come in any order."""
+    extra = {"converter": converter} if converter is not None else {}
     if factory is not None:
-        return attrs.field(factory=factory, metadata={"doc": doc})
-    return attrs.field(default=default, metadata={"doc": doc})
+        return attrs.field(factory=factory, metadata={"doc": doc}, **extra)
+    return attrs.field(default=default, metadata={"doc": doc}, **extra)
 
 
 Dtype = Literal["float32", "bfloat16", "float16"]
@@ -92,6 +93,22 @@ class DataSourceConfig:
     columns: dict[str, str] = field(
         doc="Maps the format's fields to your column names, e.g. { output = \"answer\" }.", factory=dict
     )
+    weight: Optional[float] = field(
+        None, "Training sources: this source's share of the samples drawn, relative to the others' weights (a source "
+        "whose share exceeds its size repeats, one below it is subsampled, each epoch afresh); unset on every source "
+        "means proportional to size."
+    )
+    name: str = field(
+        "", "What the log calls the source; a validation set's metrics are eval_loss/<name> (needed when there are "
+        "several). Empty: the file or dataset name."
+    )
+
+
+def _sources(value: Any) -> list:
+    """One source, several, or none (None) as a list: `DataConfig(train=DataSourceConfig(...))` reads as in TOML."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, DataSourceConfig) else list(value)
 
 
 @attrs.frozen(kw_only=True)
@@ -132,8 +149,14 @@ class DataConfig:
     crop_images: bool = field(
         False, "vlm: crop each image to its content (trims uniform margins of scanned or rendered pages)."
     )
-    train: Optional[DataSourceConfig] = field(None, "The training set (required).")
-    validation: Optional[DataSourceConfig] = field(None, "The held-out set for eval loss and exact match; optional.")
+    train: list[DataSourceConfig] = field(
+        doc="The training data (required): one [data.train] table, or several [[data.train]] tables mixed by their "
+        "`weight`.", factory=list, converter=_sources
+    )
+    validation: list[DataSourceConfig] = field(
+        doc="Held-out sets for eval loss and exact match (optional): one [data.validation] table, or several "
+        "[[data.validation]] tables, each with a `name`.", factory=list, converter=_sources
+    )
 
 
 @attrs.frozen(kw_only=True)

@@ -107,21 +107,37 @@ def _model_problems(cfg: TrainConfig) -> list[str]:
 def _data_problems(cfg: TrainConfig) -> list[str]:
     problems = []
     d = cfg.data
-    if d.train is None:
+    if not d.train:
         problems.append("[data.train] is required: set data.train.source (a hub dataset id or a local file)")
     if not 0.0 <= d.validation_fraction < 1.0:
         problems.append(f"data.validation_fraction must be in [0, 1) (got {d.validation_fraction})")
-    if d.validation_fraction > 0 and d.validation is not None:
+    if d.validation_fraction > 0 and d.validation:
         problems.append("data.validation_fraction and [data.validation] both define a validation set; keep one")
+    if d.validation_fraction > 0 and len(d.train) > 1:
+        problems.append("data.validation_fraction carves one training source; with several, give [[data.validation]] "
+                        "sets")
     if d.num_proc < 0:
         problems.append(f"data.num_proc must be >= 0 (got {d.num_proc}); 0 uses the available cores")
     if d.seq_len < 2:
         problems.append(f"data.seq_len must be >= 2 (got {d.seq_len})")
     for name in ("train", "validation"):
-        src = getattr(d, name)
-        if src is not None and src.limit is not None and src.limit < 1:
-            problems.append(f"data.{name}.limit must be >= 1 (got {src.limit}); leave it out for all rows")
-    if cfg.eval.generate_samples > 0 and d.validation is None:
+        sources = getattr(d, name)
+        for i, src in enumerate(sources):
+            key = f"data.{name}" + (f".{i}" if len(sources) > 1 else "")
+            if src.limit is not None and src.limit < 1:
+                problems.append(f"{key}.limit must be >= 1 (got {src.limit}); leave it out for all rows")
+            if src.weight is not None and not 0 < src.weight < float("inf"):
+                problems.append(f"{key}.weight must be a finite number > 0 (got {src.weight})")
+            if name == "validation" and src.weight is not None:
+                problems.append(f"{key}.weight: validation sets are not sampled; leave weight out")
+    weights = [src.weight is not None for src in d.train]
+    if any(weights) and not all(weights):
+        problems.append("data.train: give every source a weight, or none (then each draws in proportion to its size)")
+    names = [src.name for src in d.validation]
+    if len(names) > 1 and (not all(names) or len(set(names)) != len(names)):
+        problems.append(f"[[data.validation]]: with several validation sets each needs its own name (got {names}); "
+                        "their metrics are eval_loss/<name>")
+    if cfg.eval.generate_samples > 0 and not d.validation:
         problems.append("eval.generate_samples needs a [data.validation] set")
     return problems
 
@@ -130,7 +146,7 @@ def _logging_problems(cfg: TrainConfig) -> list[str]:
     """Trackers, profiling, early stopping and the best checkpoint."""
     problems = []
     t, log = cfg.train, cfg.logging
-    validating = cfg.data.validation is not None or cfg.data.validation_fraction > 0
+    validating = bool(cfg.data.validation) or cfg.data.validation_fraction > 0
     if len(set(log.backends)) != len(log.backends):
         problems.append(f"logging.backends lists a tracker twice ({log.backends})")
     if log.profile_steps and not (len(log.profile_steps) == 2 and 1 <= log.profile_steps[0] <= log.profile_steps[1]):
@@ -211,7 +227,7 @@ def _distill_problems(cfg: TrainConfig) -> list[str]:
 
 def _vlm_problems(cfg: TrainConfig) -> list[str]:
     problems = []
-    sources = [(n, getattr(cfg.data, n)) for n in ("train", "validation") if getattr(cfg.data, n) is not None]
+    sources = [(n, src) for n in ("train", "validation") for src in getattr(cfg.data, n)]
     vlm = cfg.recipe == "vlm_finetune"
     for name, src in sources:
         if (src.format == "vlm") != vlm:
@@ -220,6 +236,8 @@ def _vlm_problems(cfg: TrainConfig) -> list[str]:
     if vlm:
         if cfg.data.packing:
             problems.append("data.packing is not supported by vlm_finetune (images make samples unpackable)")
+        if len(cfg.data.train) > 1 or len(cfg.data.validation) > 1:
+            problems.append("vlm_finetune takes one [data.train] and at most one [data.validation] source")
         if cfg.data.validation_fraction:
             problems.append("data.validation_fraction is not supported by vlm_finetune; give [data.validation]")
         if cfg.checkpoint.export_merged:

@@ -5,8 +5,10 @@ from automodel.data.formats import (CHAT_TEMPLATES, FORMATS, PROMPT_TEMPLATES, B
                                     trained_chat_template)
 from automodel.data.packing import block_causal_mask, pack
 from automodel.data.sources import load_rows
-from automodel.data.tokenize import TokenizedSet, build, load_examples, tokenize_examples
+from automodel.data.mixture import Mixture, chain, source_lines
+from automodel.data.tokenize import TokenizedSet, build, build_sources, load_examples, source_label, tokenize_examples
 
 __all__ = ["BatchPlan", "BadRow", "CHAT_TEMPLATES", "Example", "FORMATS", "FormatOptions",
-           "PROMPT_TEMPLATES", "TokenizedSet", "block_causal_mask", "build", "collate", "eval_batches",
-           "load_examples", "load_rows", "pack", "tokenize_examples", "trained_chat_template"]
+           "Mixture", "PROMPT_TEMPLATES", "TokenizedSet", "block_causal_mask", "build", "build_sources", "chain",
+           "collate", "eval_batches",
+           "load_examples", "load_rows", "pack", "source_label", "source_lines", "tokenize_examples", "trained_chat_template"]

@@ -1,25 +1,28 @@
 """Which samples a step sees (a pure function of seed, step, rank, world) and how they become tensors."""
 
 import functools
-from typing import Sequence
+from typing import Optional, Sequence
 
 import attrs
 import torch
 
 from automodel.config import BatchShape, ConfigError
+from automodel.data.mixture import Mixture
 from automodel.data.tokenize import TokenizedSet
 from automodel.loss import IGNORE_INDEX
 
 
 @attrs.frozen
 class BatchPlan:
-    """Each epoch is a seeded permutation of the samples; step s takes the next `global_batch_size` of it
-    (the tail that does not fill a batch is skipped). Rank r takes a contiguous slice of that global batch
-    and splits it into micro-batches. Nothing is replayed on resume: step s is computed directly."""
+    """Each epoch is a seeded permutation of the samples (with a `mixture`, its weighted draw over the sources);
+    step s takes the next `global_batch_size` of it (the tail that does not fill a batch is skipped). Rank r takes a
+    contiguous slice of that global batch and splits it into micro-batches. Nothing is replayed on resume: step s is
+    computed directly."""
 
     num_samples: int
     shape: BatchShape
     seed: int = 0
+    mixture: Optional[Mixture] = None
 
     def __attrs_post_init__(self):
         if self.steps_per_epoch == 0:
@@ -45,7 +48,9 @@ class BatchPlan:
     def global_indices(self, step: int) -> list[int]:
         epoch, offset = divmod(step, self.steps_per_epoch)
         start = offset * self.global_batch_size
-        return _permutation(self.num_samples, self.seed, epoch)[start:start + self.global_batch_size]
+        order = self.mixture.epoch(epoch) if self.mixture is not None else _permutation(self.num_samples, self.seed,
+                                                                                           epoch)
+        return order[start:start + self.global_batch_size]
 
     def micro_batches(self, step: int, rank: int = 0) -> list[list[int]]:
         """The sample indices of each of this rank's micro-batches at `step`."""
@@ -64,7 +69,7 @@ def _permutation(n: int, seed: int, epoch: int) -> list[int]:
 def collate(dataset: TokenizedSet, indices: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded to the longest row: input_ids, attention_mask (1 on real tokens), labels (-100 on
     padding), and for packed sets position_ids (padding continues from 0 as a sample of its own)."""
-    rows = [dataset.input_ids.array(i) for i in indices]
+    rows = [dataset.input_ids.array(i) for i in indices]  # numpy rows (the store's, or a chain's)
     length = max(len(r) for r in rows)
     ids = torch.full((len(indices), length), pad_id, dtype=torch.long)
     labels = torch.full((len(indices), length), IGNORE_INDEX, dtype=torch.long)

@@ -206,24 +206,36 @@ def load_set(path: Path) -> TokenizedSet:
                         meta["rows_read"], meta["dropped"], meta["truncated"], meta["skipped"])
 
 
-def build(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0, rank: int = 0,
-          use_cache: bool = True, log=None) -> tuple[TokenizedSet, Optional[TokenizedSet]]:
-    """The tokenised train and validation sets that [data] describes. With several ranks, rank 0
-    tokenises and writes the cache while the others wait, then read it."""
+def source_label(src: DataSourceConfig) -> str:
+    """What the log calls a source: its `name`, else the file's stem or the dataset id."""
+    if src.name:
+        return src.name
+    path = Path(src.source)
+    return path.stem if path.suffix else src.source
+
+
+def build_sources(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0, rank: int = 0,
+                  use_cache: bool = True, log=None) -> tuple[list[TokenizedSet], list[TokenizedSet]]:
+    """(the training sources' sets, the validation sets) that [data] describes, in config order. A lone source is
+    called "train" (or "validation"); several are "train/<label>". With several ranks, rank 0 tokenises and writes
+    the cache while the others wait, then read it."""
     from automodel.distributed import barrier
 
     options = FormatOptions(prompt_template=data_cfg.prompt_template, chat_template=data_cfg.chat_template,
                             train_on=data_cfg.train_on, tokenizer=tokenizer)
-    plan = [("train", data_cfg.train, None)]
-    if data_cfg.validation is not None:
-        plan.append(("validation", data_cfg.validation, None))
-    elif data_cfg.validation_fraction > 0:
-        plan = [("train", data_cfg.train, ("train", data_cfg.validation_fraction, seed)),
-                ("validation", data_cfg.train, ("test", data_cfg.validation_fraction, seed))]
-    sets: dict[str, TokenizedSet] = {}
+
+    def named(kind: str, sources: list[DataSourceConfig]) -> list[tuple[str, DataSourceConfig, Any]]:
+        return [(kind if len(sources) == 1 else f"{kind}/{source_label(src)}", src, None) for src in sources]
+
+    plan = named("train", data_cfg.train) + named("validation", data_cfg.validation)
+    if not data_cfg.validation and data_cfg.validation_fraction > 0:
+        src = data_cfg.train[0]
+        plan = [("train", src, ("train", data_cfg.validation_fraction, seed)),
+                ("validation", src, ("test", data_cfg.validation_fraction, seed))]
+    train, validation = [], []
     tokenizer_id = _tokenizer_identity(tokenizer) if use_cache else ""  # hashes the whole vocabulary: once
     for name, src, carve in plan:
-        path = cache_root(data_cfg) / f"{name}-{cache_key(src, data_cfg, tokenizer_id, carve)}"
+        path = cache_root(data_cfg) / f"{name.replace('/', '--')}-{cache_key(src, data_cfg, tokenizer_id, carve)}"
         if use_cache and rank == 0:
             cached = (path / "meta.json").is_file()
             if not cached:
@@ -234,13 +246,23 @@ def build(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 
                     "(data.cache_dir or $AUTOMODEL_CACHE moves it)")
         if use_cache:
             barrier()
-            sets[name] = load_set(path)
+            tset = load_set(path)
         else:
-            sets[name] = _tokenize_split(name, src, carve, data_cfg, tokenizer, options, log, rank)
-        if len(sets[name]) == 0:
-            raise ConfigError(f"{src.source}: no {name} samples left: {sets[name].summary()}; raise data.seq_len "
+            tset = _tokenize_split(name, src, carve, data_cfg, tokenizer, options, log, rank)
+        if len(tset) == 0:
+            raise ConfigError(f"{src.source}: no {name} samples left: {tset.summary()}; raise data.seq_len "
                               f"(now {data_cfg.seq_len}) or set data.truncate = \"right\"")
-    return sets["train"], sets.get("validation")
+        (train if name.startswith("train") else validation).append(tset)
+    return train, validation
+
+
+def build(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0, rank: int = 0,
+          use_cache: bool = True, log=None) -> tuple[TokenizedSet, Optional[TokenizedSet]]:
+    """The training sources chained into one set (unweighted), and the first validation set (or None)."""
+    from automodel.data.mixture import chain
+
+    train, validation = build_sources(data_cfg, tokenizer, seed, rank, use_cache, log)
+    return chain(train, "train"), (validation[0] if validation else None)
 
 
 def _tokenize_split(name: str, src: DataSourceConfig, carve: Any, data_cfg: DataConfig,

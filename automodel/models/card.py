@@ -18,7 +18,7 @@ def model_card(cfg: Any, config_toml: str, metrics: dict[str, Any], data_lines: 
     where = str(final_dir)
     pretrained = cfg.model.init == "pretrained"
     base = cfg.model.name_or_path if pretrained else None
-    sources = [s.source for s in (cfg.data.train, cfg.data.validation) if s is not None]
+    sources = [s.source for s in (*cfg.data.train, *cfg.data.validation)]
     front: dict[str, Any] = {
         "library_name": "peft" if adapter else "transformers",
         "pipeline_tag": PIPELINE.get(cfg.recipe, "text-generation"),
@@ -40,10 +40,10 @@ def model_card(cfg: Any, config_toml: str, metrics: dict[str, Any], data_lines: 
                   f"{cfg.distill.temperature}).", ""]
     lines += ["## Data", ""]
     for src_name in ("train", "validation"):
-        src = getattr(cfg.data, src_name)
-        if src is not None:
+        for src in getattr(cfg.data, src_name):
+            weight = f", weight {src.weight:g}" if src.weight is not None else ""
             lines.append(f"- {src_name}: `{src.source}` (format `{src.format}`, split `{src.split}`"
-                         + (f", first {src.limit} rows" if src.limit else "") + ")")
+                         + (f", first {src.limit} rows" if src.limit else "") + weight + ")")
     lines += [f"- {line}" for line in data_lines]
     lines += ["", "## Results", "", "| metric | value |", "|---|---|"]
     for key in ("steps", "train_loss", "eval_loss", "eval_loss_at_start", "exact_match", "exact_match_at_start",

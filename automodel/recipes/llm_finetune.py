@@ -22,7 +22,7 @@ Features:
 
 from automodel import data, models
 from automodel.config import TrainConfig
-from automodel.recipes.skeleton import Parts, Run, run as run_recipe
+from automodel.recipes.skeleton import Parts, Run, ValidationSet, run as run_recipe
 from automodel.training.evaluate import exact_match
 from automodel.training.loop import TrainResult
 
@@ -36,10 +36,13 @@ def parts(run: Run) -> Parts:
     # The tokenizer, then the data (tokenised and cached once; packed into seq_len rows if asked): a data problem is
     # reported before any weights load.
     tokenizer = models.build_tokenizer(cfg.tokenizer, cfg.model)
-    train_set, val_set = data.build(cfg.data, tokenizer, seed=cfg.seed, rank=run.ranks.rank, log=print)
-    if cfg.data.packing:
-        train_set = data.pack(train_set, cfg.data.seq_len)
-    template = data.trained_chat_template([cfg.data.train, cfg.data.validation], cfg.data, tokenizer)
+    train_sets, val_sets = data.build_sources(cfg.data, tokenizer, seed=cfg.seed, rank=run.ranks.rank, log=print)
+    if cfg.data.packing:  # each source on its own: a row holds samples of one source, so weights count rows
+        train_sets = [data.pack(s, cfg.data.seq_len) for s in train_sets]
+    train_set = data.chain(train_sets, "train")
+    weights = [src.weight for src in cfg.data.train]
+    mixture = data.Mixture.of([len(s) for s in train_sets], weights, cfg.seed) if weights[0] is not None else None
+    template = data.trained_chat_template([*cfg.data.train, *cfg.data.validation], cfg.data, tokenizer)
     if template is not None:  # saved with the tokenizer (checkpoints, final/): prompts are built as in training
         tokenizer.chat_template = template
 
@@ -49,18 +52,22 @@ def parts(run: Run) -> Parts:
     pad = tokenizer.pad_token_id
     eval_size = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
 
-    def val_batches():
-        return (data.collate(val_set, idx, pad) for idx in data.eval_batches(val_set, eval_size, cfg.eval.max_batches))
+    def validation_set(val_set: data.TokenizedSet) -> ValidationSet:
+        def batches():
+            return (data.collate(val_set, idx, pad)
+                    for idx in data.eval_batches(val_set, eval_size, cfg.eval.max_batches))
 
-    def answers(module, generate_kwargs):
-        return exact_match(module, tokenizer, val_set, cfg.eval.generate_samples, cfg.eval.max_new_tokens, eval_size,
-                           run.device, **generate_kwargs)
+        def answers(module, generate_kwargs):
+            return exact_match(module, tokenizer, val_set, cfg.eval.generate_samples, cfg.eval.max_new_tokens,
+                               eval_size, run.device, **generate_kwargs)
 
+        return ValidationSet(batches, answers)
+
+    names = [src.name for src in cfg.data.validation] if len(val_sets) > 1 else [""] * len(val_sets)
     return Parts(
-        model=model, saver=tokenizer, base_path=base_path, num_train=len(train_set),
+        model=model, saver=tokenizer, base_path=base_path, num_train=len(train_set), mixture=mixture,
         collate=lambda idx: data.collate(train_set, idx, pad),
-        val_batches=val_batches if val_set is not None else None,
-        exact_match=answers if val_set is not None else None,
-        data_lines=[s.summary() for s in (train_set, val_set) if s is not None],
+        validation={name: validation_set(v) for name, v in zip(names, val_sets)},
+        data_lines=data.source_lines(train_sets, mixture) + [s.summary() for s in val_sets],
         flops=models.flop_model(model),
     )

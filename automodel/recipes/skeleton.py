@@ -88,12 +88,20 @@ class Parts:
     base_path: str  # what a LoRA adapter names as its base, and what `checkpoint.export_merged` merges onto
     num_train: int  # samples in the training order
     collate: Callable[[list[int]], Batch]  # training sample indices -> a host batch
-    val_batches: Optional[Callable[[], Iterable[Batch]]]  # the validation set in host batches (None: no validation)
-    exact_match: Optional[ExactMatch]  # greedy answers against references (None: not asked for)
+    # The validation sets by name ("" for a lone unnamed one; empty: no validation), each with its host batches and,
+    # where asked for, greedy answers against references.
+    validation: dict[str, "ValidationSet"]
     data_lines: list[str]  # what the log says about the data
     model_note: str = ""  # said after the parameter counts (e.g. what is frozen)
     flops: Optional[models.FlopModel] = None  # training FLOPs of a batch, for MFU
+    mixture: Optional[data.Mixture] = None  # weighted draws over several training sources (None: each row once)
     teacher: Optional[Teacher] = None
+
+
+@attrs.frozen
+class ValidationSet:
+    batches: Callable[[], Iterable[Batch]]
+    exact_match: Optional[ExactMatch] = None
 
 
 def run(cfg: TrainConfig, parts_of: Callable[[Run], Parts]) -> TrainResult:
@@ -120,7 +128,7 @@ def run(cfg: TrainConfig, parts_of: Callable[[Run], Parts]) -> TrainResult:
         parts = parts_of(setup)
 
         # The order of samples, and how long the run is.
-        plan = data.BatchPlan(parts.num_train, BatchShape.of(cfg.train, ranks.world_size), cfg.seed)
+        plan = data.BatchPlan(parts.num_train, BatchShape.of(cfg.train, ranks.world_size), cfg.seed, parts.mixture)
         max_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * plan.steps_per_epoch))
         if cfg.schedule.warmup_steps > max_steps:
             raise ConfigError(f"schedule.warmup_steps ({cfg.schedule.warmup_steps}) is larger than the run's "
@@ -181,7 +189,7 @@ def run(cfg: TrainConfig, parts_of: Callable[[Run], Parts]) -> TrainResult:
                                    keep=watch.best_step if cfg.checkpoint.keep_best else None)
             logger.info(f"checkpoint: {path}")
 
-        validating = parts.val_batches is not None
+        validating = bool(parts.validation)
         first_eval = evaluate(state) if validating and cfg.eval.at_start and state.step == 0 else None
         if first_eval is not None:
             logger.row(first_eval)
@@ -271,17 +279,33 @@ def run_directory(out: Path, rank: int) -> Iterator[None]:
 
 
 def evaluation(backend: Backend, state: TrainState, parts: Parts, generate: bool, device: torch.device) -> dict:
-    """Token-weighted loss over the validation set; with `generate`, exact match of greedy answers (every rank
-    decodes the same prompts: under ZeRO-3 generation runs in step)."""
-    batches = (to_device(b, device) for b in parts.val_batches())
+    """Token-weighted loss over the validation sets (eval_loss: all together; eval_loss/<name>: each, when there are
+    several); with `generate`, exact match of greedy answers, pooled and per set likewise (every rank decodes the
+    same prompts: under ZeRO-3 generation runs in step)."""
+    row: dict = {"step": state.step}
+    several = len(parts.validation) > 1
+    loss_sum = tokens_sum = hits = answered = 0
+    examples: list = []
     with backend.model_for_generation(state) as module:
-        loss, tokens = eval_loss(module, lambda batch: backend.loss_sum(state, batch), batches)
-        row = {"step": state.step, "eval_loss": loss, "eval_tokens": tokens}
-        if generate and parts.exact_match is not None:
-            # Compiled layers run eagerly here: each decode step's cache shapes would recompile them.
-            with torch.compiler.set_stance("force_eager"):
-                row["exact_match"], pairs = parts.exact_match(module, backend.generate_kwargs)
-            row["examples"] = [{"prediction": p, "reference": r} for p, r in pairs[:3]]
+        for name, vset in parts.validation.items():
+            batches = (to_device(b, device) for b in vset.batches())
+            loss, tokens = eval_loss(module, lambda batch: backend.loss_sum(state, batch), batches)
+            loss_sum, tokens_sum = loss_sum + loss * tokens, tokens_sum + tokens
+            if several:
+                row[f"eval_loss/{name}"] = loss
+            if generate and vset.exact_match is not None:
+                # Compiled layers run eagerly here: each decode step's cache shapes would recompile them.
+                with torch.compiler.set_stance("force_eager"):
+                    rate, pairs = vset.exact_match(module, backend.generate_kwargs)
+                hits, answered = hits + rate * len(pairs), answered + len(pairs)
+                examples += pairs[:3]
+                if several:
+                    row[f"exact_match/{name}"] = rate
+    # One set: its loss as eval_loss computed it (no round trip through the weighted sum).
+    row.update(eval_loss=loss_sum / max(tokens_sum, 1) if several else loss, eval_tokens=tokens_sum)
+    if answered:
+        row["exact_match"] = hits / answered
+        row["examples"] = [{"prediction": p, "reference": r} for p, r in examples[:3]]
     return row
 
 

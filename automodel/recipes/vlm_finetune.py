@@ -21,7 +21,7 @@ from automodel import data, models
 from automodel.config import TrainConfig
 from automodel.data.vlm import VlmCollator, load_samples
 from automodel.models import vlm as vlm_models
-from automodel.recipes.skeleton import Parts, Run, run as run_recipe
+from automodel.recipes.skeleton import Parts, Run, ValidationSet, run as run_recipe
 from automodel.training.evaluate import exact_match_of_prompts
 from automodel.training.loop import TrainResult
 
@@ -35,8 +35,8 @@ def parts(run: Run) -> Parts:
     # Conversations with images, read and checked before any weights load; the collator renders, tokenises and
     # masks them batch by batch.
     processor = vlm_models.build_processor(cfg.tokenizer, cfg.model)
-    train_samples, skipped = load_samples(cfg.data.train, cfg.data.on_bad_row)
-    val_samples = load_samples(cfg.data.validation, cfg.data.on_bad_row)[0] if cfg.data.validation else None
+    train_samples, skipped = load_samples(cfg.data.train[0], cfg.data.on_bad_row)
+    val_samples = load_samples(cfg.data.validation[0], cfg.data.on_bad_row)[0] if cfg.data.validation else None
     collate = VlmCollator(processor, cfg.data.crop_images, cfg.data.seq_len, models.DTYPES[cfg.model.dtype])
 
     # The model (partitioned at load under ZeRO-3), frozen parts, LoRA off the vision tower.
@@ -59,7 +59,7 @@ def parts(run: Run) -> Parts:
     return Parts(
         model=model, saver=processor, base_path=base_path, num_train=len(train_samples),
         collate=lambda idx: collate([train_samples[i] for i in idx]),
-        val_batches=val_batches if val_samples else None, exact_match=answers if val_samples else None,
+        validation={"": ValidationSet(val_batches, answers)} if val_samples else {},
         data_lines=[f"train: {len(train_samples):,} conversations ({skipped} rows skipped), {images:,} images"
                     f"{validation}"],
         model_note=f"frozen: {frozen or 'nothing'}",

@@ -358,3 +358,14 @@ def test_empty_and_non_utf8_data_files_are_one_line_errors(tmp_path):
     latin.write_bytes(b'{"instruction": "ok", "output": "fine"}\n{"instruction": "caf\xe9", "output": "x"}\n')
     with pytest.raises(ConfigError, match=r"latin.jsonl: row 1 \(split `train`\) is not UTF-8 text .* re-encode"):
         load_examples(DataSourceConfig(source=str(latin), format="instruction"), FormatOptions())
+
+
+def test_a_checkpoint_from_before_source_arrays_resumes_with_the_same_config():
+    from automodel.checkpoint.fingerprint import compare
+
+    source = {"source": "train.jsonl", "format": "instruction", "split": "train", "columns": {}}
+    old = {"seed": 1, "data": {"seq_len": 64, "train": dict(source)}}
+    new = {"seed": 1, "data": {"seq_len": 64, "train": [dict(source)]}}
+    assert compare(old, new) == ([], [])
+    changed = {"seed": 1, "data": {"seq_len": 64, "train": [dict(source, limit=5)]}}
+    assert compare(old, changed)[0]  # a changed source is still refused

@@ -133,7 +133,7 @@ def test_overrides_apply_in_order_and_create_sections(tmp_path):
     ], world_size=1)
     assert cfg.optim.lr == 2e-4
     assert cfg.model.config == {"hidden_size": 64}
-    assert cfg.data.validation.source == "val.jsonl" and cfg.data.validation.format == "squad"
+    assert cfg.data.validation[0].source == "val.jsonl" and cfg.data.validation[0].format == "squad"
 
 
 def test_resolved_config_round_trips_through_toml(tmp_path):
@@ -206,3 +206,50 @@ def test_cli_config_error_is_one_line_and_exit_2(tmp_path):
         assert proc.returncode == 2
         assert "Traceback" not in proc.stderr
         assert proc.stderr.startswith("error: ") and "did you mean `optim.weight_decay`?" in proc.stderr
+
+
+MIXED = """
+[model]
+name_or_path = "some/model"
+[[data.train]]
+source = "code.jsonl"
+format = "instruction"
+weight = 3.0
+[[data.train]]
+source = "chat.jsonl"
+format = "chat"
+weight = 1.0
+[[data.validation]]
+source = "code_val.jsonl"
+format = "instruction"
+name = "code"
+[[data.validation]]
+source = "chat_val.jsonl"
+format = "chat"
+name = "chat"
+[train]
+max_steps = 10
+"""
+
+
+def test_several_weighted_sources_and_named_validation_sets(tmp_path):
+    cfg = load_config(write(tmp_path, MIXED), ["data.train.1.limit=5"], world_size=1)
+    assert [(s.source, s.format, s.weight) for s in cfg.data.train] == [("code.jsonl", "instruction", 3.0),
+                                                                        ("chat.jsonl", "chat", 1.0)]
+    assert cfg.data.train[1].limit == 5 and [s.name for s in cfg.data.validation] == ["code", "chat"]
+    saved = write(tmp_path, to_toml(cfg), "saved.toml")
+    assert "[[data.train]]" in saved.read_text() and load_config(saved, world_size=1) == cfg
+    # One [data.train] table is a list of one, and an override without an index reaches it.
+    single = load_config(write(tmp_path, MINIMAL), ["data.train.limit=7"], world_size=1)
+    assert len(single.data.train) == 1 and single.data.train[0].limit == 7 and single.data.validation == []
+
+
+def test_mixture_mistakes_are_named(tmp_path):
+    path = write(tmp_path, MIXED)
+    assert "`data.train` has 2 entries; name one by index, e.g. data.train.0.limit=..." in error_of(
+        path, ["data.train.limit=5"])
+    assert "give every source a weight, or none" in error_of(write(tmp_path, MIXED.replace("weight = 1.0\n", "")))
+    assert "each needs its own name" in error_of(write(tmp_path, MIXED.replace('name = "chat"\n', "")))
+    assert "data.train.1.weight must be a finite number > 0" in error_of(path, ["data.train.1.weight=0.0"])
+    assert "unknown key `data.train.0.wieght`; did you mean `data.train.0.weight`?" in error_of(
+        write(tmp_path, MIXED.replace("weight = 3.0", "wieght = 3.0")))

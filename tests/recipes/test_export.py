@@ -72,7 +72,7 @@ def test_an_instruction_run_exports_a_template_that_renders_its_prompts_so_chat_
     result = automodel.train(cfg)
     final = AutoTokenizer.from_pretrained(result.final_dir)
     train_set, _ = data.build(cfg.data, AutoTokenizer.from_pretrained(cfg.tokenizer.name_or_path), use_cache=False)
-    rows = [json.loads(line) for line in open(cfg.data.train.source)][:50]
+    rows = [json.loads(line) for line in open(cfg.data.train[0].source)][:50]
     for row, ids, labels in zip(rows, train_set.input_ids, train_set.labels):
         # the whole training row (prompt, answer, EOS), and the prompt alone (a chat's generation prompt)
         conversation = [{"role": "user", "content": row["instruction"]}, {"role": "assistant", "content": row["output"]}]

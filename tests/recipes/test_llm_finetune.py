@@ -137,3 +137,38 @@ def test_entry_points_train_with_overrides(tmp_path, entry):
     assert f"go to {out / 'logs' / 'debug.log'}" in proc.stdout and "tokenisation cache" in proc.stdout
     assert (out / "final" / "model.safetensors").is_file()
     assert load_config(out / "config.toml", world_size=1).optim.lr == 1e-3
+
+
+def test_weighted_sources_and_named_validation_sets_train_and_resume_exactly(tmp_path, capsys):
+    """Two [[data.train]] sources 1:1 (the small one repeats), two [[data.validation]] sets: the log gives each
+    source's share, eval rows hold eval_loss/<name> and their token-weighted mean; a run stopped at step 3 and
+    resumed equals the uninterrupted one (the mixture is a function of seed and step)."""
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(json.dumps({"instruction": f"count {i}", "output": str(i) * 3}) + "\n" for i in range(40)))
+    sources = [f"data.train=[{{source = {json.dumps(str(ASSETS / 'train.jsonl'))}, format = \"instruction\", "
+               f"limit = 400, weight = 1.0}}, {{source = {json.dumps(str(small))}, format = \"instruction\", "
+               "weight = 1.0, name = \"small\"}]",
+               f"data.validation=[{{source = {json.dumps(str(ASSETS / 'validation.jsonl'))}, format = "
+               f"\"instruction\", limit = 32, name = \"quick\"}}, {{source = {json.dumps(str(small))}, format = "
+               "\"instruction\", limit = 16, name = \"small\"}]"]
+    common = [*sources, "train.global_batch_size=16", "train.micro_batch_size=8", "train.log_every=1",
+              "train.eval_every=3", "schedule.kind=\"constant\"", "schedule.warmup_steps=0", "checkpoint.every=3",
+              "eval.generate_samples=0"]
+    whole = automodel.train(attrs.evolve(quickstart(tmp_path / "whole", *common, "train.max_steps=6")))
+    out = whole.output_dir
+    printed = capsys.readouterr().out
+    assert "data: train/train: 400 samples" in printed and "data: train/small: 40 samples" in printed
+    assert "50.0% of each epoch's 440 samples (0.55x its samples)" in printed  # 220 of the 400
+    assert "50.0% of each epoch's 440 samples (5.50x its samples)" in printed  # 220: each of the 40 5-6 times
+    rows = read_rows(out / "metrics.jsonl")
+    evals = [r for r in rows if "eval_loss" in r]
+    assert evals and all({"eval_loss/quick", "eval_loss/small"} <= set(r) for r in evals)
+    for r in evals:
+        low, high = sorted([r["eval_loss/quick"], r["eval_loss/small"]])
+        assert low < r["eval_loss"] < high
+    # Interrupted after step 3 (its checkpoint), then resumed to 6: the same losses from step 4 on.
+    first = automodel.train(quickstart(tmp_path / "parts", *common, "train.max_steps=3"))
+    resumed = automodel.train(quickstart(tmp_path / "parts", *common, "train.max_steps=6"))
+    assert resumed.output_dir == first.output_dir
+    losses = lambda d: {r["step"]: r["loss"] for r in read_rows(d / "metrics.jsonl") if "loss" in r}  # noqa: E731
+    assert losses(resumed.output_dir) == losses(out)

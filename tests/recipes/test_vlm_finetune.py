@@ -40,7 +40,7 @@ def test_tiny_llava_learns_latex_from_formula_images_and_reloads_with_the_report
     model, processor = assert_reloads_with_the_reported_eval_loss(result, cfg)
     from automodel.data.vlm import VlmCollator, load_samples
 
-    samples, _ = load_samples(cfg.data.validation)
+    samples, _ = load_samples(cfg.data.validation[0])
 
     # Exact match: the reported answers are the reloaded model's greedy answers to the prompts before the answers.
     collate = VlmCollator(processor, crop_to_content=True)
@@ -71,7 +71,7 @@ def assert_reloads_with_the_reported_eval_loss(result, cfg):
     assert processor.chat_template and processor.chat_template == AutoProcessor.from_pretrained(
         REPO / cfg.tokenizer.name_or_path if not Path(cfg.tokenizer.name_or_path).is_absolute()
         else cfg.tokenizer.name_or_path).chat_template
-    samples, _ = load_samples(cfg.data.validation)
+    samples, _ = load_samples(cfg.data.validation[0])
     batch = VlmCollator(processor, crop_to_content=cfg.data.crop_images)(samples)
     with torch.no_grad():
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
