@@ -234,8 +234,13 @@ def build_sources(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed
                 ("validation", src, ("test", data_cfg.validation_fraction, seed))]
     train, validation = [], []
     tokenizer_id = _tokenizer_identity(tokenizer) if use_cache else ""  # hashes the whole vocabulary: once
-    for name, src, carve in plan:
-        path = cache_root(data_cfg) / f"{name.replace('/', '--')}-{cache_key(src, data_cfg, tokenizer_id, carve)}"
+    paths = [cache_root(data_cfg) / f"{name.replace('/', '--')}-{cache_key(src, data_cfg, tokenizer_id, carve)}"
+             for name, src, carve in plan]
+    if rank == 0:  # every source that will be tokenised opens and formats its first rows before any is tokenised
+        for (name, src, carve), path in zip(plan, paths):
+            if not (use_cache and (path / "meta.json").is_file()):
+                _preflight(src, data_cfg, options)
+    for (name, src, carve), path in zip(plan, paths):
         if use_cache and rank == 0:
             cached = (path / "meta.json").is_file()
             if not cached:
@@ -254,6 +259,16 @@ def build_sources(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed
                               f"(now {data_cfg.seq_len}) or set data.truncate = \"right\"")
         (train if name.startswith("train") else validation).append(tset)
     return train, validation
+
+
+PREFLIGHT_ROWS = 16
+
+
+def _preflight(src: DataSourceConfig, data_cfg: DataConfig, options: FormatOptions) -> None:
+    """Opens `src` and formats its first rows: a missing file, an unknown column or a malformed row is reported
+    before hours go into tokenising another source (or loading weights)."""
+    rows = load_rows(src)
+    load_examples(src, options, rows, data_cfg.on_bad_row, span=(0, min(len(rows), PREFLIGHT_ROWS)))
 
 
 def build(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0, rank: int = 0,

@@ -334,3 +334,16 @@ def test_shipped_format_configs_train(tmp_path, config):
     assert len(losses) == 2 and losses[-1] < losses[0] and result.metrics["eval_loss"] > 0
     if cfg.data.packing:
         assert result.metrics["padding_fraction"] < 0.2  # packed rows are nearly full
+
+
+def test_every_source_is_opened_and_its_first_rows_checked_before_any_is_tokenised(gpt2, tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(50)))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"instruction": "q", "answer": "a"}) + "\n")
+    lines = []
+    cfg = DataConfig(seq_len=64, train=[DataSourceConfig(source=str(good), format="instruction"),
+                                        DataSourceConfig(source=str(bad), format="instruction")])
+    with pytest.raises(ConfigError, match=r"bad.jsonl: row 0 \(split `train`\), field `output`"):
+        build(cfg, gpt2, use_cache=False, log=lines.append)
+    assert not any("tokenised" in line for line in lines)  # the first source was not tokenised first
