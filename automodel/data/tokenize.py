@@ -293,7 +293,8 @@ def _tokenize_split(name: str, src: DataSourceConfig, carve: Any, data_cfg: Data
     spans = _spans(len(rows), workers)
     parts: list = [None] * len(spans)
     if workers == 1:
-        parts[0] = job(spans[0])
+        for k, span in enumerate(spans):  # span by span: each becomes flat arrays before the next is formatted
+            parts[k] = job(span)
     else:
         # Forked workers inherit the rows (memory-mapped Arrow), the tokenizer and the options; each takes a
         # contiguous span of rows and the parts are joined in order, so the result is the one worker's, exactly.
@@ -337,9 +338,13 @@ def num_proc(data_cfg: DataConfig) -> int:
     return max(1, min(16, cores))
 
 
+ROWS_PER_SPAN = 20_000  # rows formatted and tokenised at a time: Python objects for one span exist at once
+
+
 def _spans(n: int, parts: int) -> list[tuple[int, int]]:
-    """[start, stop) row ranges: `parts` (x4 for progress and balance when parallel) contiguous, near-equal."""
-    pieces = 1 if parts == 1 else min(n, parts * 4)
+    """[start, stop) row ranges, contiguous and near-equal: at most ROWS_PER_SPAN rows each, and with several
+    processes at least 4 per process (progress and balance)."""
+    pieces = max(1, min(n, max(-(-n // ROWS_PER_SPAN), 1 if parts == 1 else parts * 4)))
     bounds = [n * k // pieces for k in range(pieces + 1)]
     return [(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 

@@ -228,10 +228,12 @@ def test_parallel_tokenisation_equals_one_process(gpt2, tmp_path, monkeypatch, s
     monkeypatch.setattr(tokenize, "ROWS_PER_CHUNK", 20)  # parallel on a small set
     src = DataSourceConfig(source=str(shared_data(source)), format=fmt, limit=300)
     sets, lines = [], []
-    for workers in (1, 3):
+    for workers, span in ((1, 10**9), (1, 7), (3, 7)):  # one span; spans of 7 rows in turn; in 3 processes
+        monkeypatch.setattr(tokenize, "ROWS_PER_SPAN", span)
         cfg = DataConfig(seq_len=256, num_proc=workers, chat_template="chatml", train=src)
         sets.append(build(cfg, gpt2, use_cache=False, log=lines.append)[0])
-    one, three = sets
+    one, serial, three = sets
+    assert (serial.input_ids, serial.labels, serial.references) == (one.input_ids, one.labels, one.references)
     assert (three.input_ids, three.labels, three.prompt_lens, three.references) == (
         one.input_ids, one.labels, one.prompt_lens, one.references)
     assert three.summary() == one.summary() and len(one) > 10
