@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from automodel.config import flatten
-from automodel.config.load import normalize_sources
 
 FROZEN = ("recipe", "seed", "model", "tokenizer", "peft", "distill", "data", "train.global_batch_size",
           "distributed.backend", "distributed.zero_stage")
@@ -37,10 +36,6 @@ def _same(key: str, before: Any, after: Any) -> bool:
     return False
 
 
-def _copy(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: _copy(v) if isinstance(v, dict) else v for k, v in d.items()}
-
-
 def _under(key: str, prefixes: tuple[str, ...]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 
@@ -48,8 +43,9 @@ def _under(key: str, prefixes: tuple[str, ...]) -> bool:
 def compare(saved: dict[str, Any], current: dict[str, Any],
             allowed: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
     """(refused changes, accepted changes), each as `key: old -> new` lines."""
-    # A checkpoint written before [[data.train]] arrays has its one source as a table: the same config.
-    old, new = flatten(normalize_sources(_copy(saved))), flatten(current)
+    # flatten reads one [data.train] table and an array holding one alike: a checkpoint written before arrays of
+    # sources existed compares key by key with today's config.
+    old, new = flatten(saved), flatten(current)
     refused, accepted = [], []
     for key in sorted(set(old) | set(new)):
         if key in ("train.resume", "train.resume_allow_changes", "output_dir"):

@@ -330,11 +330,16 @@ def _drop_none(d: Any) -> Any:
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"optim": {"lr": 1e-4}} -> {"optim.lr": 1e-4}: dotted key paths to the leaves (an empty table is a leaf)."""
+    """{"optim": {"lr": 1e-4}} -> {"optim.lr": 1e-4}: dotted key paths to the leaves (an empty table is a leaf; an
+    array of tables is indexed, data.train.1.source, unless it holds one table: data.train.source, as a config with a
+    single [data.train] table reads)."""
     out = {}
     for key, value in d.items():
         if isinstance(value, dict) and value:
             out.update(flatten(value, f"{prefix}{key}."))
+        elif isinstance(value, list) and value and all(isinstance(x, dict) for x in value):
+            for i, item in enumerate(value):
+                out.update(flatten(item, f"{prefix}{key}." + (f"{i}." if len(value) > 1 else "")))
         else:
             out[f"{prefix}{key}"] = value
     return out
