@@ -292,27 +292,40 @@ def _tokenize_split(name: str, src: DataSourceConfig, carve: Any, data_cfg: Data
     workers = min(num_proc(data_cfg), max(1, len(rows) // ROWS_PER_CHUNK))
     spans = _spans(len(rows), workers)
     parts: list = [None] * len(spans)
+    done_rows = 0
+
+    def progress(k: int) -> None:
+        nonlocal done_rows
+        done_rows += spans[k][1] - spans[k][0]
+        if log is not None and done_rows < len(rows):
+            log(f"data: tokenising {name}: {done_rows:,}/{len(rows):,} rows ({100 * done_rows / len(rows):.0f}%, "
+                f"{time.perf_counter() - started:.0f}s)")
+
     if workers == 1:
         for k, span in enumerate(spans):  # span by span: each becomes flat arrays before the next is formatted
             parts[k] = job(span)
+            progress(k)
     else:
         # Forked workers inherit the rows (memory-mapped Arrow), the tokenizer and the options; each takes a
         # contiguous span of rows and the parts are joined in order, so the result is the one worker's, exactly.
+        # The workers tokenise one batch at a time themselves: the tokenizers library's own threads stay off there.
         global _JOB
         _JOB = job
+        parallelism = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
         try:
             with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
                 futures = {pool.submit(_run_job, span): k for k, span in enumerate(spans)}
-                done_rows = 0
                 for future in concurrent.futures.as_completed(futures):
                     k = futures[future]
                     parts[k] = future.result()  # a worker's ConfigError (a bad row) is raised here, as it was
-                    done_rows += spans[k][1] - spans[k][0]
-                    if log is not None and done_rows < len(rows):
-                        log(f"data: tokenising {name}: {done_rows:,}/{len(rows):,} rows "
-                            f"({100 * done_rows / len(rows):.0f}%, {time.perf_counter() - started:.0f}s)")
+                    progress(k)
         finally:
             _JOB = None
+            if parallelism is None:
+                os.environ.pop("TOKENIZERS_PARALLELISM", None)
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = parallelism
     skipped = sum(p[1] for p in parts)
     if text:
         tset = chunk_stream(np.concatenate([np.asarray(p[0], dtype=np.int32) for p in parts]), data_cfg.seq_len, name,
