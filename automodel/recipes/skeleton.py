@@ -285,6 +285,7 @@ def evaluation(backend: Backend, state: TrainState, parts: Parts, generate: bool
     row: dict = {"step": state.step}
     several = len(parts.validation) > 1
     loss_sum = tokens_sum = hits = answered = 0
+    rates: list[float] = []
     examples: list = []
     with backend.model_for_generation(state) as module:
         for name, vset in parts.validation.items():
@@ -298,13 +299,14 @@ def evaluation(backend: Backend, state: TrainState, parts: Parts, generate: bool
                 with torch.compiler.set_stance("force_eager"):
                     rate, pairs = vset.exact_match(module, backend.generate_kwargs)
                 hits, answered = hits + rate * len(pairs), answered + len(pairs)
+                rates.append(rate)
                 examples += pairs[:3]
                 if several:
                     row[f"exact_match/{name}"] = rate
     # One set: its loss as eval_loss computed it (no round trip through the weighted sum).
     row.update(eval_loss=loss_sum / max(tokens_sum, 1) if several else loss, eval_tokens=tokens_sum)
-    if answered:
-        row["exact_match"] = hits / answered
+    if rates:  # pooled over the sets' answers; one set: its own rate
+        row["exact_match"] = hits / max(answered, 1) if several else rates[0]
         row["examples"] = [{"prediction": p, "reference": r} for p, r in examples[:3]]
     return row
 
