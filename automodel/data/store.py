@@ -19,7 +19,26 @@ import numpy as np
 from automodel.loss import IGNORE_INDEX
 
 
-class Rows:
+class _RowAccess:
+    """Rows read as lists of ints (`rows[i]`, slices, iteration, equality) through the subclass's `array(i)`."""
+
+    def __getitem__(self, i: Union[int, slice]):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self.array(i).tolist()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return (self[i] for i in range(len(self)))
+
+    def __eq__(self, other) -> bool:
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+
+class Rows(_RowAccess):
     """Rows of token ids (or of labels, with `trained`: the token where trained, else -100) in one flat array."""
 
     def __init__(self, flat: np.ndarray, offsets: np.ndarray, trained: Optional[np.ndarray] = None):
@@ -51,21 +70,6 @@ class Rows:
             return ids
         return np.where(self.trained[a:b].astype(bool), ids, IGNORE_INDEX)
 
-    def __getitem__(self, i: Union[int, slice]):
-        if isinstance(i, slice):
-            return [self[k] for k in range(*i.indices(len(self)))]
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        return self.array(i).tolist()
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return (self[i] for i in range(len(self)))
-
-    def __eq__(self, other) -> bool:
-        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
-
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
@@ -87,7 +91,7 @@ def concat(parts: Sequence[Rows]) -> Rows:
     return Rows(flat, offsets.astype(np.int64), trained)
 
 
-class Packed:
+class Packed(_RowAccess):
     """Packed rows as a view: row r is the samples `members[row_offsets[r]:row_offsets[r + 1]]` of `base` end to
     end. kind "ids": their tokens; "labels": their labels with each sample's first masked (the token before it
     belongs to another sample); "positions": 0, 1, ... within each sample."""
@@ -112,21 +116,6 @@ class Packed:
                     piece[0] = IGNORE_INDEX
                 pieces.append(piece)
         return np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
-
-    def __getitem__(self, r: Union[int, slice]):
-        if isinstance(r, slice):
-            return [self[k] for k in range(*r.indices(len(self)))]
-        if r < 0:
-            r += len(self)
-        if not 0 <= r < len(self):
-            raise IndexError(r)
-        return self.array(r).tolist()
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return (self[i] for i in range(len(self)))
-
-    def __eq__(self, other) -> bool:
-        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
 
     def lengths(self) -> np.ndarray:
         sample_lengths = self.base.lengths()[self.members]

@@ -39,9 +39,6 @@ class GradBuckets:
         self.missing = [len(m) for m in members]
         self.arrived = [False] * len(shapes)
         self.handles: list = []
-        # (bucket, gradients not yet produced when it was launched): evidence of the overlap, for tests and profiles.
-        self.launches: list[tuple[int, int]] = []
-        self._pending = len(shapes)
 
     def view(self, i: int) -> torch.Tensor:
         bucket, offset = self.where[i]
@@ -55,16 +52,13 @@ class GradBuckets:
         else:
             slot.copy_(grad)
         self.arrived[i] = True
-        self._pending -= 1
         bucket = self.where[i][0]
         self.missing[bucket] -= 1
         self._launch_ready()
 
     def _launch_ready(self) -> None:
         while len(self.handles) < len(self.flats) and self.missing[len(self.handles)] == 0:
-            bucket = len(self.handles)
-            self.launches.append((bucket, self._pending))
-            self.handles.append(dist.all_reduce(self.flats[bucket], async_op=True))
+            self.handles.append(dist.all_reduce(self.flats[len(self.handles)], async_op=True))
 
     def finish(self) -> list[torch.Tensor]:
         for i, done in enumerate(self.arrived):
