@@ -236,16 +236,17 @@ def build_sources(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed
     tokenizer_id = _tokenizer_identity(tokenizer) if use_cache else ""  # hashes the whole vocabulary: once
     paths = [cache_root(data_cfg) / f"{name.replace('/', '--')}-{cache_key(src, data_cfg, tokenizer_id, carve)}"
              for name, src, carve in plan]
-    if rank == 0:  # every source that will be tokenised opens and formats its first rows before any is tokenised
-        for (name, src, carve), path in zip(plan, paths):
-            if not (use_cache and (path / "meta.json").is_file()):
-                _preflight(src, data_cfg, options)
-    for (name, src, carve), path in zip(plan, paths):
+    # Every source that will be tokenised is opened, and its first rows formatted, before any is tokenised; its
+    # rows (memory-mapped Arrow) are kept for the tokenising.
+    opened = {k: _preflight(src, data_cfg, options) for k, ((name, src, carve), path) in enumerate(zip(plan, paths))
+              if rank == 0 and not (use_cache and (path / "meta.json").is_file())}
+    for k, ((name, src, carve), path) in enumerate(zip(plan, paths)):
         if use_cache and rank == 0:
             cached = (path / "meta.json").is_file()
             if not cached:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                save_set(_tokenize_split(name, src, carve, data_cfg, tokenizer, options, log, rank), path)
+                save_set(_tokenize_split(name, src, carve, data_cfg, tokenizer, options, log, rank, opened.get(k)),
+                         path)
             if log is not None:
                 log(f"data: {name} {'read from' if cached else 'written to'} the tokenisation cache, {path} "
                     "(data.cache_dir or $AUTOMODEL_CACHE moves it)")
@@ -253,7 +254,7 @@ def build_sources(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed
             barrier()
             tset = load_set(path)
         else:
-            tset = _tokenize_split(name, src, carve, data_cfg, tokenizer, options, log, rank)
+            tset = _tokenize_split(name, src, carve, data_cfg, tokenizer, options, log, rank, opened.get(k))
         if len(tset) == 0:
             raise ConfigError(f"{src.source}: no {name} samples left: {tset.summary()}; raise data.seq_len "
                               f"(now {data_cfg.seq_len}) or set data.truncate = \"right\"")
@@ -264,11 +265,12 @@ def build_sources(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed
 PREFLIGHT_ROWS = 16
 
 
-def _preflight(src: DataSourceConfig, data_cfg: DataConfig, options: FormatOptions) -> None:
-    """Opens `src` and formats its first rows: a missing file, an unknown column or a malformed row is reported
+def _preflight(src: DataSourceConfig, data_cfg: DataConfig, options: FormatOptions) -> datasets.Dataset:
+    """`src`'s rows, its first ones formatted: a missing file, an unknown column or a malformed row is reported
     before hours go into tokenising another source (or loading weights)."""
     rows = load_rows(src)
     load_examples(src, options, rows, data_cfg.on_bad_row, span=(0, min(len(rows), PREFLIGHT_ROWS)))
+    return rows
 
 
 def build(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0, rank: int = 0,
@@ -281,9 +283,11 @@ def build(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 
 
 
 def _tokenize_split(name: str, src: DataSourceConfig, carve: Any, data_cfg: DataConfig,
-                    tokenizer: PreTrainedTokenizerBase, options: FormatOptions, log, rank: int) -> TokenizedSet:
+                    tokenizer: PreTrainedTokenizerBase, options: FormatOptions, log, rank: int,
+                    rows: Optional[datasets.Dataset] = None) -> TokenizedSet:
+    """`rows`: the source as already opened (else it is opened here)."""
     started = time.perf_counter()
-    rows = load_rows(src)
+    rows = load_rows(src) if rows is None else rows
     if carve is not None:
         side, fraction, seed = carve
         rows = rows.train_test_split(test_size=fraction, seed=seed, shuffle=True)[side]
