@@ -33,6 +33,7 @@ def save(save_fn: Callable[[TrainState, Path], None], state: TrainState, output_
     barrier()
     tmp = store.staging_dir(output_dir, state.step)
     store.save_rng(tmp, rank, state.rng)
+    store.save_stream(tmp, rank, state.stream)
     save_fn(state, tmp)
     barrier()
     if rank == 0:
@@ -107,7 +108,7 @@ def restore(load_fn: Callable[[TrainState, Path], TrainState], state: TrainState
     state = load_fn(state, path)
     # Another number of ranks (functional backend) has no saved RNG for some ranks: derive one.
     rng = store.load_rng(path, rank) or initial_rng(meta["seed"] + saved["step"], rank, device)
-    return attrs.evolve(state, rng=rng), accepted
+    return attrs.evolve(state, rng=rng, stream=store.load_stream(path, rank, meta["world_size"])), accepted
 
 
 __all__ = ["RunLock", "choose", "fingerprint", "manifest", "restore", "save", "store"]

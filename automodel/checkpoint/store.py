@@ -92,6 +92,27 @@ def load_rng(path: Path, rank: int) -> Optional[dict[str, torch.Tensor]]:
     return torch.load(file, weights_only=True) if file.is_file() else None
 
 
+def save_stream(tmp: Path, rank: int, position: Optional[dict]) -> None:
+    """A rank's stream position (streamed data only), beside its RNG."""
+    if position is not None:
+        (tmp / "stream").mkdir(exist_ok=True)
+        _write_atomic(tmp / "stream" / f"rank_{rank:05d}.json", json.dumps(position))
+
+
+def load_stream(path: Path, rank: int, world_size: int) -> Optional[dict]:
+    """A rank's saved stream position; None when the checkpoint has none (data read in full). A checkpoint of a
+    streamed run written by another number of ranks cannot resume: each rank's position is in its own share."""
+    folder = path / "stream"
+    if not folder.is_dir():
+        return None
+    saved_ranks = len(list(folder.glob("rank_*.json")))
+    if saved_ranks != world_size:
+        raise ConfigError(f"cannot resume from {path}: it holds the stream positions of {saved_ranks} ranks (each reads "
+                          f"its own share of a streamed source), this run has {world_size}; resume with {saved_ranks} "
+                          "ranks, or start afresh (train.resume = \"never\" or another output_dir)")
+    return json.loads((folder / f"rank_{rank:05d}.json").read_text())
+
+
 def write_train_state(tmp: Path, train_state: dict[str, Any]) -> None:
     """Rank 0, before the files are hashed (so the manifest covers it)."""
     _write_atomic(tmp / "train_state.json", json.dumps(train_state, indent=2))

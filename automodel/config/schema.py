@@ -102,6 +102,11 @@ class DataSourceConfig:
         "", "What the log calls the source; a validation set's metrics are eval_loss/<name> (needed when there are "
         "several). Empty: the file or dataset name."
     )
+    streaming: bool = field(
+        False, "Training sources: read the source as training goes (tokenised and packed on the fly, never in full; "
+        "memory stays flat in its size), in order, each rank its own share; needs train.max_steps. Set on every "
+        "training source or none."
+    )
 
 
 def _sources(value: Any) -> list:

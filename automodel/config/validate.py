@@ -130,9 +130,21 @@ def _data_problems(cfg: TrainConfig) -> list[str]:
                 problems.append(f"{key}.weight must be a finite number > 0 (got {src.weight})")
             if name == "validation" and src.weight is not None:
                 problems.append(f"{key}.weight: validation sets are not sampled; leave weight out")
+            if name == "validation" and src.streaming:
+                problems.append(f"{key}.streaming: validation sets are read in full (every evaluation sees the same "
+                                "rows); set streaming = false, and `limit` to keep it small")
+            if src.streaming and src.format == "vlm":
+                problems.append(f"{key}.streaming: vlm sources are not streamed; set streaming = false")
     weights = [src.weight is not None for src in d.train]
     if any(weights) and not all(weights):
         problems.append("data.train: give every source a weight, or none (then each draws in proportion to its size)")
+    streamed = [src.streaming for src in d.train]
+    if any(streamed) and not all(streamed):
+        problems.append("data.train: stream every training source or none (streaming = true on each)")
+    if any(streamed) and cfg.train.max_steps is None:
+        problems.append("train.epochs: a streamed source's length is not known ahead; set train.max_steps instead")
+    if any(streamed) and d.validation_fraction > 0:
+        problems.append("data.validation_fraction cannot carve a streamed source; give a [data.validation] set")
     names = [src.name for src in d.validation]
     if len(names) > 1 and (not all(names) or len(set(names)) != len(names)):
         problems.append(f"[[data.validation]]: with several validation sets each needs its own name (got {names}); "

@@ -4,6 +4,7 @@ import functools
 from typing import Optional, Sequence
 
 import attrs
+import numpy as np
 import torch
 
 from automodel.config import BatchShape, ConfigError
@@ -67,22 +68,30 @@ def _permutation(n: int, seed: int, epoch: int) -> list[int]:
 
 
 def collate(dataset: TokenizedSet, indices: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded to the longest row: input_ids, attention_mask (1 on real tokens), labels (-100 on
-    padding), and for packed sets position_ids (padding continues from 0 as a sample of its own)."""
-    rows = [dataset.input_ids.array(i) for i in indices]  # numpy rows (the store's, or a chain's)
-    length = max(len(r) for r in rows)
-    ids = torch.full((len(indices), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(indices), length), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(indices), length), dtype=torch.long)
+    """Rows `indices` of `dataset` as a batch (collate_rows)."""
     packed = dataset.position_ids is not None
-    positions = torch.zeros((len(indices), length), dtype=torch.long) if packed else None
-    for row, i in enumerate(indices):
-        n = len(rows[row])
-        ids[row, :n] = torch.from_numpy(rows[row])
-        labels[row, :n] = torch.from_numpy(dataset.labels.array(i))
+    return collate_rows([(dataset.input_ids.array(i), dataset.labels.array(i),
+                          dataset.position_ids.array(i) if packed else None) for i in indices], pad_id)
+
+
+def collate_rows(rows: Sequence[tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]],
+                 pad_id: int) -> dict[str, torch.Tensor]:
+    """(token ids, labels, position ids or None) rows, right-padded to the longest: input_ids, attention_mask (1 on
+    real tokens), labels (-100 on padding), and for packed rows position_ids (padding continues from 0 as a sample
+    of its own)."""
+    length = max(len(ids) for ids, _, _ in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    packed = rows[0][2] is not None
+    positions = torch.zeros((len(rows), length), dtype=torch.long) if packed else None
+    for row, (row_ids, row_labels, row_positions) in enumerate(rows):
+        n = len(row_ids)
+        ids[row, :n] = torch.from_numpy(np.asarray(row_ids, dtype=np.int64))
+        labels[row, :n] = torch.from_numpy(np.asarray(row_labels, dtype=np.int64))
         mask[row, :n] = 1
         if packed:
-            positions[row, :n] = torch.from_numpy(dataset.position_ids.array(i))
+            positions[row, :n] = torch.from_numpy(np.asarray(row_positions, dtype=np.int64))
             positions[row, n:] = torch.arange(length - n)
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     if packed:

@@ -92,3 +92,47 @@ def _nested_squad_rows(path: Path) -> Optional[list[dict]]:
                                 "answer_start": [a["answer_start"] for a in qa["answers"]]},
                 })
     return rows
+
+
+def open_stream(src: DataSourceConfig, rank: int = 0, world_size: int = 1) -> datasets.IterableDataset:
+    """`src` as an iterable read as it goes (`streaming = true`): this rank's share of it (every world_size-th row,
+    or whole files when a directory has a multiple of world_size of them), cut to `src.limit` rows first."""
+    path = Path(src.source)
+    if not path.exists() and (path.suffix.lower() in BUILDERS or src.source.startswith((".", "/", "~"))):
+        raise ConfigError(f"{src.source}: no such file (relative paths are relative to {Path.cwd()}); a hub dataset "
+                          "id looks like `namespace/name`")
+    if path.is_file() and path.stat().st_size == 0:
+        raise ConfigError(f"{src.source}: the file is empty")
+    if path.is_file() and _nested_squad_rows_head(path):
+        raise ConfigError(f"{src.source}: the official nested SQuAD json cannot be streamed (it is one JSON "
+                          "document); set streaming = false, or convert it to JSON lines with one question per row")
+    if path.is_file():
+        builder = BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise ConfigError(f"{src.source}: unsupported file type; use one of {', '.join(BUILDERS)}")
+        name, kwargs = builder, {"data_files": str(path), **(_csv_as_text(path) if builder == "csv" else {})}
+    else:
+        name, kwargs = src.source, {}
+    try:
+        ds = datasets.load_dataset(name, split=src.split, streaming=True, **kwargs)
+    except (FileNotFoundError, ValueError, StopIteration) as e:
+        hint = ("; a stream cannot be sliced (`train[:90%]`): use `limit`" if "[" in src.split else "")
+        raise ConfigError(f"data source `{src.source}` (split `{src.split}`) could not be streamed: {e}{hint}") from None
+    except ConnectionError as e:
+        raise ConfigError(f"data source `{src.source}`: not a local file and the hub is unreachable: {e}") from None
+    if src.limit is not None:
+        ds = ds.take(src.limit)
+    if world_size > 1:
+        from datasets.distributed import split_dataset_by_node
+
+        ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
+    return ds
+
+
+def _nested_squad_rows_head(path: Path) -> bool:
+    """Whether a .json file looks like the official nested SQuAD document (without reading all of it)."""
+    if path.suffix.lower() != ".json":
+        return False
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    return head.startswith(b"{") and b'"data"' in head[:64] and b'"paragraphs"' in head

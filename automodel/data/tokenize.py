@@ -12,7 +12,7 @@ import multiprocessing
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import attrs
 import datasets
@@ -64,12 +64,31 @@ def tokenize_examples(examples: Sequence[Example], tokenizer: PreTrainedTokenize
                       truncate: str, name: str, chunk_documents: bool = False) -> TokenizedSet:
     if chunk_documents:
         return chunk_stream(document_stream(examples, tokenizer), seq_len, name, len(examples))
+    out_ids, out_labels, out_prompt_lens, out_refs = [], [], [], []
+    dropped = truncated = 0
+    for ex, sample in zip(examples, encode_examples(examples, tokenizer, seq_len, truncate)):
+        if sample is None:
+            dropped += 1
+            continue
+        ids, labels, cut = sample
+        truncated += cut
+        out_ids.append(ids)
+        out_labels.append(labels)
+        out_prompt_lens.append(_last_span_start(labels))
+        out_refs.append(ex.references)
+    ids = Rows.from_lists(out_ids)
+    return TokenizedSet(ids, Rows.labels_of(ids, out_labels), out_prompt_lens, out_refs, name, len(examples), dropped,
+                        truncated)
+
+
+def encode_examples(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, seq_len: int,
+                    truncate: str) -> Iterator[Optional[tuple[list[int], list[int], bool]]]:
+    """Per example: (token ids, labels, whether it was cut to seq_len), or None when it is dropped (longer than
+    seq_len with truncate = "drop", or no trained label left). The segments are tokenised in one batch."""
     texts = [text for ex in examples for text, _ in ex.segments]
     pieces = iter(tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
     specials = tokenizer("", add_special_tokens=True)["input_ids"]  # e.g. [BOS], or nothing
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    out_ids, out_labels, out_prompt_lens, out_refs = [], [], [], []
-    dropped = truncated = 0
     for ex in examples:
         ids = list(specials) if ex.add_special_tokens else []
         labels = [IGNORE_INDEX] * len(ids)
@@ -84,34 +103,33 @@ def tokenize_examples(examples: Sequence[Example], tokenizer: PreTrainedTokenize
             labels += eos if last_trained else [IGNORE_INDEX]
         cut = len(ids) > seq_len
         if cut and truncate == "drop":
-            dropped += 1
+            yield None
             continue
         ids, labels = ids[:seq_len], labels[:seq_len]
         # Labels are shifted by one in the loss, so position 0 never counts.
         if all(t == IGNORE_INDEX for t in labels[1:]):
-            dropped += 1
+            yield None
             continue
-        truncated += cut
-        out_ids.append(ids)
-        out_labels.append(labels)
-        out_prompt_lens.append(_last_span_start(labels))
-        out_refs.append(ex.references)
-    ids = Rows.from_lists(out_ids)
-    return TokenizedSet(ids, Rows.labels_of(ids, out_labels), out_prompt_lens, out_refs, name, len(examples), dropped,
-                        truncated)
+        yield ids, labels, cut
 
 
 def document_stream(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """`text` documents as one token stream, EOS after each."""
+    return [t for doc in document_tokens(examples, tokenizer) for t in doc]
+
+
+def document_tokens(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+    """Each `text` document's tokens, EOS last."""
     texts = [text for ex in examples for text, _ in ex.segments]
     pieces = iter(tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    stream: list[int] = []
+    docs = []
     for ex in examples:
+        doc: list[int] = []
         for _ in ex.segments:
-            stream += next(pieces)
-        stream += eos
-    return stream
+            doc += next(pieces)
+        docs.append(doc + eos)
+    return docs
 
 
 def chunk_stream(stream: Sequence[int], seq_len: int, name: str, rows_read: int) -> TokenizedSet:
@@ -139,7 +157,6 @@ def load_examples(src: DataSourceConfig, options: FormatOptions, rows: Optional[
                   on_bad_row: str = "error", span: Optional[tuple[int, int]] = None) -> tuple[list[Example], int]:
     """(examples, bad rows skipped), of rows [start, stop) with `span`. A bad row is an error naming the file, row
     and field, unless skipped."""
-    fmt = FORMATS[src.format]
     rows = load_rows(src) if rows is None else rows
     examples, skipped = [], 0
     for i in range(*(span or (0, len(rows)))):
@@ -148,18 +165,28 @@ def load_examples(src: DataSourceConfig, options: FormatOptions, rows: Optional[
         except UnicodeDecodeError as e:  # datasets decodes text lazily, row by row
             raise ConfigError(f"{src.source}: row {i} (split `{src.split}`) is not UTF-8 text ({e.reason} at byte "
                               f"{e.start}); re-encode the file as UTF-8") from None
-        try:
-            examples.append(fmt(row, src.columns, options))
-        except BadRow as e:
-            if on_bad_row == "skip":
-                skipped += 1
-                continue
-            raise ConfigError(f"{src.source}: row {i} (split `{src.split}`), field `{e.field}`: {e}; fix the row or "
-                              f"set data.on_bad_row = \"skip\"") from None
-        except TemplateTimeout as e:
-            raise ConfigError(f"data.chat_template: {src.source} row {i}: {e}; the template loops without end, or "
-                              "nearly: fix it, or use \"chatml\"") from None
+        example = format_row(src, options, row, f"row {i}", on_bad_row)
+        if example is None:
+            skipped += 1
+        else:
+            examples.append(example)
     return examples, skipped
+
+
+def format_row(src: DataSourceConfig, options: FormatOptions, row: dict, where: str,
+               on_bad_row: str = "error") -> Optional[Example]:
+    """`row` as its format's Example; None for a bad row with on_bad_row = "skip", else an error naming the source,
+    `where` (e.g. "row 12") and the field."""
+    try:
+        return FORMATS[src.format](row, src.columns, options)
+    except BadRow as e:
+        if on_bad_row == "skip":
+            return None
+        raise ConfigError(f"{src.source}: {where} (split `{src.split}`), field `{e.field}`: {e}; fix the row or "
+                          f"set data.on_bad_row = \"skip\"") from None
+    except TemplateTimeout as e:
+        raise ConfigError(f"data.chat_template: {src.source} {where}: {e}; the template loops without end, or "
+                          "nearly: fix it, or use \"chatml\"") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,17 +244,18 @@ def source_label(src: DataSourceConfig) -> str:
 def build_sources(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0, rank: int = 0,
                   use_cache: bool = True, log=None) -> tuple[list[TokenizedSet], list[TokenizedSet]]:
     """(the training sources' sets, the validation sets) that [data] describes, in config order. A lone source is
-    called "train" (or "validation"); several are "train/<label>". With several ranks, rank 0 tokenises and writes
-    the cache while the others wait, then read it."""
+    called "train" (or "validation"); several are "train/<label>". Streamed training sources are not built here
+    (data/stream.py reads them as training goes): their list is empty. With several ranks, rank 0 tokenises and
+    writes the cache while the others wait, then read it."""
     from automodel.distributed import barrier
 
-    options = FormatOptions(prompt_template=data_cfg.prompt_template, chat_template=data_cfg.chat_template,
-                            train_on=data_cfg.train_on, tokenizer=tokenizer)
+    options = format_options(data_cfg, tokenizer)
 
     def named(kind: str, sources: list[DataSourceConfig]) -> list[tuple[str, DataSourceConfig, Any]]:
         return [(kind if len(sources) == 1 else f"{kind}/{source_label(src)}", src, None) for src in sources]
 
-    plan = named("train", data_cfg.train) + named("validation", data_cfg.validation)
+    streamed = any(src.streaming for src in data_cfg.train)
+    plan = named("train", [] if streamed else data_cfg.train) + named("validation", data_cfg.validation)
     if not data_cfg.validation and data_cfg.validation_fraction > 0:
         src = data_cfg.train[0]
         plan = [("train", src, ("train", data_cfg.validation_fraction, seed)),
@@ -263,6 +291,11 @@ def build_sources(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed
 
 
 PREFLIGHT_ROWS = 16
+
+
+def format_options(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> FormatOptions:
+    return FormatOptions(prompt_template=data_cfg.prompt_template, chat_template=data_cfg.chat_template,
+                         train_on=data_cfg.train_on, tokenizer=tokenizer)
 
 
 def _preflight(src: DataSourceConfig, data_cfg: DataConfig, options: FormatOptions) -> datasets.Dataset:

@@ -21,7 +21,7 @@ Features:
 """
 
 from automodel import data, models
-from automodel.config import TrainConfig
+from automodel.config import BatchShape, TrainConfig
 from automodel.recipes.skeleton import Parts, Run, ValidationSet, run as run_recipe
 from automodel.training.evaluate import exact_match
 from automodel.training.loop import TrainResult
@@ -37,11 +37,14 @@ def parts(run: Run) -> Parts:
     # reported before any weights load.
     tokenizer = models.build_tokenizer(cfg.tokenizer, cfg.model)
     train_sets, val_sets = data.build_sources(cfg.data, tokenizer, seed=cfg.seed, rank=run.ranks.rank, log=print)
+    streamed = cfg.data.train[0].streaming  # then read as training goes (train_sets is empty): opened and checked
+    stream_lines = data.stream.preflight(cfg.data, data.format_options(cfg.data, tokenizer)) if streamed else []
     if cfg.data.packing:  # each source on its own: a row holds samples of one source, so weights count rows
         train_sets = [data.pack(s, cfg.data.seq_len) for s in train_sets]
-    train_set = data.chain(train_sets, "train")
+    train_set = data.chain(train_sets, "train") if train_sets else None
     weights = [src.weight for src in cfg.data.train]
-    mixture = data.Mixture.of([len(s) for s in train_sets], weights, cfg.seed) if weights[0] is not None else None
+    mixture = (data.Mixture.of([len(s) for s in train_sets], weights, cfg.seed)
+               if weights[0] is not None and not streamed else None)
     template = data.trained_chat_template([*cfg.data.train, *cfg.data.validation], cfg.data, tokenizer)
     if template is not None:  # saved with the tokenizer (checkpoints, final/): prompts are built as in training
         tokenizer.chat_template = template
@@ -63,11 +66,17 @@ def parts(run: Run) -> Parts:
 
         return ValidationSet(batches, answers)
 
+    def stream(position):  # this rank's share of the streamed sources, from a checkpoint's position or the start
+        return data.stream.open_train_stream(cfg.data, tokenizer, data.format_options(cfg.data, tokenizer),
+                                             BatchShape.of(cfg.train, run.ranks.world_size), cfg.seed,
+                                             run.ranks.rank, position)
+
     names = [src.name for src in cfg.data.validation] if len(val_sets) > 1 else [""] * len(val_sets)
     return Parts(
-        model=model, saver=tokenizer, base_path=base_path, num_train=len(train_set), mixture=mixture,
-        collate=lambda idx: data.collate(train_set, idx, pad),
+        model=model, saver=tokenizer, base_path=base_path, num_train=len(train_set or ()), mixture=mixture,
+        collate=(lambda idx: data.collate(train_set, idx, pad)) if train_set is not None else None,
+        stream=stream if streamed else None,
         validation={name: validation_set(v) for name, v in zip(names, val_sets)},
-        data_lines=data.source_lines(train_sets, mixture) + [s.summary() for s in val_sets],
+        data_lines=(stream_lines or data.source_lines(train_sets, mixture)) + [s.summary() for s in val_sets],
         flops=models.flop_model(model),
     )

@@ -33,6 +33,7 @@ from automodel.training.evaluate import eval_loss
 from automodel.training.forward import Batch, to_device
 from automodel.training.loop import NonFiniteLoss, TrainResult, run_loop
 from automodel.training.metrics import peak_flops
+from automodel.training.prefetch import planned
 from automodel.training.preemption import Preempted, StopRequest
 from automodel.training.profile import StepProfiler
 from automodel.training.state import TrainState
@@ -86,8 +87,8 @@ class Parts:
     model: nn.Module
     saver: Any  # the tokenizer or processor saved beside the model (and the eval's decoder)
     base_path: str  # what a LoRA adapter names as its base, and what `checkpoint.export_merged` merges onto
-    num_train: int  # samples in the training order
-    collate: Callable[[list[int]], Batch]  # training sample indices -> a host batch
+    num_train: int  # samples in the training order (0: streamed)
+    collate: Optional[Callable[[list[int]], Batch]]  # training sample indices -> a host batch (None: streamed)
     # The validation sets by name ("" for a lone unnamed one; empty: no validation), each with its host batches and,
     # where asked for, greedy answers against references.
     validation: dict[str, "ValidationSet"]
@@ -95,6 +96,9 @@ class Parts:
     model_note: str = ""  # said after the parameter counts (e.g. what is frozen)
     flops: Optional[models.FlopModel] = None  # training FLOPs of a batch, for MFU
     mixture: Optional[data.Mixture] = None  # weighted draws over several training sources (None: each row once)
+    # Streamed training data: the rank's stream opened at a checkpoint's position (None: from the start); its
+    # next_step() gives a step's host micro-batches and the position after them.
+    stream: Optional[Callable[[Optional[dict]], Any]] = None
     teacher: Optional[Teacher] = None
 
 
@@ -127,10 +131,11 @@ def run(cfg: TrainConfig, parts_of: Callable[[Run], Parts]) -> TrainResult:
         setup = Run(build_cfg, ranks, device, out, deepspeed_config(cfg, ranks.world_size) if use_deepspeed else None)
         parts = parts_of(setup)
 
-        # The order of samples, and how long the run is.
-        plan = data.BatchPlan(parts.num_train, BatchShape.of(cfg.train, ranks.world_size), cfg.seed, parts.mixture)
+        # The order of samples, and how long the run is (a stream's length is not known: max_steps says).
+        shape = BatchShape.of(cfg.train, ranks.world_size)
+        plan = None if parts.stream else data.BatchPlan(parts.num_train, shape, cfg.seed, parts.mixture)
         max_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * plan.steps_per_epoch))
-        if cfg.schedule.warmup_steps > max_steps:
+        if plan is not None and cfg.schedule.warmup_steps > max_steps:
             raise ConfigError(f"schedule.warmup_steps ({cfg.schedule.warmup_steps}) is larger than the run's "
                               f"{max_steps} steps ({cfg.train.epochs} epochs of {plan.steps_per_epoch})")
 
@@ -160,9 +165,10 @@ def run(cfg: TrainConfig, parts_of: Callable[[Run], Parts]) -> TrainResult:
                     f"{ranks.world_size} rank(s), {backend.name} backend")
         for line in parts.data_lines:
             logger.info(f"data: {line}")
-        logger.info(f"training: {max_steps} steps of {cfg.train.global_batch_size} samples "
-                    f"({plan.accumulation_steps} accumulation x {cfg.train.micro_batch_size} per rank), "
-                    f"{plan.steps_per_epoch} steps per epoch")
+        per_epoch = f", {plan.steps_per_epoch} steps per epoch" if plan is not None else ""
+        unit = "rows" if plan is None else "samples"
+        logger.info(f"training: {max_steps} steps of {cfg.train.global_batch_size} {unit} ({shape.accumulation_steps} "
+                    f"accumulation x {cfg.train.micro_batch_size} per rank){per_epoch}")
         logger.info(f"memory: activation checkpointing {'on' if cfg.train.activation_checkpointing else 'off'}; "
                     f"loss from {backend.loss_description}")
         logger.info(f"attention: {attention} ({attention_why})")
@@ -171,6 +177,13 @@ def run(cfg: TrainConfig, parts_of: Callable[[Run], Parts]) -> TrainResult:
         if resume_from is not None:
             logger.info(f"resumed from {resume_from} at step {state.step}"
                         + (f"; config changed since: {'; '.join(changes)}" if changes else ""))
+            if state.stream is not None:
+                logger.info(f"data: {data.stream.resumed_line(state.stream, cfg.data.train)}")
+        if parts.stream is not None:
+            stream = parts.stream(state.stream)
+            batches = lambda step: stream.next_step()  # noqa: E731 (steps come in order, one ahead)
+        else:
+            batches = planned(plan, parts.collate, ranks.rank)
         if stop.agreed():
             early = Preempted(state.step, stop.received or "a signal on another rank", saved=False)
             logger.info(str(early))
@@ -198,8 +211,10 @@ def run(cfg: TrainConfig, parts_of: Callable[[Run], Parts]) -> TrainResult:
         profiler = StepProfiler(first, last, out / "profile", ranks.rank, logger.info) if first else None
         try:
             state, last_row, watch = run_loop(
-                state, train_step=backend.step, plan=plan, collate=parts.collate, max_steps=max_steps,
-                rank=ranks.rank, device=device, logger=logger, log_every=cfg.train.log_every,
+                state, train_step=backend.step, batches=batches, max_steps=max_steps,
+                world_size=ranks.world_size,
+                epoch_samples=plan.steps_per_epoch * plan.global_batch_size if plan is not None else None,
+                device=device, logger=logger, log_every=cfg.train.log_every,
                 eval_every=cfg.train.eval_every, evaluate=evaluate if validating else None,
                 flops=parts.flops, peak_flops=peak_flops(device, cfg.logging.peak_tflops),
                 checkpoint_every=cfg.checkpoint.every, save_checkpoint=save_checkpoint, stop=stop, watch=watch,

@@ -7,12 +7,11 @@ from typing import Callable, Optional
 import attrs
 import torch
 
-from automodel.data import BatchPlan
 from automodel.loggers import RunLogger
 from automodel.models import FlopModel
 from automodel.training.early_stopping import EvalWatch
 from automodel.training.forward import to_device
-from automodel.training.prefetch import Prefetcher
+from automodel.training.prefetch import Prefetcher, StepData
 from automodel.training.preemption import Preempted, StopRequest
 from automodel.training.profile import StepProfiler
 from automodel.training.state import TrainState
@@ -54,10 +53,10 @@ def run_loop(
     state: TrainState,
     *,
     train_step: Callable,
-    plan: BatchPlan,
-    collate: Callable[[list[int]], dict[str, torch.Tensor]],
+    batches: Callable[[int], StepData],
     max_steps: int,
-    rank: int,
+    world_size: int,
+    epoch_samples: Optional[int],
     device: torch.device,
     logger: RunLogger,
     log_every: int,
@@ -72,7 +71,8 @@ def run_loop(
     keep_best: bool = False,
     profiler: Optional[StepProfiler] = None,
 ) -> tuple[TrainState, dict, EvalWatch]:
-    """Steps from state.step to max_steps, or until `watch` says evaluations stopped improving, then writes the final
+    """Steps from state.step to max_steps (`batches(step)`: this rank's host micro-batches and, for streamed data,
+    the stream position after them, which the new state records), or until `watch` says evaluations stopped improving, then writes the final
     checkpoint (if a step ran). Returns the final state, the last logged row and the evaluation record.
 
     Timing covers whole log windows (no per-step device sync): ms/step, tokens/s (non-padding input
@@ -93,16 +93,16 @@ def run_loop(
     last_row: dict = {}
     window_start, window_tokens, window_steps, window_slots, window_flops = time.perf_counter(), 0, 0, 0, 0.0
     run_tokens = run_slots = 0
-    # The next step's batches are collated in the background while a step runs (order: a function of the step).
-    prefetch = Prefetcher(plan, collate, rank, max_steps, pin=device.type == "cuda")
+    # The next step's batches are collated in the background while a step runs.
+    prefetch = Prefetcher(batches, max_steps, pin=device.type == "cuda")
     try:
         while state.step < max_steps and not watch.should_stop:
             if profiler is not None:
                 profiler.before_step(state.step + 1)
-            cpu_batches = prefetch.get(state.step)  # collated while the previous step ran
+            cpu_batches, stream_position = prefetch.get(state.step)  # collated while the previous step ran
             # Counted on the host (numpy): the loop reads nothing from the device between log windows.
-            tokens = sum(int(b["attention_mask"].numpy().sum()) for b in cpu_batches) * plan.world_size
-            slots = sum(b["input_ids"].numel() for b in cpu_batches) * plan.world_size
+            tokens = sum(int(b["attention_mask"].numpy().sum()) for b in cpu_batches) * world_size
+            slots = sum(b["input_ids"].numel() for b in cpu_batches) * world_size
             window_tokens, window_slots = window_tokens + tokens, window_slots + slots
             if flops is not None:  # this rank's work: MFU is per device
                 window_flops += sum(flops.of_batch(b) for b in cpu_batches)
@@ -110,6 +110,8 @@ def run_loop(
             micro_batches = [to_device(b, device) for b in cpu_batches]
 
             state, metrics = train_step(state, micro_batches)
+            if stream_position is not None:
+                state = attrs.evolve(state, stream=stream_position)
             if profiler is not None:
                 profiler.after_step(state.step)
             if metrics.skipped:
@@ -129,7 +131,7 @@ def run_loop(
                 last_row = {
                     "step": state.step, "loss": loss, "lr": metrics.lr, "grad_norm": grad_norm,
                     "tokens_per_s": tokens_per_s, "ms_per_step": 1000 * seconds / window_steps,
-                    "epoch": state.data_position / (plan.steps_per_epoch * plan.global_batch_size),
+                    "epoch": state.data_position / epoch_samples if epoch_samples else None,
                     "tflops": window_flops / seconds / 1e12 if flops is not None else None,
                     "mfu": window_flops / seconds / peak_flops if flops is not None and peak_flops else None,
                     "padding": 1 - window_tokens / window_slots, "run_padding": 1 - run_tokens / run_slots,

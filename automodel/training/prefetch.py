@@ -1,8 +1,9 @@
-"""The next step's batches, collated in a background thread while the current step runs.
+"""The next step's batches, made in a background thread while the current step runs.
 
-What a step gets is still a pure function of the step (`plan.micro_batches(step, rank)`), so resume is unchanged;
-only when the collation happens moves. On CUDA the host batches are pinned, so their copies to the device
-(`non_blocking=True`) overlap too.
+`make(step)` gives a step's host micro-batches and, for streamed data, the stream position after them. Steps are
+asked for in order, one ahead, so a stream is read in the order it is trained on; for data read in full a step's
+batches are a function of the step (`planned`), so resume is unchanged. Only when the collation happens moves. On
+CUDA the host batches are pinned, so their copies to the device (`non_blocking=True`) overlap too.
 """
 
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -11,28 +12,34 @@ from typing import Callable, Optional
 from automodel.data import BatchPlan
 from automodel.training.forward import Batch, host_ready
 
+StepData = tuple[list[Batch], Optional[dict]]  # a step's host micro-batches, the stream position after them
+
+
+def planned(plan: BatchPlan, collate: Callable[[list[int]], Batch], rank: int) -> Callable[[int], StepData]:
+    """`make` for data read in full: step s's batches are `plan`'s (a function of s), with no stream position."""
+    return lambda step: ([collate(idx) for idx in plan.micro_batches(step, rank)], None)
+
 
 class Prefetcher:
-    def __init__(self, plan: BatchPlan, collate: Callable[[list[int]], Batch], rank: int, max_steps: int,
-                 pin: bool = False):
-        self.plan, self.collate, self.rank, self.max_steps, self.pin = plan, collate, rank, max_steps, pin
+    def __init__(self, make: Callable[[int], StepData], max_steps: int, pin: bool = False):
+        self.make, self.max_steps, self.pin = make, max_steps, pin
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="automodel-prefetch")
         self._next: Optional[tuple[int, Future]] = None
 
-    def _make(self, step: int) -> list[Batch]:
-        return [host_ready(self.collate(idx), self.pin) for idx in self.plan.micro_batches(step, self.rank)]
+    def _make(self, step: int) -> StepData:
+        batches, position = self.make(step)
+        return [host_ready(b, self.pin) for b in batches], position
 
-    def get(self, step: int) -> list[Batch]:
-        """The host micro-batches of `step` (made now unless they were made in the background), and the next step's
-        started in the background."""
+    def get(self, step: int) -> StepData:
+        """The host micro-batches of `step` (made now unless they were made in the background) and the stream
+        position after them; the next step's are started in the background."""
         if self._next is not None and self._next[0] == step:
-            batches = self._next[1].result()
+            made = self._next[1].result()
         else:
-            batches = self._make(step)
+            made = self._make(step)
         self._next = (step + 1, self._pool.submit(self._make, step + 1)) if step + 1 < self.max_steps else None
-        return batches
+        return made
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._next = None
-

@@ -1,7 +1,7 @@
 """The training state: an immutable record that a step maps to a new one."""
 
 import contextlib
-from typing import Iterator
+from typing import Iterator, Optional
 
 import attrs
 import torch
@@ -19,6 +19,9 @@ class TrainState:
     opt_state: AdamWState
     rng: dict[str, torch.Tensor]  # generator states ("cpu", and "cuda" on a GPU) for dropout
     data_position: int  # samples of the training order consumed (step x global batch)
+    # Streamed data (data/stream.py): where this rank's stream stands after `step`; None for data read in full,
+    # whose batches are a function of the step alone.
+    stream: Optional[dict] = None
 
 
 def rng_snapshot(device: torch.device) -> dict[str, torch.Tensor]:

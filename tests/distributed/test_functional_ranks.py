@@ -48,3 +48,32 @@ def test_two_ranks_match_one_rank(tmp_path):
     assert [e.value for e in events.Scalars("loss")] == pytest.approx(train_two, rel=1e-6)
     assert (tmp_path / "two" / "logs" / "debug.log").is_file()
     assert (tmp_path / "two" / "logs" / "debug_rank1.log").is_file()
+
+
+def test_two_ranks_stream_their_own_shares_and_resume_exactly(tmp_path):
+    """A streamed source on 2 ranks: each rank's checkpoint holds its own stream position; stopped at step 2 and
+    resumed to 4, the losses equal the uninterrupted run's; resuming on 1 rank is refused (each position is a share
+    of 2)."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    base = ["launch/run.py", "--config", "configs_toml/quickstart.toml", *COMMON, "data.train.streaming=true",
+            "data.packing=true", "schedule.kind=\"constant\"", "checkpoint.every=2",
+            f"data.cache_dir={tmp_path / 'c'}"]
+
+    def launch(out, *more, ranks=2):
+        return subprocess.run([*(torchrun if ranks == 2 else [sys.executable]), *base,
+                               f"output_dir={tmp_path / out}", *more], cwd=REPO, capture_output=True, text=True,
+                              timeout=300)
+
+    whole = launch("whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    saved = tmp_path / "whole" / "checkpoints" / "step_000004" / "stream"
+    positions = [json.loads((saved / f"rank_{r:05d}.json").read_text()) for r in (0, 1)]
+    assert positions[0]["rows"] == positions[1]["rows"] == 4 * 16  # 16 rows per rank per step
+    assert launch("parts", "train.max_steps=2").returncode == 0
+    resumed = launch("parts")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "stream resumed after 32 training rows on rank 0" in resumed.stdout
+    assert losses(tmp_path / "parts")[0] == losses(tmp_path / "whole")[0]
+    one_rank = launch("parts", "train.max_steps=6", ranks=1)
+    assert one_rank.returncode != 0
+    assert "holds the stream positions of 2 ranks" in one_rank.stdout + one_rank.stderr

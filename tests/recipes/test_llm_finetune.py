@@ -172,3 +172,34 @@ def test_weighted_sources_and_named_validation_sets_train_and_resume_exactly(tmp
     assert resumed.output_dir == first.output_dir
     losses = lambda d: {r["step"]: r["loss"] for r in read_rows(d / "metrics.jsonl") if "loss" in r}  # noqa: E731
     assert losses(resumed.output_dir) == losses(out)
+
+
+def test_streamed_sources_train_and_resume_exactly(tmp_path, capsys):
+    """Two streamed [[data.train]] sources 3:1, packed (the small one goes round many passes): nothing is tokenised
+    ahead (no cache entry for them), each checkpoint holds the rank's stream position, and a run stopped at step 3
+    and resumed equals the uninterrupted one, row for row and loss for loss."""
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(json.dumps({"instruction": f"count {i}", "output": str(i) * 3}) + "\n" for i in range(6)))
+    sources = (f"data.train=[{{source = {json.dumps(str(ASSETS / 'train.jsonl'))}, format = \"instruction\", "
+               f"weight = 3.0, streaming = true}}, {{source = {json.dumps(str(small))}, format = \"instruction\", "
+               "weight = 1.0, name = \"small\", streaming = true}]")
+    common = [sources, "data.packing=true", "train.global_batch_size=16", "train.micro_batch_size=8",
+              "train.log_every=1", "schedule.kind=\"constant\"", "schedule.warmup_steps=0", "checkpoint.every=3",
+              "eval.generate_samples=0", "data.validation.limit=32", f"data.cache_dir={json.dumps(str(tmp_path / 'c'))}"]
+    whole = automodel.train(quickstart(tmp_path / "whole", *common, "train.max_steps=6"))
+    printed = capsys.readouterr().out
+    assert "data: train/train: instruction rows streamed from" in printed and "75.0% of the rows" in printed
+    assert "data: train/small: instruction rows streamed from" in printed and "25.0% of the rows" in printed
+    assert "training: 6 steps of 16 rows" in printed
+    assert [p.name.split("-")[0] for p in (tmp_path / "c").iterdir()] == ["validation"]  # only validation is stored
+    position = json.loads((whole.output_dir / "checkpoints" / "step_000006" / "stream" / "rank_00000.json").read_text())
+    assert position["rows"] == 6 * 16 and position["sources"][1]["pass"] >= 2  # 6 rows a pass, ~24 rows drawn
+    assert whole.metrics["train_samples"] == 6 * 16
+
+    first = automodel.train(quickstart(tmp_path / "parts", *common, "train.max_steps=3"))
+    resumed = automodel.train(quickstart(tmp_path / "parts", *common, "train.max_steps=6"))
+    assert "data: stream resumed after 48 training rows on rank 0: train at row" in capsys.readouterr().out
+    assert resumed.output_dir == first.output_dir
+    losses = lambda d: {r["step"]: r["loss"] for r in read_rows(d / "metrics.jsonl") if "loss" in r}  # noqa: E731
+    assert losses(resumed.output_dir) == losses(whole.output_dir) and len(losses(whole.output_dir)) == 6
+    assert resumed.metrics["eval_loss"] == whole.metrics["eval_loss"]

@@ -8,7 +8,7 @@ import torch
 from automodel.config import BatchShape, TrainingConfig
 from automodel.data import BatchPlan
 from automodel.training.forward import host_ready
-from automodel.training.prefetch import Prefetcher
+from automodel.training.prefetch import Prefetcher, planned
 
 
 def plan_of(n: int = 40) -> BatchPlan:
@@ -23,10 +23,11 @@ def collate(idx: list[int]) -> dict:
 def test_each_step_gets_the_batches_of_its_step_whatever_step_it_starts_at():
     plan = plan_of()
     for start in (0, 7):  # from the start, and resumed at step 7 (across an epoch boundary: 5 steps per epoch)
-        prefetch = Prefetcher(plan, collate, rank=1, max_steps=12)
+        prefetch = Prefetcher(planned(plan, collate, rank=1), max_steps=12)
         try:
             for step in range(start, 12):
-                got = prefetch.get(step)
+                got, position = prefetch.get(step)
+                assert position is None  # data read in full: no stream position
                 want = [host_ready(collate(idx)) for idx in plan.micro_batches(step, 1)]
                 assert len(got) == len(want) == 2
                 for g, w in zip(got, want):
@@ -47,7 +48,7 @@ def test_the_next_step_is_collated_while_the_current_one_runs():
             started_next.set()
         return collate(idx)
 
-    prefetch = Prefetcher(plan, recording, rank=0, max_steps=10)
+    prefetch = Prefetcher(planned(plan, recording, rank=0), max_steps=10)
     try:
         prefetch.get(0)  # made on the spot (nothing was prefetched), and step 1 starts in the background
         assert started_next.wait(timeout=10)  # ... without anyone asking for it: "the current step" is running

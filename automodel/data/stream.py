@@ -1,0 +1,249 @@
+"""Streamed training sources (`streaming = true`): read, tokenised and packed as training goes, never in full.
+
+Each rank reads its own share of a source (every world_size-th row, or whole files of a directory;
+datasets.distributed.split_dataset_by_node), in order. Rows are formatted and tokenised a few dozen at a time and
+go into seq_len training rows: without data.packing a row is one sample; with it a row takes samples until the next
+one does not fit, and that one opens the next row (a sample is never split). `text` documents flow across rows with
+EOS between them, as when a text source is tokenised in full. When a source ends, its next pass starts at its first
+row. Memory is a few rows' worth, whatever the corpus size.
+
+Several streamed sources mix by weight: which source fills a rank's n-th row is a seeded draw, a pure function of
+(seed, rank, n). So where a rank's stream stands after a step is a small record: per source, its pass, the datasets
+iterator's state before the first sample not yet trained on, and how many of that sample's tokens were; plus the
+rank's row counter. The training loop carries it in the train state and a checkpoint stores it per rank: a resumed
+run reads on from there and trains on exactly the rows the uninterrupted run would have.
+"""
+
+from collections import deque
+from typing import Any, Optional, Sequence
+
+import attrs
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from automodel.config import BatchShape, ConfigError, DataConfig, DataSourceConfig
+from automodel.data.batching import collate_rows
+from automodel.data.formats import FormatOptions
+from automodel.data.sources import open_stream
+from automodel.data.tokenize import document_tokens, encode_examples, format_row, source_label
+from automodel.loss import IGNORE_INDEX
+
+READ_ROWS = 64  # rows formatted and tokenised at a time
+PREFLIGHT_ROWS = 16
+
+Row = tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]  # token ids, labels, position ids (packed) or None
+
+
+@attrs.frozen
+class _Sample:
+    ids: list[int]
+    labels: list[int]
+    at: dict  # the source's position before it: pass, datasets state, rows read in the pass
+
+
+class SourceStream:
+    """One streamed source on one rank: tokenised samples (or `text` documents) in order, pass after pass."""
+
+    def __init__(self, src: DataSourceConfig, data_cfg: DataConfig, options: FormatOptions,
+                 tokenizer: PreTrainedTokenizerBase, rank: int = 0, world_size: int = 1,
+                 position: Optional[dict] = None):
+        self.src, self.data_cfg, self.options, self.tokenizer = src, data_cfg, options, tokenizer
+        self.rank, self.world_size = rank, world_size
+        self.text = src.format == "text"
+        position = position or {"pass": 0, "state": None, "rows_read": 0, "offset": 0}
+        self._queue: deque[_Sample] = deque()
+        self._offset = int(position["offset"])  # tokens of the head sample already trained on (text only)
+        self._open(int(position["pass"]), position["state"], int(position["rows_read"]))
+
+    def _open(self, pass_index: int, state: Optional[dict], rows_read: int) -> None:
+        self._ds = open_stream(self.src, self.rank, self.world_size)
+        if state is not None:
+            self._ds.load_state_dict(state)
+        self._rows = iter(self._ds)
+        # datasets gives the loaded state back only once a row has been read (before that, the start's): until then
+        # the position is the state loaded.
+        self._loaded, self._started = state, False
+        self._pass, self._rows_read = pass_index, rows_read
+        self._whole_pass, self._produced = state is None, False  # to tell a source that yields nothing at all
+
+    def position(self) -> dict:
+        """Where this source stands: its next token is the first not yet trained on."""
+        if self._queue:
+            return {**self._queue[0].at, "offset": self._offset}
+        return {"pass": self._pass, "state": self._state(), "rows_read": self._rows_read, "offset": 0}
+
+    def _state(self) -> Optional[dict]:
+        """The datasets iterator's state before its next row."""
+        return self._ds.state_dict() if self._started else self._loaded
+
+    def _where(self, rows_read: int) -> str:
+        share = f" of rank {self.rank}'s share of the rows" if self.world_size > 1 else ""
+        return f"row {rows_read}{share}, pass {self._pass + 1}"
+
+    def _read(self) -> None:
+        """Reads rows until at least one sample is queued (a new pass begins where a source ends)."""
+        while not self._queue:
+            rows: list[tuple[dict, dict]] = []
+            while len(rows) < READ_ROWS:
+                at = {"pass": self._pass, "state": self._state(), "rows_read": self._rows_read}
+                try:
+                    row = next(self._rows)
+                    self._started = True
+                except StopIteration:
+                    if rows:
+                        break  # this pass's last rows first
+                    if self._whole_pass and not self._produced:
+                        raise ConfigError(f"{self.src.source}: a whole pass of the stream gave no sample on rank "
+                                          f"{self.rank} ({self._rows_read} rows read); check data.seq_len, "
+                                          "data.truncate and the source's rows") from None
+                    self._open(self._pass + 1, None, 0)
+                    continue
+                rows.append((at, row))
+                self._rows_read += 1
+            formatted = [(at, format_row(self.src, self.options, row, self._where(at["rows_read"]),
+                                         self.data_cfg.on_bad_row)) for at, row in rows]
+            kept = [(at, ex) for at, ex in formatted if ex is not None]
+            examples = [ex for _, ex in kept]
+            if self.text:
+                samples = [(ids, ids) for ids in document_tokens(examples, self.tokenizer)]
+            else:
+                samples = [None if s is None else s[:2] for s in encode_examples(
+                    examples, self.tokenizer, self.data_cfg.seq_len, self.data_cfg.truncate)]
+            for (at, _), sample in zip(kept, samples):
+                if sample is not None and sample[0]:
+                    self._queue.append(_Sample(sample[0], sample[1], at))
+                    self._produced = True
+
+    def head(self) -> tuple[list[int], list[int]]:
+        """The next sample's (ids, labels): for a text document, the tokens not yet taken."""
+        self._read()
+        sample = self._queue[0]
+        return sample.ids[self._offset:], sample.labels[self._offset:]
+
+    def take(self, n: Optional[int] = None) -> None:
+        """Consumes the head sample, or its next `n` tokens (text)."""
+        remaining = len(self._queue[0].ids) - self._offset
+        if n is None or n >= remaining:
+            self._queue.popleft()
+            self._offset = 0
+        else:
+            self._offset += n
+
+
+class TrainStream:
+    """A rank's training rows from streamed sources, step after step: `next_step()` gives its micro-batches and the
+    stream position after them."""
+
+    def __init__(self, sources: Sequence[SourceStream], shares: Sequence[float], data_cfg: DataConfig,
+                 shape: BatchShape, seed: int, rank: int, pad_id: int, rows: int = 0):
+        self.sources, self.data_cfg, self.shape = list(sources), data_cfg, shape
+        self.seed, self.rank, self.pad_id, self.rows = seed, rank, pad_id, rows
+        self.bounds = np.cumsum(shares)[:-1] if len(shares) > 1 else np.zeros(0)
+
+    def position(self) -> dict:
+        return {"rows": self.rows, "sources": [s.position() for s in self.sources]}
+
+    def source_of(self, n: int) -> int:
+        """Which source fills this rank's n-th row: a seeded draw by the shares."""
+        if not len(self.bounds):
+            return 0
+        return int(np.searchsorted(self.bounds, uniform(self.seed, self.rank, n), side="right"))
+
+    def next_row(self) -> Row:
+        source = self.sources[self.source_of(self.rows)]
+        self.rows += 1
+        seq_len, packing = self.data_cfg.seq_len, self.data_cfg.packing
+        if source.text:  # seq_len tokens of the document stream, all trained
+            ids: list[int] = []
+            while len(ids) < seq_len:
+                piece, _ = source.head()
+                taken = piece[:seq_len - len(ids)]
+                ids += taken
+                source.take(len(taken))
+            row = np.asarray(ids, dtype=np.int64)
+            return row, row.copy(), np.arange(seq_len, dtype=np.int64) if packing else None
+        if not packing:
+            ids, labels = source.head()
+            source.take()
+            return np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64), None
+        ids, labels, positions = [], [], []
+        while seq_len - len(ids) >= 2:  # every sample has at least 2 tokens
+            sample_ids, sample_labels = source.head()
+            if ids and len(ids) + len(sample_ids) > seq_len:
+                break  # it opens the next row
+            ids += sample_ids
+            labels += [IGNORE_INDEX] + sample_labels[1:]  # the token before it belongs to another sample
+            positions += range(len(sample_ids))
+            source.take()
+        return (np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64),
+                np.asarray(positions, dtype=np.int64))
+
+    def next_step(self) -> tuple[list[dict[str, torch.Tensor]], dict]:
+        """This rank's micro-batches of the next step, and the position after them."""
+        rows = [self.next_row() for _ in range(self.shape.per_rank)]
+        m = self.shape.micro_batch_size
+        return [collate_rows(rows[i:i + m], self.pad_id) for i in range(0, len(rows), m)], self.position()
+
+
+_MASK = 2**64 - 1
+
+
+def uniform(*key: int) -> float:
+    """A number in [0, 1) that is a pure function of `key` (splitmix64's mixer over the keys): a few microseconds,
+    where seeding a numpy generator per row takes milliseconds."""
+    x = 0x632BE59BD9B4E019
+    for k in key:
+        x = (x + (k & _MASK) * 0x9E3779B97F4A7C15) & _MASK
+        x ^= x >> 30
+        x = (x * 0xBF58476D1CE4E5B9) & _MASK
+        x ^= x >> 27
+        x = (x * 0x94D049BB133111EB) & _MASK
+        x ^= x >> 31
+    return (x >> 11) / 2**53
+
+
+def shares_of(sources: Sequence[DataSourceConfig]) -> list[float]:
+    """Each streamed source's share of the rows: its weight normalised (equal without weights: a stream's size is
+    not known ahead)."""
+    weights = [src.weight if src.weight is not None else 1.0 for src in sources]
+    return [w / sum(weights) for w in weights]
+
+
+def open_train_stream(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, options: FormatOptions,
+                      shape: BatchShape, seed: int, rank: int, position: Optional[dict] = None) -> TrainStream:
+    """The training sources of [data] streamed on this rank, from `position` (a checkpoint's) or from the start."""
+    sources = data_cfg.train
+    saved = position["sources"] if position is not None else [None] * len(sources)
+    if len(saved) != len(sources):
+        raise ConfigError(f"the checkpoint's stream position covers {len(saved)} training sources, this config has "
+                          f"{len(sources)}; start afresh (train.resume = \"never\" or another output_dir)")
+    streams = [SourceStream(src, data_cfg, options, tokenizer, rank, shape.world_size, at)
+               for src, at in zip(sources, saved)]
+    return TrainStream(streams, shares_of(sources), data_cfg, shape, seed, rank, tokenizer.pad_token_id,
+                       rows=position["rows"] if position is not None else 0)
+
+
+def preflight(data_cfg: DataConfig, options: FormatOptions) -> list[str]:
+    """Opens every streamed training source and formats its first rows (a missing file, an unknown column or a bad
+    row is reported before any weights load); returns the log's line per source."""
+    sources = data_cfg.train
+    lines = []
+    for src, share in zip(sources, shares_of(sources)):
+        rows = open_stream(src)
+        for i, row in enumerate(rows.take(PREFLIGHT_ROWS)):
+            format_row(src, options, row, f"row {i}", data_cfg.on_bad_row)
+        label = "train" if len(sources) == 1 else f"train/{source_label(src)}"
+        mix = f"; {100 * share:.1f}% of the rows" if len(sources) > 1 else ""
+        lines.append(f"{label}: {src.format} rows streamed from {src.source} (split `{src.split}`"
+                     + (f", first {src.limit:,} rows" if src.limit is not None else "")
+                     + f"), read in order, tokenised and {'packed' if data_cfg.packing else 'batched'} as training "
+                     f"goes; passes repeat{mix}")
+    return lines
+
+
+def resumed_line(position: Any, sources: Sequence[DataSourceConfig]) -> str:
+    """The log's line for a stream resumed from a checkpoint (this rank's position)."""
+    parts = [f"{source_label(src) if len(sources) > 1 else 'train'} at row {at['rows_read']:,} of pass {at['pass'] + 1}"
+             for src, at in zip(sources, position["sources"])]
+    return f"stream resumed after {position['rows']:,} training rows on rank 0: " + ", ".join(parts)
