@@ -312,7 +312,7 @@ def test_batches_after_a_restart_equal_the_uninterrupted_ones(gpt2):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["instruction_cpu", "chat_cpu", "text_cpu"])
+@pytest.mark.parametrize("config", ["instruction_cpu", "chat_cpu", "text_cpu", "stream_cpu"])
 def test_shipped_format_configs_train(tmp_path, config):
     import automodel
     from automodel.config import load_config

@@ -174,3 +174,21 @@ def test_config_rules_for_streaming(tmp_path):
     assert "validation sets are read in full" in problems("data.validation.streaming=true")
     assert "stream every training source or none" in problems(
         'data.train=[{source = "a.jsonl", streaming = true}, {source = "b.jsonl"}]')
+
+
+def test_a_directory_of_files_splits_by_whole_files_and_resumes_in_its_second_file(tmp_path, tokenizer):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for k in range(2):
+        write_jsonl(folder / f"part{k}.jsonl", [{"instruction": f"file {k} row {i}", "output": str(i)}
+                                                for i in range(7)])
+    data_cfg = DataConfig(seq_len=32, train=DataSourceConfig(source=str(folder), format="instruction",
+                                                             streaming=True))
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    for rank in (0, 1):  # 2 files, 2 ranks: each rank reads one whole file
+        rows = rows_of(stream_of(data_cfg, tokenizer, BatchShape(2, 1, world_size=2), rank), 7)
+        assert all(f"file {rank} row {i}" in decode(ids) for i, (ids, _, _) in enumerate(rows))
+    whole = steps(stream_of(data_cfg, tokenizer, BatchShape(2, 2)), 6)  # one rank reads both files in turn
+    resumed = steps(stream_of(data_cfg, tokenizer, BatchShape(2, 2), position=whole[4][1]), 1)  # in file 2
+    assert '"shard_idx": 1' in json.dumps(whole[4][1])  # the datasets state names the file
+    assert same_batches(resumed[0][0], whole[5][0])
