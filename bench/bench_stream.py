@@ -7,7 +7,7 @@ Writes a JSON-lines corpus of `--gb` GB (documents of lines drawn from ../shared
 present) and one a tenth its size. Then, in a fresh process per corpus: `--steps` steps of a rank's streamed rows
 (8 rows of 1,024 tokens each) through data/stream.py, with the process's peak resident memory (it should not grow
 with the corpus) and tokens/s; on the big one, a stream resumed at a position 90% into the file (how long until
-its first step, against reading up to there). Last, a small Llama trained for 6 steps on the big corpus, and the
+its first step, against reading up to there), and the stream with a shuffle window of 10,000 rows. Last, a small Llama trained for 6 steps on the big corpus, and the
 same run stopped after step 3 and resumed: its losses must equal the uninterrupted run's, bit for bit.
 """
 
@@ -45,10 +45,11 @@ def peak_rss_mb() -> float:
     return int(fields["VmHWM"].split()[0]) / 1024
 
 
-def stream_config(corpus: Path, seq_len: int = 1024):
+def stream_config(corpus: Path, seq_len: int = 1024, shuffle_window: int = 0):
     from automodel.config import DataConfig, DataSourceConfig
 
-    return DataConfig(seq_len=seq_len, train=DataSourceConfig(source=str(corpus), format="text", streaming=True))
+    return DataConfig(seq_len=seq_len, shuffle_window=shuffle_window,
+                      train=DataSourceConfig(source=str(corpus), format="text", streaming=True))
 
 
 def measure(args) -> None:
@@ -63,7 +64,7 @@ def measure(args) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
     tokenizer.pad_token = tokenizer.eos_token  # as models.build_tokenizer does for GPT-2
-    data_cfg = stream_config(Path(args.measure))
+    data_cfg = stream_config(Path(args.measure), shuffle_window=args.shuffle_window)
     shape = BatchShape(8, 8)
     opts = format_options(data_cfg, tokenizer)
     start = time.perf_counter()
@@ -74,7 +75,8 @@ def measure(args) -> None:
         tokens += sum(int(b["attention_mask"].sum()) for b in batches)
     seconds = time.perf_counter() - start
     size = os.path.getsize(args.measure) / 1e9
-    print(f"{size:.2f} GB corpus: {args.steps} steps x 8 rows x 1,024 tokens streamed in {seconds:.1f} s "
+    window = f", shuffle window {args.shuffle_window:,} rows" if args.shuffle_window else ""
+    print(f"{size:.2f} GB corpus{window}: {args.steps} steps x 8 rows x 1,024 tokens streamed in {seconds:.1f} s "
           f"({tokens / seconds:,.0f} tokens/s, one process); peak resident memory {peak_rss_mb():.0f} MB")
     if args.resume_at:
         rows = open_stream(data_cfg.train[0])
@@ -85,7 +87,7 @@ def measure(args) -> None:
             next(it)
         state = rows.state_dict()
         read = time.perf_counter() - t0
-        position = {"rows": 0, "sources": [{"pass": 0, "state": state, "rows_read": docs, "offset": 0}]}
+        position = {"rows": 0, "sources": [{"pass": 0, "state": state, "rows_read": docs, "taken": 0, "offset": 0}]}
         t0 = time.perf_counter()
         resumed = open_train_stream(data_cfg, tokenizer, opts, shape, seed=0, rank=0, position=position)
         resumed.next_step()
@@ -133,6 +135,7 @@ def main():
     p.add_argument("--dir", default=tempfile.gettempdir(), help="where the corpora are written (kept for reuse)")
     p.add_argument("--measure", default="", help=argparse.SUPPRESS)
     p.add_argument("--resume-at", default="", help=argparse.SUPPRESS)
+    p.add_argument("--shuffle-window", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.measure:
         return measure(args)
@@ -147,9 +150,10 @@ def main():
           f"{small} ({small.stat().st_size / 1e9:.2f} GB)")
     with big.open("rb") as f:
         docs = sum(1 for _ in f)
-    for corpus, resume_at in ((small, ""), (big, str(int(docs * 0.9)))):
+    for corpus, resume_at, window in ((small, "", 0), (big, str(int(docs * 0.9)), 0), (big, "", 10_000)):
         out = subprocess.run([sys.executable, __file__, "--measure", str(corpus), "--steps", str(args.steps),
-                              "--resume-at", resume_at], capture_output=True, text=True)
+                              "--resume-at", resume_at, "--shuffle-window", str(window)], capture_output=True,
+                             text=True)
         if out.returncode:
             raise SystemExit(out.stderr[-3000:])
         print(out.stdout.strip())

@@ -144,6 +144,11 @@ class DataConfig:
     validation_fraction: float = field(
         0.0, "Without [data.validation]: hold out this fraction of the training rows (seeded) as validation."
     )
+    shuffle_window: int = field(
+        0, "Streamed sources: read rows in windows of this many (per rank) and train on each window's samples in a "
+        "seeded random order, afresh each pass; 0 keeps the file's order. Memory grows with it (tokenised samples of "
+        "one window), resume stays exact."
+    )
     num_proc: int = field(
         0, "Processes that tokenise a split (rank 0, once: the result is cached); 0 means the cores this process may "
         "use, at most 16. The result is the same for any number."

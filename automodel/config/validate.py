@@ -116,6 +116,11 @@ def _data_problems(cfg: TrainConfig) -> list[str]:
     if d.validation_fraction > 0 and len(d.train) > 1:
         problems.append("data.validation_fraction carves one training source; with several, give [[data.validation]] "
                         "sets")
+    if d.shuffle_window < 0:
+        problems.append(f"data.shuffle_window must be >= 0 (got {d.shuffle_window}); 0 keeps the stream's order")
+    if d.shuffle_window and not any(src.streaming for src in d.train):
+        problems.append("data.shuffle_window shuffles streamed sources; sources read in full are shuffled every "
+                        "epoch already: leave it out, or set streaming = true")
     if d.num_proc < 0:
         problems.append(f"data.num_proc must be >= 0 (got {d.num_proc}); 0 uses the available cores")
     if d.seq_len < 2:

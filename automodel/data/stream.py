@@ -14,6 +14,7 @@ rank's row counter. The training loop carries it in the train state and a checkp
 run reads on from there and trains on exactly the rows the uninterrupted run would have.
 """
 
+import copy
 from collections import deque
 from typing import Any, Optional, Sequence
 
@@ -29,7 +30,7 @@ from automodel.data.sources import open_stream
 from automodel.data.tokenize import document_tokens, encode_examples, format_row, source_label
 from automodel.loss import IGNORE_INDEX
 
-READ_ROWS = 64  # rows formatted and tokenised at a time
+READ_ROWS = 256  # rows formatted and tokenised at a time (and the window without data.shuffle_window)
 PREFLIGHT_ROWS = 16
 
 Row = tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]  # token ids, labels, position ids (packed) or None
@@ -37,24 +38,34 @@ Row = tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]  # token ids, labels, 
 
 @attrs.frozen
 class _Sample:
-    ids: list[int]
-    labels: list[int]
-    at: dict  # the source's position before it: pass, datasets state, rows read in the pass
+    ids: np.ndarray  # int32
+    labels: np.ndarray  # int32, -100 where masked
+    at: dict  # the source's position before it: pass, the state and row count at its window's start, its index
 
 
 class SourceStream:
-    """One streamed source on one rank: tokenised samples (or `text` documents) in order, pass after pass."""
+    """One streamed source on one rank: tokenised samples (or `text` documents), pass after pass.
+
+    Rows are read in windows (`data.shuffle_window` rows, else READ_ROWS): a window is formatted and tokenised at
+    once, and its samples are trained on in a seeded order (shuffled; in order without a shuffle window). A position
+    is the window's start (pass, datasets state, rows read) and how many of its samples were taken: resuming reads
+    the window again and skips those."""
 
     def __init__(self, src: DataSourceConfig, data_cfg: DataConfig, options: FormatOptions,
                  tokenizer: PreTrainedTokenizerBase, rank: int = 0, world_size: int = 1,
-                 position: Optional[dict] = None):
+                 position: Optional[dict] = None, seed: int = 0, index: int = 0):
         self.src, self.data_cfg, self.options, self.tokenizer = src, data_cfg, options, tokenizer
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.seed, self.index = rank, world_size, seed, index
         self.text = src.format == "text"
-        position = position or {"pass": 0, "state": None, "rows_read": 0, "offset": 0}
+        self.window = data_cfg.shuffle_window or READ_ROWS
+        position = position or {"pass": 0, "state": None, "rows_read": 0, "taken": 0, "offset": 0}
         self._queue: deque[_Sample] = deque()
-        self._offset = int(position["offset"])  # tokens of the head sample already trained on (text only)
         self._open(int(position["pass"]), position["state"], int(position["rows_read"]))
+        if position["taken"]:  # the window is read again; its samples already trained on are skipped
+            self._read()
+            for _ in range(int(position["taken"])):
+                self._queue.popleft()
+        self._offset = int(position["offset"])  # tokens of the head sample already trained on (text only)
 
     def _open(self, pass_index: int, state: Optional[dict], rows_read: int) -> None:
         self._ds = open_stream(self.src, self.rank, self.world_size)
@@ -71,7 +82,7 @@ class SourceStream:
         """Where this source stands: its next token is the first not yet trained on."""
         if self._queue:
             return {**self._queue[0].at, "offset": self._offset}
-        return {"pass": self._pass, "state": self._state(), "rows_read": self._rows_read, "offset": 0}
+        return {"pass": self._pass, "state": self._state(), "rows_read": self._rows_read, "taken": 0, "offset": 0}
 
     def _state(self) -> Optional[dict]:
         """The datasets iterator's state before its next row."""
@@ -82,40 +93,50 @@ class SourceStream:
         return f"row {rows_read}{share}, pass {self._pass + 1}"
 
     def _read(self) -> None:
-        """Reads rows until at least one sample is queued (a new pass begins where a source ends)."""
+        """Reads windows until a sample is queued (a new pass begins where a source ends)."""
         while not self._queue:
-            rows: list[tuple[dict, dict]] = []
-            while len(rows) < READ_ROWS:
-                at = {"pass": self._pass, "state": self._state(), "rows_read": self._rows_read}
+            start = {"pass": self._pass, "state": self._state(), "rows_read": self._rows_read}
+            rows: list[dict] = []
+            while len(rows) < self.window:
                 try:
-                    row = next(self._rows)
+                    rows.append(next(self._rows))
                     self._started = True
                 except StopIteration:
-                    if rows:
-                        break  # this pass's last rows first
-                    if self._whole_pass and not self._produced:
-                        raise ConfigError(f"{self.src.source}: a whole pass of the stream gave no sample on rank "
-                                          f"{self.rank} ({self._rows_read} rows read); check data.seq_len, "
-                                          "data.truncate and the source's rows") from None
-                    self._open(self._pass + 1, None, 0)
-                    continue
-                rows.append((at, row))
-                self._rows_read += 1
-            formatted = [(at, format_row(self.src, self.options, row, self._where(at["rows_read"]),
-                                         self.data_cfg.on_bad_row)) for at, row in rows]
-            kept = [(at, ex) for at, ex in formatted if ex is not None]
-            examples = [ex for _, ex in kept]
-            if self.text:
-                samples = [(ids, ids) for ids in document_tokens(examples, self.tokenizer)]
-            else:
-                samples = [None if s is None else s[:2] for s in encode_examples(
-                    examples, self.tokenizer, self.data_cfg.seq_len, self.data_cfg.truncate)]
-            for (at, _), sample in zip(kept, samples):
-                if sample is not None and sample[0]:
-                    self._queue.append(_Sample(sample[0], sample[1], at))
-                    self._produced = True
+                    break
+            if not rows:  # the pass has ended
+                if self._whole_pass and not self._produced:
+                    raise ConfigError(f"{self.src.source}: a whole pass of the stream gave no sample on rank "
+                                      f"{self.rank} ({self._rows_read} rows read); check data.seq_len, "
+                                      "data.truncate and the source's rows")
+                self._open(self._pass + 1, None, 0)
+                continue
+            samples = []
+            for chunk in range(0, len(rows), READ_ROWS):  # Python objects of READ_ROWS rows at a time
+                samples += self._tokenise(rows[chunk:chunk + READ_ROWS], start["rows_read"] + chunk)
+            self._rows_read += len(rows)
+            order = range(len(samples))
+            if self.data_cfg.shuffle_window:  # a function of (seed, rank, source, pass, window)
+                window = start["rows_read"] // self.window
+                key = [self.seed, self.rank, self.index, self._pass, window]
+                order = np.random.default_rng(key).permutation(len(samples)).tolist()
+            for taken, k in enumerate(order):
+                self._queue.append(_Sample(*samples[k], {**start, "taken": taken}))
+            self._produced = self._produced or bool(samples)
 
-    def head(self) -> tuple[list[int], list[int]]:
+    def _tokenise(self, rows: list[dict], first: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Rows (the first is row `first` of the pass) -> their samples, bad and dropped ones left out."""
+        examples = [format_row(self.src, self.options, row, self._where(first + i), self.data_cfg.on_bad_row)
+                    for i, row in enumerate(rows)]
+        examples = [ex for ex in examples if ex is not None]
+        if self.text:
+            encoded = [(ids, ids) for ids in document_tokens(examples, self.tokenizer)]
+        else:
+            encoded = [s[:2] for s in encode_examples(examples, self.tokenizer, self.data_cfg.seq_len,
+                                                       self.data_cfg.truncate) if s is not None]
+        return [(np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=np.int32))
+                for ids, labels in encoded if ids]
+
+    def head(self) -> tuple[np.ndarray, np.ndarray]:
         """The next sample's (ids, labels): for a text document, the tokens not yet taken."""
         self._read()
         sample = self._queue[0]
@@ -155,29 +176,32 @@ class TrainStream:
         self.rows += 1
         seq_len, packing = self.data_cfg.seq_len, self.data_cfg.packing
         if source.text:  # seq_len tokens of the document stream, all trained
-            ids: list[int] = []
-            while len(ids) < seq_len:
+            pieces, length = [], 0
+            while length < seq_len:
                 piece, _ = source.head()
-                taken = piece[:seq_len - len(ids)]
-                ids += taken
-                source.take(len(taken))
-            row = np.asarray(ids, dtype=np.int64)
+                piece = piece[:seq_len - length]
+                pieces.append(piece)
+                length += len(piece)
+                source.take(len(piece))
+            row = np.concatenate(pieces).astype(np.int64)
             return row, row.copy(), np.arange(seq_len, dtype=np.int64) if packing else None
         if not packing:
             ids, labels = source.head()
             source.take()
-            return np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64), None
-        ids, labels, positions = [], [], []
-        while seq_len - len(ids) >= 2:  # every sample has at least 2 tokens
+            return ids.astype(np.int64), labels.astype(np.int64), None
+        ids, labels, positions, length = [], [], [], 0
+        while seq_len - length >= 2:  # every sample has at least 2 tokens
             sample_ids, sample_labels = source.head()
-            if ids and len(ids) + len(sample_ids) > seq_len:
+            if ids and length + len(sample_ids) > seq_len:
                 break  # it opens the next row
-            ids += sample_ids
-            labels += [IGNORE_INDEX] + sample_labels[1:]  # the token before it belongs to another sample
-            positions += range(len(sample_ids))
+            sample_labels = sample_labels.astype(np.int64)
+            sample_labels[0] = IGNORE_INDEX  # the token before it belongs to another sample
+            ids.append(sample_ids)
+            labels.append(sample_labels)
+            positions.append(np.arange(len(sample_ids), dtype=np.int64))
+            length += len(sample_ids)
             source.take()
-        return (np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64),
-                np.asarray(positions, dtype=np.int64))
+        return np.concatenate(ids).astype(np.int64), np.concatenate(labels), np.concatenate(positions)
 
     def next_step(self) -> tuple[list[dict[str, torch.Tensor]], dict]:
         """This rank's micro-batches of the next step, and the position after them."""
@@ -218,8 +242,12 @@ def open_train_stream(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, 
     if len(saved) != len(sources):
         raise ConfigError(f"the checkpoint's stream position covers {len(saved)} training sources, this config has "
                           f"{len(sources)}; start afresh (train.resume = \"never\" or another output_dir)")
-    streams = [SourceStream(src, data_cfg, options, tokenizer, rank, shape.world_size, at)
-               for src, at in zip(sources, saved)]
+    # Its own tokenizer: the stream tokenises in the prefetch thread while the loop's thread may use the run's
+    # (decoding answers at evaluation, saving it with a checkpoint), and a fast tokenizer is not to be shared so.
+    tokenizer = copy.deepcopy(tokenizer)
+    options = attrs.evolve(options, tokenizer=tokenizer)
+    streams = [SourceStream(src, data_cfg, options, tokenizer, rank, shape.world_size, at, seed, k)
+               for k, (src, at) in enumerate(zip(sources, saved))]
     return TrainStream(streams, shares_of(sources), data_cfg, shape, seed, rank, tokenizer.pad_token_id,
                        rows=position["rows"] if position is not None else 0)
 
@@ -244,6 +272,6 @@ def preflight(data_cfg: DataConfig, options: FormatOptions) -> list[str]:
 
 def resumed_line(position: Any, sources: Sequence[DataSourceConfig]) -> str:
     """The log's line for a stream resumed from a checkpoint (this rank's position)."""
-    parts = [f"{source_label(src) if len(sources) > 1 else 'train'} at row {at['rows_read']:,} of pass {at['pass'] + 1}"
-             for src, at in zip(sources, position["sources"])]
-    return f"stream resumed after {position['rows']:,} training rows on rank 0: " + ", ".join(parts)
+    parts = [f"{source_label(src) if len(sources) > 1 else 'train'} in pass {at['pass'] + 1}, {at['taken']} samples "
+             f"into the window from row {at['rows_read']:,}" for src, at in zip(sources, position["sources"])]
+    return f"stream resumed after {position['rows']:,} training rows on rank 0: " + "; ".join(parts)

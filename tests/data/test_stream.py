@@ -11,10 +11,11 @@ from transformers import AutoTokenizer
 
 from automodel.config import BatchShape, ConfigError, DataConfig, DataSourceConfig, load_config
 from automodel.data import format_options, load_examples, tokenize_examples
-from automodel.data.stream import SourceStream, TrainStream, open_train_stream, preflight
+from automodel.data import stream as stream_module
+from automodel.data.stream import TrainStream, open_train_stream, preflight
 from automodel.data.tokenize import chunk_stream, document_stream
 from automodel.loss import IGNORE_INDEX
-from tests.helpers import ASSETS, QUICKSTART, write_jsonl
+from tests.helpers import ASSETS, QUICKSTART, shared_data, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +62,32 @@ def test_unpacked_rows_are_the_samples_tokenised_in_full_in_order_and_a_new_pass
     assert stream.position()["sources"][0]["pass"] == 1
 
 
-def test_text_rows_are_the_document_stream_cut_into_seq_len_rows(tmp_path, tokenizer):
+@pytest.mark.parametrize("kind", ["parquet", "chat"])
+def test_other_files_and_formats_stream_the_samples_tokenised_in_full(tmp_path, tokenizer, kind):
+    if kind == "parquet":
+        import datasets
+
+        path = tmp_path / "rows.parquet"
+        datasets.load_dataset("json", data_files=str(ASSETS / "train.jsonl"), split="train[:30]").to_parquet(path)
+        src = DataSourceConfig(source=str(path), format="instruction", streaming=True)
+    else:
+        src = DataSourceConfig(source=str(shared_data("llamafactory-demos/v1_sft_demo.jsonl")), format="chat",
+                               limit=20, streaming=True)
+    data_cfg = DataConfig(seq_len=4096, chat_template="chatml", train=src)
+    want = in_full(src, data_cfg, tokenizer)
+    got = rows_of(stream_of(data_cfg, tokenizer, BatchShape(4, 2)), len(want))
+    assert len(want) >= 20
+    assert [ids.tolist() for ids, _, _ in got] == list(want.input_ids)
+    assert [labels.tolist() for _, labels, _ in got] == list(want.labels)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".txt"])
+def test_text_rows_are_the_document_stream_cut_into_seq_len_rows(tmp_path, tokenizer, suffix):
     data_cfg = DataConfig(seq_len=48, train=text_source(tmp_path))
+    if suffix == ".txt":  # one document per line
+        lines = [json.loads(line)["text"] for line in open(data_cfg.train[0].source)]
+        (tmp_path / "docs.txt").write_text("\n".join(lines) + "\n")
+        data_cfg = attrs.evolve(data_cfg, train=attrs.evolve(data_cfg.train[0], source=str(tmp_path / "docs.txt")))
     want = in_full(data_cfg.train[0], data_cfg, tokenizer)
     got = rows_of(stream_of(data_cfg, tokenizer, BatchShape(4, 2)), len(want) - 1)  # the last row in full is short
     assert len(want) > 10
@@ -119,14 +144,16 @@ def same_batches(a: list, b: list) -> bool:
                                     for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("kind", ["instruction", "packed", "text", "mixed", "two ranks"])
+@pytest.mark.parametrize("kind", ["instruction", "packed", "text", "mixed", "two ranks", "shuffled"])
 def test_a_stream_resumed_from_a_saved_position_gives_the_rows_of_the_uninterrupted_one(tmp_path, tokenizer, kind):
     """Positions are taken mid-document (text), with a sample pending (packed), across a pass boundary (a 25-row
     source read for 12 steps of 4 rows), and survive a JSON round trip (the checkpoint's form)."""
     sources = {"instruction": [instruction_source(limit=25)], "packed": [instruction_source(limit=25)],
+               "shuffled": [instruction_source(limit=25), attrs.evolve(text_source(tmp_path), weight=1.0)],
                "text": [text_source(tmp_path)], "two ranks": [instruction_source(limit=25)],
                "mixed": [instruction_source(limit=25, weight=1.0), attrs.evolve(text_source(tmp_path), weight=2.0)]}
-    data_cfg = DataConfig(seq_len=40, packing=kind == "packed", train=sources[kind])
+    data_cfg = DataConfig(seq_len=40, packing=kind in ("packed", "shuffled"), train=sources[kind],
+                          shuffle_window=7 if kind == "shuffled" else 0)
     shape = BatchShape(8 if kind == "two ranks" else 4, 2, world_size=2 if kind == "two ranks" else 1)
     for rank in range(shape.world_size):
         whole = steps(stream_of(data_cfg, tokenizer, shape, rank), 12)
@@ -138,7 +165,23 @@ def test_a_stream_resumed_from_a_saved_position_gives_the_rows_of_the_uninterrup
             again = steps(stream_of(data_cfg, tokenizer, shape, rank, resumed[1][1]), 12 - cut - 2)
             assert all(same_batches(got, want) for (got, _), (want, _) in zip(again, whole[cut + 2:]))
     passes = {at["pass"] for at in whole[-1][1]["sources"]}
-    assert max(passes) >= 1 or kind in ("text", "mixed")
+    assert max(passes) >= 1 or kind in ("text", "mixed", "shuffled")
+
+
+def test_a_shuffle_window_permutes_each_window_afresh_each_pass_as_a_function_of_the_seed(tokenizer):
+    data_cfg = DataConfig(seq_len=32, shuffle_window=10, train=instruction_source(limit=25))
+    want = [tuple(r) for r in in_full(data_cfg.train[0], data_cfg, tokenizer).input_ids]
+    assert len(want) == 25
+    got = [tuple(ids.tolist()) for ids, _, _ in rows_of(stream_of(data_cfg, tokenizer, BatchShape(2, 2)), 50)]
+    for first, second in ((got[:25], want), (got[25:], want)):  # two passes
+        for lo, hi in ((0, 10), (10, 20), (20, 25)):  # windows of 10 rows (the last one short)
+            assert sorted(first[lo:hi]) == sorted(second[lo:hi])
+    assert got[:25] != want and got[25:] != got[:25]  # shuffled, and differently in the second pass
+    again = [tuple(ids.tolist()) for ids, _, _ in rows_of(stream_of(data_cfg, tokenizer, BatchShape(2, 2)), 25)]
+    assert again == got[:25]
+    other_seed = open_train_stream(data_cfg, tokenizer, format_options(data_cfg, tokenizer), BatchShape(2, 2), seed=6,
+                                   rank=0)
+    assert [tuple(ids.tolist()) for ids, _, _ in rows_of(other_seed, 25)] != got[:25]
 
 
 def test_a_bad_row_names_the_source_row_and_pass(tmp_path, tokenizer):
@@ -176,7 +219,9 @@ def test_config_rules_for_streaming(tmp_path):
         'data.train=[{source = "a.jsonl", streaming = true}, {source = "b.jsonl"}]')
 
 
-def test_a_directory_of_files_splits_by_whole_files_and_resumes_in_its_second_file(tmp_path, tokenizer):
+def test_a_directory_of_files_splits_by_whole_files_and_resumes_in_its_second_file(tmp_path, tokenizer,
+                                                                                    monkeypatch):
+    monkeypatch.setattr(stream_module, "READ_ROWS", 4)  # windows of 4 rows: a position can start in file 2
     folder = tmp_path / "corpus"
     folder.mkdir()
     for k in range(2):

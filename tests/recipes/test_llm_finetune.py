@@ -198,7 +198,7 @@ def test_streamed_sources_train_and_resume_exactly(tmp_path, capsys):
 
     first = automodel.train(quickstart(tmp_path / "parts", *common, "train.max_steps=3"))
     resumed = automodel.train(quickstart(tmp_path / "parts", *common, "train.max_steps=6"))
-    assert "data: stream resumed after 48 training rows on rank 0: train at row" in capsys.readouterr().out
+    assert "data: stream resumed after 48 training rows on rank 0: train in pass 1, " in capsys.readouterr().out
     assert resumed.output_dir == first.output_dir
     losses = lambda d: {r["step"]: r["loss"] for r in read_rows(d / "metrics.jsonl") if "loss" in r}  # noqa: E731
     assert losses(resumed.output_dir) == losses(whole.output_dir) and len(losses(whole.output_dir)) == 6
