@@ -2,7 +2,8 @@
 
     <output_dir>/checkpoints/.tmp-step_000200/   being written: never chosen
     <output_dir>/checkpoints/step_000100/        manifest.json (files, digests, tensors, config), train_state.json,
-                                                 rng/, the backend's files, COMPLETE (written last)
+                                                 rng/, stream/ (streamed data), the backend's files, COMPLETE
+                                                 (written last)
     <output_dir>/checkpoints/step_000050.broken/ failed its check at resume: kept for inspection, never chosen
     <output_dir>/checkpoints/latest              the newest complete one's name, replaced after the rename
 

@@ -270,6 +270,11 @@ def preflight(data_cfg: DataConfig, options: FormatOptions) -> list[str]:
     return lines
 
 
+def passes(position: dict) -> list[int]:
+    """The pass (from 1) each source of a stream position is in."""
+    return [at["pass"] + 1 for at in position["sources"]]
+
+
 def resumed_line(position: Any, sources: Sequence[DataSourceConfig]) -> str:
     """The log's line for a stream resumed from a checkpoint (this rank's position)."""
     parts = [f"{source_label(src) if len(sources) > 1 else 'train'} in pass {at['pass'] + 1}, {at['taken']} samples "

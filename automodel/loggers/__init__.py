@@ -31,6 +31,9 @@ def format_row(row: dict[str, Any], max_steps: int) -> str:
         parts.append(f"{row['tflops']:.1f} TFLOP/s | MFU {100 * row['mfu']:.1f}%")
     if row.get("skipped_steps"):
         parts.append(f"{row['skipped_steps']} non-finite steps skipped")
+    if row.get("passes"):  # streamed data
+        passes = row["passes"]
+        parts.append(f"pass {passes[0]}" if len(passes) == 1 else f"passes {', '.join(map(str, passes))}")
     return " | ".join(parts)
 
 

@@ -7,6 +7,7 @@ from typing import Callable, Optional
 import attrs
 import torch
 
+from automodel.data.stream import passes as stream_passes
 from automodel.loggers import RunLogger
 from automodel.models import FlopModel
 from automodel.training.early_stopping import EvalWatch
@@ -140,6 +141,8 @@ def run_loop(
                     last_row["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                 if skipped:
                     last_row["skipped_steps"] = skipped
+                if state.stream is not None:  # which pass each streamed source is in (rank 0's share)
+                    last_row["passes"] = stream_passes(state.stream)
                 logger.row(last_row)
                 window_start, window_tokens, window_steps, window_slots, window_flops = time.perf_counter(), 0, 0, 0, 0.0
             paused = time.perf_counter()  # evaluations and checkpoints are not step time: the window skips them
