@@ -74,7 +74,7 @@ class SourceStream:
         self._rows = iter(self._ds)
         # datasets gives the loaded state back only once a row has been read (before that, the start's): until then
         # the position is the state loaded.
-        self._loaded, self._started = state, False
+        self._loaded, self._started = copy.deepcopy(state), False
         self._pass, self._rows_read = pass_index, rows_read
         self._whole_pass, self._produced = state is None, False  # to tell a source that yields nothing at all
 
