@@ -6,9 +6,10 @@
 Writes a JSON-lines corpus of `--gb` GB (documents of lines drawn from ../shared/data/tinyshakespeare, reused if
 present) and one a tenth its size. Then, in a fresh process per corpus: `--steps` steps of a rank's streamed rows
 (8 rows of 1,024 tokens each) through data/stream.py, with the process's peak resident memory (it should not grow
-with the corpus) and tokens/s; on the big one, a stream resumed at a position 90% into the file (how long until
-its first step, against reading up to there), and the stream with a shuffle window of 10,000 rows. Last, a small Llama trained for 6 steps on the big corpus, and the
-same run stopped after step 3 and resumed: its losses must equal the uninterrupted run's, bit for bit.
+with the corpus) and tokens/s; on the big one, a stream resumed at a position 90% into the file (how long until its
+first step, against reading up to there), and the stream with a shuffle window of 10,000 rows. Last, a small Llama
+trained for 6 steps on the big corpus, and the same run stopped after step 3 and resumed: its losses must equal the
+uninterrupted run's, bit for bit.
 """
 
 import argparse

@@ -108,9 +108,9 @@ def load_stream(path: Path, rank: int, world_size: int) -> Optional[dict]:
         return None
     saved_ranks = len(list(folder.glob("rank_*.json")))
     if saved_ranks != world_size:
-        raise ConfigError(f"cannot resume from {path}: it holds the stream positions of {saved_ranks} ranks (each reads "
-                          f"its own share of a streamed source), this run has {world_size}; resume with {saved_ranks} "
-                          "ranks, or start afresh (train.resume = \"never\" or another output_dir)")
+        raise ConfigError(f"cannot resume from {path}: it holds the stream positions of {saved_ranks} ranks (each "
+                          f"reads its own share of a streamed source), this run has {world_size}; resume with "
+                          f"{saved_ranks} ranks, or start afresh (train.resume = \"never\" or another output_dir)")
     return json.loads((folder / f"rank_{rank:05d}.json").read_text())
 
 

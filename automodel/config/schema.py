@@ -104,8 +104,8 @@ class DataSourceConfig:
     )
     streaming: bool = field(
         False, "Training sources: read the source as training goes (tokenised and packed on the fly, never in full; "
-        "memory stays flat in its size), in order, each rank its own share; needs train.max_steps. Set on every "
-        "training source or none."
+        "memory stays flat in its size), each rank its own share, in order or within data.shuffle_window; needs "
+        "train.max_steps; resume is exact. Set on every training source or none."
     )
 
 

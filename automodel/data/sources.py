@@ -117,7 +117,8 @@ def open_stream(src: DataSourceConfig, rank: int = 0, world_size: int = 1) -> da
         ds = datasets.load_dataset(name, split=src.split, streaming=True, **kwargs)
     except (FileNotFoundError, ValueError, StopIteration) as e:
         hint = ("; a stream cannot be sliced (`train[:90%]`): use `limit`" if "[" in src.split else "")
-        raise ConfigError(f"data source `{src.source}` (split `{src.split}`) could not be streamed: {e}{hint}") from None
+        raise ConfigError(f"data source `{src.source}` (split `{src.split}`) could not be streamed: {e}{hint}") \
+            from None
     except ConnectionError as e:
         raise ConfigError(f"data source `{src.source}`: not a local file and the hub is unreachable: {e}") from None
     if src.limit is not None:

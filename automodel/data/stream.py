@@ -1,18 +1,19 @@
 """Streamed training sources (`streaming = true`): read, tokenised and packed as training goes, never in full.
 
 Each rank reads its own share of a source (every world_size-th row, or whole files of a directory;
-datasets.distributed.split_dataset_by_node), in order. Rows are formatted and tokenised a few dozen at a time and
-go into seq_len training rows: without data.packing a row is one sample; with it a row takes samples until the next
+datasets.distributed.split_dataset_by_node) in windows of rows: READ_ROWS in the file's order, or
+`data.shuffle_window` rows trained in a seeded order. A window is formatted and tokenised at once and its samples go
+into seq_len training rows: without data.packing a row is one sample; with it a row takes samples until the next
 one does not fit, and that one opens the next row (a sample is never split). `text` documents flow across rows with
 EOS between them, as when a text source is tokenised in full. When a source ends, its next pass starts at its first
-row. Memory is a few rows' worth, whatever the corpus size.
+row. Memory is a window's worth, whatever the corpus size.
 
 Several streamed sources mix by weight: which source fills a rank's n-th row is a seeded draw, a pure function of
 (seed, rank, n). So where a rank's stream stands after a step is a small record: per source, its pass, the datasets
-iterator's state before the first sample not yet trained on, and how many of that sample's tokens were; plus the
-rank's row counter. The training loop carries it in the train state and a checkpoint stores it per rank: a resumed
-run reads on from there and trains on exactly the rows the uninterrupted run would have.
-"""
+iterator's state at the start of the current window, how many of the window's samples were taken and how many
+tokens of the next one (text); plus the rank's row counter. The training loop carries it in the train state and a
+checkpoint stores it per rank: a resumed run reads the window again, skips what was taken, and trains on exactly
+the rows the uninterrupted run would have."""
 
 import copy
 from collections import deque
@@ -169,7 +170,8 @@ class TrainStream:
         """Which source fills this rank's n-th row: a seeded draw by the shares."""
         if not len(self.bounds):
             return 0
-        return int(np.searchsorted(self.bounds, uniform(self.seed, self.rank, n), side="right"))
+        u = np.random.default_rng([self.seed, self.rank, n]).random()  # ~30 us a row
+        return int(np.searchsorted(self.bounds, u, side="right"))
 
     def next_row(self) -> Row:
         source = self.sources[self.source_of(self.rows)]
@@ -210,23 +212,6 @@ class TrainStream:
         return [collate_rows(rows[i:i + m], self.pad_id) for i in range(0, len(rows), m)], self.position()
 
 
-_MASK = 2**64 - 1
-
-
-def uniform(*key: int) -> float:
-    """A number in [0, 1) that is a pure function of `key` (splitmix64's mixer over the keys): a few microseconds,
-    where seeding a numpy generator per row takes milliseconds."""
-    x = 0x632BE59BD9B4E019
-    for k in key:
-        x = (x + (k & _MASK) * 0x9E3779B97F4A7C15) & _MASK
-        x ^= x >> 30
-        x = (x * 0xBF58476D1CE4E5B9) & _MASK
-        x ^= x >> 27
-        x = (x * 0x94D049BB133111EB) & _MASK
-        x ^= x >> 31
-    return (x >> 11) / 2**53
-
-
 def shares_of(sources: Sequence[DataSourceConfig]) -> list[float]:
     """Each streamed source's share of the rows: its weight normalised (equal without weights: a stream's size is
     not known ahead)."""
@@ -256,6 +241,8 @@ def preflight(data_cfg: DataConfig, options: FormatOptions) -> list[str]:
     """Opens every streamed training source and formats its first rows (a missing file, an unknown column or a bad
     row is reported before any weights load); returns the log's line per source."""
     sources = data_cfg.train
+    order = (f"shuffled in windows of {data_cfg.shuffle_window:,} rows" if data_cfg.shuffle_window else
+             "read in order")
     lines = []
     for src, share in zip(sources, shares_of(sources)):
         rows = open_stream(src)
@@ -265,7 +252,7 @@ def preflight(data_cfg: DataConfig, options: FormatOptions) -> list[str]:
         mix = f"; {100 * share:.1f}% of the rows" if len(sources) > 1 else ""
         lines.append(f"{label}: {src.format} rows streamed from {src.source} (split `{src.split}`"
                      + (f", first {src.limit:,} rows" if src.limit is not None else "")
-                     + f"), read in order, tokenised and {'packed' if data_cfg.packing else 'batched'} as training "
+                     + f"), {order}, tokenised and {'packed' if data_cfg.packing else 'batched'} as training "
                      f"goes; passes repeat{mix}")
     return lines
 

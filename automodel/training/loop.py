@@ -72,9 +72,10 @@ def run_loop(
     keep_best: bool = False,
     profiler: Optional[StepProfiler] = None,
 ) -> tuple[TrainState, dict, EvalWatch]:
-    """Steps from state.step to max_steps (`batches(step)`: this rank's host micro-batches and, for streamed data,
-    the stream position after them, which the new state records), or until `watch` says evaluations stopped improving, then writes the final
+    """Steps from state.step to max_steps, or until `watch` says evaluations stopped improving, then writes the final
     checkpoint (if a step ran). Returns the final state, the last logged row and the evaluation record.
+    `batches(step)` gives this rank's host micro-batches and, for streamed data, the stream position after them, which
+    the new state records (steps are asked for in order, one ahead).
 
     Timing covers whole log windows (no per-step device sync): ms/step, tokens/s (non-padding input
     tokens over all ranks) and the padding fraction are window averages (run_padding: since the start
