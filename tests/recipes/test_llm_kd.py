@@ -165,10 +165,12 @@ def test_two_rank_zero3_distillation_equals_one_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_shipped_kd_cpu_config_trains(tmp_path, trained_teacher):
+@pytest.mark.parametrize("streaming", [False, True])  # the training rows read in full, or streamed
+def test_shipped_kd_cpu_config_trains(tmp_path, trained_teacher, streaming):
     cfg = automodel.load_config(helpers.REPO / "configs_toml" / "kd_cpu.toml", [
         f'distill.teacher="{trained_teacher}"', f'output_dir="{tmp_path / "kd_cpu"}"', "train.max_steps=60",
-        "eval.generate_samples=0", "train.eval_every=0", 'logging.progress_bar="off"'], world_size=1)
+        "eval.generate_samples=0", "train.eval_every=0", 'logging.progress_bar="off"',
+        f"data.train.streaming={str(streaming).lower()}"], world_size=1)
     result = automodel.train(cfg)
     assert result.metrics["eval_loss"] < 0.6 * result.metrics["eval_loss_at_start"]
     assert AutoModelForCausalLM.from_pretrained(result.final_dir).config.num_hidden_layers == 2
