@@ -7,9 +7,10 @@ Writes a JSON-lines corpus of `--gb` GB (documents of lines drawn from ../shared
 present) and one a tenth its size. Then, in a fresh process per corpus: `--steps` steps of a rank's streamed rows
 (8 rows of 1,024 tokens each) through data/stream.py, with the process's peak resident memory (it should not grow
 with the corpus) and tokens/s; on the big one, a stream resumed at a position 90% into the file (how long until its
-first step, against reading up to there), and the stream with a shuffle window of 10,000 rows. Last, a small Llama
-trained for 6 steps on the big corpus, and the same run stopped after step 3 and resumed: its losses must equal the
-uninterrupted run's, bit for bit.
+first step, against reading up to there), and the stream with a shuffle window of 10,000 rows; the chat and
+instruction demos streamed and packed (formats that do more per row). Last, a small Llama trained for 6 steps on
+the big corpus, and the same run stopped after step 3 and resumed: its losses must equal the uninterrupted run's, bit
+for bit.
 """
 
 import argparse
@@ -97,6 +98,30 @@ def measure(args) -> None:
         del datasets
 
 
+def formats() -> None:
+    """Streamed throughput of formats that do more per row: LLaMA-Factory's chat and alpaca demos, packed."""
+    from transformers import AutoTokenizer
+
+    from automodel.config import BatchShape, DataConfig, DataSourceConfig
+    from automodel.data import format_options
+    from automodel.data.stream import open_train_stream
+
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+    tokenizer.pad_token = tokenizer.eos_token
+    demos = SHARED / "llamafactory-demos"
+    for fmt, path in (("chat", demos / "v1_sft_demo.jsonl"), ("instruction", demos / "alpaca_en_demo.json")):
+        cfg = DataConfig(seq_len=2048, packing=True, chat_template="chatml",
+                         train=DataSourceConfig(source=str(path), format=fmt, streaming=True))
+        stream = open_train_stream(cfg, tokenizer, format_options(cfg, tokenizer), BatchShape(8, 8), seed=0, rank=0)
+        stream.next_step()
+        start, tokens = time.perf_counter(), 0
+        for _ in range(30):
+            batches, _ = stream.next_step()
+            tokens += sum(int(b["attention_mask"].sum()) for b in batches)
+        print(f"{path.name} ({fmt}), packed into 2,048-token rows: {tokens / (time.perf_counter() - start):,.0f} "
+              f"tokens/s over 30 steps of 8 rows")
+
+
 def train_and_resume(corpus: Path, root: Path) -> None:
     import automodel
     from automodel.config import load_config
@@ -158,6 +183,7 @@ def main():
         if out.returncode:
             raise SystemExit(out.stderr[-3000:])
         print(out.stdout.strip())
+    formats()
     train_and_resume(big, Path(tempfile.mkdtemp(prefix="bench_stream_")))
 
 
