@@ -64,6 +64,10 @@ class SourceStream:
         self._open(int(position["pass"]), position["state"], int(position["rows_read"]))
         if position["taken"]:  # the window is read again; its samples already trained on are skipped
             self._read()
+            if len(self._queue) < int(position["taken"]):
+                raise ConfigError(f"{src.source}: the checkpoint's stream position is {position['taken']} samples into "
+                                  f"a window that now holds {len(self._queue)}: the source changed since it was "
+                                  "written; restore it, or start afresh (train.resume = \"never\")")
             for _ in range(int(position["taken"])):
                 self._queue.popleft()
         self._offset = int(position["offset"])  # tokens of the head sample already trained on (text only)

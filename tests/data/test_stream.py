@@ -237,3 +237,15 @@ def test_a_directory_of_files_splits_by_whole_files_and_resumes_in_its_second_fi
     resumed = steps(stream_of(data_cfg, tokenizer, BatchShape(2, 2), position=whole[4][1]), 1)  # in file 2
     assert '"shard_idx": 1' in json.dumps(whole[4][1])  # the datasets state names the file
     assert same_batches(resumed[0][0], whole[5][0])
+
+
+def test_a_source_that_changed_under_a_saved_position_is_an_error(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(10)])
+    data_cfg = DataConfig(seq_len=32, train=DataSourceConfig(source=str(path), format="instruction", streaming=True))
+    stream = stream_of(data_cfg, tokenizer, BatchShape(2, 2))
+    _, position = stream.next_step()
+    _, position = stream.next_step()
+    assert position["sources"][0]["taken"] == 4  # 4 samples into the first window
+    write_jsonl(path, [{"instruction": "q", "output": "a"}] * 3)  # the file replaced by a shorter one
+    with pytest.raises(ConfigError, match="4 samples into a window that now holds 3: the source changed"):
+        stream_of(data_cfg, tokenizer, BatchShape(2, 2), position=position)

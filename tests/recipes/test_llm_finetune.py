@@ -185,7 +185,8 @@ def test_streamed_sources_train_and_resume_exactly(tmp_path, capsys):
                "weight = 1.0, name = \"small\", streaming = true}]")
     common = [sources, "data.packing=true", "train.global_batch_size=16", "train.micro_batch_size=8",
               "train.log_every=1", "schedule.kind=\"constant\"", "schedule.warmup_steps=0", "checkpoint.every=3",
-              "eval.generate_samples=0", "data.validation.limit=32", f"data.cache_dir={json.dumps(str(tmp_path / 'c'))}"]
+              "eval.generate_samples=0", "data.validation.limit=32",
+              f"data.cache_dir={json.dumps(str(tmp_path / 'c'))}"]
     whole = automodel.train(quickstart(tmp_path / "whole", *common, "train.max_steps=6"))
     printed = capsys.readouterr().out
     assert "data: train/train: instruction rows streamed from" in printed and "75.0% of the rows" in printed
