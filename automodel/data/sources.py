@@ -3,7 +3,7 @@
 import csv
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import datasets
 
@@ -15,28 +15,37 @@ BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parqu
 
 def load_rows(src: DataSourceConfig) -> datasets.Dataset:
     """The rows of `src.split` (datasets slicing syntax works), cut to `src.limit`."""
+    path = _checked_path(src)
+    squad_rows = _nested_squad_rows(path) if path.is_file() else None
+    if squad_rows is not None:
+        ds = _slice(datasets.Dataset.from_list(squad_rows), src.split, src.source)
+    else:
+        ds = _load(src, *_builder(src, path))
+    if src.limit is not None:
+        ds = ds.select(range(min(src.limit, len(ds))))
+    return ds
+
+
+def _checked_path(src: DataSourceConfig) -> Path:
+    """`src.source` as a path; a missing local file or an empty one is an error (a hub id passes)."""
     path = Path(src.source)
     if not path.exists() and (path.suffix.lower() in BUILDERS or src.source.startswith((".", "/", "~"))):
         raise ConfigError(f"{src.source}: no such file (relative paths are relative to {Path.cwd()}); a hub dataset "
                           "id looks like `namespace/name`")
     if path.is_file() and path.stat().st_size == 0:
         raise ConfigError(f"{src.source}: the file is empty")
-    squad_rows = _nested_squad_rows(path) if path.is_file() else None
-    if squad_rows is not None:
-        ds = _slice(datasets.Dataset.from_list(squad_rows), src.split, src.source)
-    elif path.is_file():
-        builder = BUILDERS.get(path.suffix.lower())
-        if builder is None:
-            raise ConfigError(f"{src.source}: unsupported file type; use one of {', '.join(BUILDERS)}")
-        extra = _csv_as_text(path) if builder == "csv" else {}
-        ds = _load(builder, src, data_files=str(path), **extra)
-    elif path.is_dir():
-        ds = _load(str(path), src)
-    else:
-        ds = _load(src.source, src)
-    if src.limit is not None:
-        ds = ds.select(range(min(src.limit, len(ds))))
-    return ds
+    return path
+
+
+def _builder(src: DataSourceConfig, path: Path) -> tuple[str, dict]:
+    """(what `datasets.load_dataset` loads, its keyword arguments): a local file's builder, else the directory or
+    hub id itself."""
+    if not path.is_file():
+        return src.source, {}
+    builder = BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise ConfigError(f"{src.source}: unsupported file type; use one of {', '.join(BUILDERS)}")
+    return builder, {"data_files": str(path), **(_csv_as_text(path) if builder == "csv" else {})}
 
 
 def _csv_as_text(path: Path) -> dict:
@@ -47,11 +56,13 @@ def _csv_as_text(path: Path) -> dict:
             "keep_default_na": False}
 
 
-def _load(name: str, src: DataSourceConfig, **kwargs) -> datasets.Dataset:
+def _load(src: DataSourceConfig, name: str, kwargs: dict, streaming: bool = False) -> Any:
     try:
-        return datasets.load_dataset(name, split=src.split, **kwargs)
+        return datasets.load_dataset(name, split=src.split, streaming=streaming, **kwargs)
     except (FileNotFoundError, ValueError, StopIteration) as e:
-        raise ConfigError(f"data source `{src.source}` (split `{src.split}`) could not be loaded: {e}") from None
+        how = "streamed" if streaming else "loaded"
+        hint = "; a stream cannot be sliced (`train[:90%]`): use `limit`" if streaming and "[" in src.split else ""
+        raise ConfigError(f"data source `{src.source}` (split `{src.split}`) could not be {how}: {e}{hint}") from None
     except ConnectionError as e:
         raise ConfigError(f"data source `{src.source}`: not a local file and the hub is unreachable: {e}") from None
 
@@ -97,30 +108,11 @@ def _nested_squad_rows(path: Path) -> Optional[list[dict]]:
 def open_stream(src: DataSourceConfig, rank: int = 0, world_size: int = 1) -> datasets.IterableDataset:
     """`src` as an iterable read as it goes (`streaming = true`): this rank's share of it (every world_size-th row,
     or whole files when a directory has a multiple of world_size of them), cut to `src.limit` rows first."""
-    path = Path(src.source)
-    if not path.exists() and (path.suffix.lower() in BUILDERS or src.source.startswith((".", "/", "~"))):
-        raise ConfigError(f"{src.source}: no such file (relative paths are relative to {Path.cwd()}); a hub dataset "
-                          "id looks like `namespace/name`")
-    if path.is_file() and path.stat().st_size == 0:
-        raise ConfigError(f"{src.source}: the file is empty")
+    path = _checked_path(src)
     if path.is_file() and _nested_squad_rows_head(path):
         raise ConfigError(f"{src.source}: the official nested SQuAD json cannot be streamed (it is one JSON "
                           "document); set streaming = false, or convert it to JSON lines with one question per row")
-    if path.is_file():
-        builder = BUILDERS.get(path.suffix.lower())
-        if builder is None:
-            raise ConfigError(f"{src.source}: unsupported file type; use one of {', '.join(BUILDERS)}")
-        name, kwargs = builder, {"data_files": str(path), **(_csv_as_text(path) if builder == "csv" else {})}
-    else:
-        name, kwargs = src.source, {}
-    try:
-        ds = datasets.load_dataset(name, split=src.split, streaming=True, **kwargs)
-    except (FileNotFoundError, ValueError, StopIteration) as e:
-        hint = ("; a stream cannot be sliced (`train[:90%]`): use `limit`" if "[" in src.split else "")
-        raise ConfigError(f"data source `{src.source}` (split `{src.split}`) could not be streamed: {e}{hint}") \
-            from None
-    except ConnectionError as e:
-        raise ConfigError(f"data source `{src.source}`: not a local file and the hub is unreachable: {e}") from None
+    ds = _load(src, *_builder(src, path), streaming=True)
     if src.limit is not None:
         ds = ds.take(src.limit)
     if world_size > 1:

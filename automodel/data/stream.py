@@ -28,11 +28,10 @@ from automodel.config import BatchShape, ConfigError, DataConfig, DataSourceConf
 from automodel.data.batching import collate_rows
 from automodel.data.formats import FormatOptions
 from automodel.data.sources import open_stream
-from automodel.data.tokenize import document_tokens, encode_examples, format_row, source_label
+from automodel.data.tokenize import PREFLIGHT_ROWS, document_tokens, encode_examples, format_row, source_label
 from automodel.loss import IGNORE_INDEX
 
 READ_ROWS = 256  # rows formatted and tokenised at a time (and the window without data.shuffle_window)
-PREFLIGHT_ROWS = 16
 
 Row = tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]  # token ids, labels, position ids (packed) or None
 
