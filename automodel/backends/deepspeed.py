@@ -20,13 +20,13 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from automodel.backends.base import Backend
 from automodel.distributed import AllReduce
-from automodel.loss import count_label_tokens
 from automodel.models import numel
 from automodel.models.export import save_hf_model
 from automodel.training.distill import Teacher
-from automodel.training.forward import Batch, ModelLoss
+from automodel.training.forward import Batch, ModelLoss, Objective
 from automodel.training.state import TrainState, initial_rng, rng_scope
-from automodel.training.step import StepMetrics
+from automodel.training.preference import add_stats
+from automodel.training.step import StepMetrics, reduce_stats
 
 ENGINE_TAG = "engine"
 
@@ -67,7 +67,8 @@ def _is_matrix(p: torch.Tensor) -> bool:
 
 def build_deepspeed(model: nn.Module, *, ds_config: dict, optim, lr_fn: Callable[[int], float],
                     device: torch.device, all_reduce: AllReduce, rank: int, world_size: int, seed: int,
-                    loss_chunk_tokens: int, teacher: Optional[Teacher] = None) -> Backend:
+                    loss_chunk_tokens: int, teacher: Optional[Teacher] = None,
+                    objective: Optional[Objective] = None) -> Backend:
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [{"params": [p for _, p in trainable if _is_matrix(p)], "weight_decay": optim.weight_decay},
               {"params": [p for _, p in trainable if not _is_matrix(p)], "weight_decay": 0.0}]
@@ -84,33 +85,32 @@ def build_deepspeed(model: nn.Module, *, ds_config: dict, optim, lr_fn: Callable
     trainable_params = sum(numel(p) for _, p in trainable)
     dtype = (torch.bfloat16 if ds_config["bf16"]["enabled"] else
              torch.float16 if ds_config["fp16"]["enabled"] else torch.float32)  # the engine's compute dtype
-    loss = ModelLoss(engine.module, loss_chunk_tokens, dtype, teacher=teacher, partitioned=stage == 3)
+    loss = (objective(engine.module, loss_chunk_tokens, dtype, stage == 3) if objective is not None
+            else ModelLoss(engine.module, loss_chunk_tokens, dtype, teacher=teacher, partitioned=stage == 3))
 
     def run(inputs: dict):
         return engine(**inputs)  # through the engine: its hooks gather ZeRO-3 weights
 
     loss.calibrate(run, device)
 
-    def forward_loss(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        return loss(run, batch)  # the same loss as the functional backend
-
     def step(state: TrainState, micro_batches: list[Batch]) -> tuple[TrainState, StepMetrics]:
         # The engine divides each backward by its accumulation count: the scale below relies on the two agreeing.
         if len(micro_batches) != engine.gradient_accumulation_steps():
             raise ValueError(f"{len(micro_batches)} micro-batches for an engine built for "
                              f"{engine.gradient_accumulation_steps()} accumulation steps")
-        n = torch.stack([count_label_tokens(b["labels"]) for b in micro_batches]).sum()
-        if all_reduce is not None:
-            all_reduce([n])
-        scale = len(micro_batches) * world_size / n
         lr = lr_fn(state.step)
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=device)
         grad_norm = None
+        stats: dict = {}
         with rng_scope(state.rng, device) as rng_out:
+            totals = loss.prepare(lambda: contextlib.nullcontext(run), micro_batches, all_reduce)
+            n = totals["n"]
+            scale = len(micro_batches) * world_size / n
             for i, batch in enumerate(micro_batches):
-                loss_sum, _ = forward_loss(batch)
+                loss_sum, more = loss.terms(run, batch, totals)  # the same loss as the functional backend
+                stats = add_stats(stats, more)
                 engine.backward(loss_sum * scale)
                 if stage == 0 and i == len(micro_batches) - 1:
                     # Stage 0 reports no norm; the last backward has all-reduced the gradients, so read them.
@@ -121,12 +121,13 @@ def build_deepspeed(model: nn.Module, *, ds_config: dict, optim, lr_fn: Callable
         if grad_norm is None:
             # A tensor until the loop logs it (a float where DeepSpeed keeps one): no sync here.
             grad_norm = torch.as_tensor(engine.get_global_grad_norm(), device=device)
-        samples = world_size * sum(b["input_ids"].shape[0] for b in micro_batches)
+        samples = world_size * sum(loss.samples(b) for b in micro_batches)
         new_state = attrs.evolve(state, step=state.step + 1, rng=rng_out[0],
                                  data_position=state.data_position + samples)
         if all_reduce is not None:
             all_reduce([total])
-        return new_state, StepMetrics(loss=total / n, grad_norm=grad_norm, lr=lr, label_tokens=n)
+        return new_state, StepMetrics(loss=total / n, grad_norm=grad_norm, lr=lr, label_tokens=n,
+                                      extras=reduce_stats(stats, all_reduce))
 
     @contextlib.contextmanager
     def model_for_generation(state: TrainState) -> Iterator[nn.Module]:

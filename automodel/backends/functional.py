@@ -14,7 +14,7 @@ from automodel.distributed import AllReduce
 from automodel.models.export import save_hf_model
 from automodel.optim import AdamWHyper, AdamWState, no_decay_names
 from automodel.training.distill import Teacher
-from automodel.training.forward import Batch, ModelLoss
+from automodel.training.forward import Batch, ModelLoss, Objective
 from automodel.training.state import ParamBinding, TrainState, init_state
 from automodel.training.step import make_train_step
 
@@ -22,9 +22,11 @@ from automodel.training.step import make_train_step
 def build_functional(model: nn.Module, *, optim, clip_grad_norm: float, lr_fn: Callable[[int], float],
                      device: torch.device, grad_method: str, all_reduce: AllReduce, rank: int, world_size: int,
                      seed: int, loss_chunk_tokens: int, master_dtype: str,
-                     teacher: Optional[Teacher] = None, on_nonfinite: str = "stop", bucket_mb: float = 25.0) -> Backend:
+                     teacher: Optional[Teacher] = None, on_nonfinite: str = "stop", bucket_mb: float = 25.0,
+                     objective: Optional[Objective] = None) -> Backend:
     """The functional step with in-place AdamW; several ranks all-reduce the gradient dict, nothing else. With a
-    low-precision model and master_dtype "float32"/"auto" the state holds float32 masters of its trainable tensors."""
+    low-precision model and master_dtype "float32"/"auto" the state holds float32 masters of its trainable tensors.
+    The loss is the cross-entropy (with a `teacher`, distillation), or what `objective` builds."""
     binding = ParamBinding(model)
     params = binding.take()
     compute_dtype = next(iter(model.parameters())).dtype  # the model's dtype: forward and backward run in it
@@ -32,7 +34,9 @@ def build_functional(model: nn.Module, *, optim, clip_grad_norm: float, lr_fn: C
         params = {k: v.float() for k, v in params.items()}
     hyper = AdamWHyper(betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay,
                        no_decay=no_decay_names(params), fused=optim.fused)
-    loss = ModelLoss(model, loss_chunk_tokens if grad_method == "autograd" else 0, compute_dtype, teacher=teacher)
+    chunk_tokens = loss_chunk_tokens if grad_method == "autograd" else 0
+    loss = (objective(model, chunk_tokens, compute_dtype, False) if objective is not None
+            else ModelLoss(model, chunk_tokens, compute_dtype, teacher=teacher))
     loss.calibrate(lambda inputs: model(**inputs), device, weights=lambda: binding.bound(params))
     step = make_train_step(binding, loss, hyper=hyper, lr_fn=lr_fn, clip_grad_norm=clip_grad_norm, device=device,
                            grad_method=grad_method, all_reduce=all_reduce, world_size=world_size,

@@ -82,11 +82,13 @@ class DataSourceConfig:
     """One dataset: where it comes from and how its rows become prompt and response."""
 
     source: str = field(doc="Hub dataset id, or a local file (.json, .jsonl, .csv, .parquet, .txt) or directory.")
-    format: Literal["squad", "instruction", "chat", "text", "vlm"] = field(
+    format: Literal["squad", "instruction", "chat", "text", "vlm", "preference", "kto"] = field(
         "squad", "How a row becomes tokens: squad (context, question, answers), instruction (instruction, input, "
         "output), chat (messages or ShareGPT conversations), text (documents, concatenated and chunked), vlm (image + text "
         "conversations: OpenAI content lists, <image> placeholders with an images list, or image/question/answer "
-        "columns)."
+        "columns); llm_dpo: preference (prompt/chosen/rejected as text or messages, ShareGPT conversations + "
+        "chosen/rejected turns, or chosen_messages/rejected_messages) or kto (prompt/completion or messages, plus a "
+        "boolean label); docs/preference.md."
     )
     split: str = field("train", "Split to read; datasets slicing such as \"train[:90%]\" works.")
     limit: Optional[int] = field(None, "Use only the first `limit` rows (after split); unset means all.")
@@ -155,6 +157,11 @@ class DataConfig:
     )
     cache_dir: str = field(
         "", "Where tokenised datasets are cached; empty means $AUTOMODEL_CACHE or ~/.cache/automodel."
+    )
+    max_prompt_tokens: int = field(
+        0, "preference/kto: keep at most this many prompt tokens, cutting from the left (the prompt's end stays); 0 "
+        "keeps the whole prompt. data.seq_len then cuts prompt + completion from the right; a pair whose prompt "
+        "alone fills seq_len is dropped. Counts are logged."
     )
     crop_images: bool = field(
         False, "vlm: crop each image to its content (trims uniform margins of scanned or rendered pages)."
@@ -416,18 +423,55 @@ class DistillConfig:
 
 
 @attrs.frozen(kw_only=True)
+class PreferenceConfig:
+    """recipe = "llm_dpo": preference tuning on chosen/rejected pairs (or KTO's labelled completions); the names,
+    definitions and defaults are TRL's (DPOTrainer, KTOTrainer, ORPO/CPO), docs/preference.md."""
+
+    loss: Literal["sigmoid", "ipo", "robust", "simpo", "orpo", "kto"] = field(
+        "sigmoid", "sigmoid: DPO; ipo: IPO (length-averaged log-ratios); robust: DPO with label_smoothing as the "
+        "chance a label is flipped (rDPO); simpo and orpo: reference-free (SimPO; ORPO's odds ratio added to the chosen "
+        "completion's NLL); kto: KTO on unpaired completions (format = \"kto\")."
+    )
+    beta: float = field(0.1, "beta: how far the policy may move from the reference (DPO, robust, KTO), IPO's tau, "
+                             "SimPO's reward scale (its paper uses 2.0-2.5); ORPO's weight is orpo_lambda.")
+    label_smoothing: float = field(0.0, "robust: the probability that a pair's preference is flipped, in [0, 0.5).")
+    simpo_gamma: float = field(0.5, "simpo: the target reward margin gamma (gamma / beta is subtracted from the "
+                                    "length-averaged log-ratio).")
+    orpo_lambda: float = field(0.1, "orpo: the odds-ratio term's weight (TRL's ORPOConfig.beta).")
+    kto_desirable_weight: float = field(1.0, "kto: the weight of desirable completions' losses.")
+    kto_undesirable_weight: float = field(1.0, "kto: the weight of undesirable completions' losses.")
+    sft_weight: float = field(0.0, "Adds sft_weight x the chosen completions' mean token NLL (RPO; TRL's "
+                                   "loss_type [\"sigmoid\", \"sft\"] with loss_weights [1, sft_weight]; CPO's "
+                                   "cpo_alpha with simpo); 0 leaves it out. Not for orpo (its NLL is always in) or kto.")
+    reference: str = field(
+        "", "The reference model: empty is the initial policy (a frozen copy; with [peft] the base with the adapter "
+        "switched off, no second copy); or a hub id or local directory with the policy's vocabulary. Not used by simpo "
+        "and orpo."
+    )
+    reference_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        "auto", "Dtype the reference runs in (no gradients); \"auto\" is model.dtype.")
+    precompute_reference: bool = field(
+        False, "Compute every pair's reference log-probs in one pass before training, store them in "
+        "<output_dir>/reference/ and free the reference model; a resumed run reuses them."
+    )
+
+
+@attrs.frozen(kw_only=True)
 class TrainConfig:
     """A whole fine-tuning run."""
 
-    recipe: Literal["llm_finetune", "vlm_finetune", "llm_kd"] = field(
-        "llm_finetune", "Which recipe runs the config: text LLMs, image-text-to-text models (docs/vlm.md), or "
-        "knowledge distillation of a text LLM from a teacher (docs/distill.md)."
+    recipe: Literal["llm_finetune", "vlm_finetune", "llm_kd", "llm_dpo"] = field(
+        "llm_finetune", "Which recipe runs the config: text LLMs, image-text-to-text models (docs/vlm.md), "
+        "knowledge distillation of a text LLM from a teacher (docs/distill.md), or preference tuning (DPO and its "
+        "family, docs/preference.md)."
     )
     seed: int = field(42, "Seeds model init, data order and dropout.")
     output_dir: str = field("runs/default", "Where config.toml, metrics.jsonl and final/ are written.")
     model: ModelConfig = field(factory=ModelConfig, doc="")
     peft: Optional[PeftConfig] = field(None, "LoRA; absent means full fine-tuning.")
     distill: Optional[DistillConfig] = field(None, "recipe = \"llm_kd\": the teacher and the loss's mix.")
+    preference: Optional[PreferenceConfig] = field(None, "recipe = \"llm_dpo\": the preference loss and its "
+                                                         "reference model.")
     tokenizer: TokenizerConfig = field(factory=TokenizerConfig, doc="")
     data: DataConfig = field(factory=DataConfig, doc="")
     optim: OptimConfig = field(factory=OptimConfig, doc="")

@@ -45,6 +45,7 @@ def validate(cfg: TrainConfig, world_size: int = 1, source: str = "config") -> T
     """`cfg` if every check passes, else a ConfigError listing each problem on a line of its own."""
     problems = [*_schedule_problems(cfg, world_size), *_model_problems(cfg), *_data_problems(cfg),
                 *_distributed_problems(cfg), *_memory_problems(cfg), *_vlm_problems(cfg), *_distill_problems(cfg),
+                *_preference_problems(cfg),
                 *_logging_problems(cfg), *_launch_problems(cfg.launch)]
     if problems:
         raise ConfigError(f"{source}: " + f"\n{source}: ".join(problems))
@@ -239,6 +240,57 @@ def _distill_problems(cfg: TrainConfig) -> list[str]:
             problems.append(f"distill.temperature must be a finite number > 0 (got {kd.temperature})")
         if not kd.teacher:
             problems.append("distill.teacher is empty; give a hub id or a local model directory")
+    return problems
+
+
+PAIRWISE = ("sigmoid", "ipo", "robust", "simpo", "orpo")
+
+
+def _preference_problems(cfg: TrainConfig) -> list[str]:
+    pref, problems = cfg.preference, []
+    sources = [(n, i, src) for n in ("train", "validation") for i, src in enumerate(getattr(cfg.data, n))]
+    if (cfg.recipe == "llm_dpo") != (pref is not None):
+        return ['recipe = "llm_dpo" and a [preference] section go together (preference.loss picks the loss; '
+                "docs/preference.md)"]
+    if pref is None:
+        for name, _, src in sources:
+            if src.format in ("preference", "kto"):
+                problems.append(f'data.{name}.format = "{src.format}" is for recipe = "llm_dpo" with a [preference] '
+                                "section")
+        return problems
+    wanted = "kto" if pref.loss == "kto" else "preference"
+    for name, i, src in sources:
+        if src.format != wanted:
+            key = f"data.{name}" + (f".{i}" if len(getattr(cfg.data, name)) > 1 else "")
+            problems.append(f'{key}.format = "{src.format}": preference.loss = "{pref.loss}" trains on '
+                            f'format = "{wanted}" rows (docs/preference.md)')
+        if src.streaming:
+            problems.append(f"data.{name}.streaming: preference data is read in full (streamed pairs are not "
+                            "supported yet); set streaming = false")
+    if cfg.data.packing:
+        problems.append("data.packing: preference pairs are padded, not packed (a pair's two sequences share a "
+                        "prompt, and each needs its own summed log-prob); set data.packing = false")
+    if cfg.data.max_prompt_tokens < 0:
+        problems.append(f"data.max_prompt_tokens must be >= 0 (got {cfg.data.max_prompt_tokens}); 0 keeps whole prompts")
+    if not 0 < pref.beta < float("inf"):
+        problems.append(f"preference.beta must be a finite number > 0 (got {pref.beta})")
+    if not 0.0 <= pref.label_smoothing < 0.5:
+        problems.append(f"preference.label_smoothing must be in [0, 0.5) (got {pref.label_smoothing})")
+    if pref.label_smoothing and pref.loss != "robust":
+        problems.append(f'preference.label_smoothing is the flip rate of loss = "robust"; loss = "{pref.loss}" '
+                        "ignores it: leave it out or use \"robust\"")
+    if pref.sft_weight < 0 or pref.orpo_lambda < 0 or pref.kto_desirable_weight < 0 or pref.kto_undesirable_weight < 0:
+        problems.append("preference.sft_weight, orpo_lambda and kto_*_weight must be >= 0")
+    if pref.sft_weight and pref.loss in ("orpo", "kto"):
+        problems.append(f'preference.sft_weight: loss = "{pref.loss}" has no separate NLL term to add (ORPO\'s is '
+                        "built in; weigh it with orpo_lambda)")
+    reference_free = pref.loss in ("simpo", "orpo")
+    if reference_free and (pref.reference or pref.precompute_reference):
+        problems.append(f'preference.reference / precompute_reference: loss = "{pref.loss}" uses no reference '
+                        "model; leave them out")
+    if cfg.eval.generate_samples:
+        problems.append("eval.generate_samples: preference evaluation reports the loss and reward accuracy of held-out "
+                        "pairs, not exact match; set it to 0")
     return problems
 
 

@@ -178,23 +178,27 @@ def messages_of(row: Mapping[str, Any], columns: Mapping[str, str]) -> list[dict
     if column is None or column not in row:
         raise BadRow("messages", f"missing column `{column or 'messages'}` (columns here: {', '.join(row)}); map it "
                                  "with data.<split>.columns.messages = \"<your column>\"")
-    turns = row[column]
+    return turns_of(row[column], column)
+
+
+def turns_of(turns: Any, column: str, field: str = "messages") -> list[dict[str, str]]:
+    """[{"role", "content"}] from a list of OpenAI messages or ShareGPT turns (`column` names it in errors)."""
     if not isinstance(turns, list) or not turns:
-        raise BadRow("messages", f"column `{column}` should be a non-empty list of turns, got {turns!r:.80}")
+        raise BadRow(field, f"column `{column}` should be a non-empty list of turns, got {turns!r:.80}")
     out = []
     for i, turn in enumerate(turns):
         if not isinstance(turn, Mapping):
-            raise BadRow("messages", f"turn {i} should be an object, got {turn!r:.80}")
+            raise BadRow(field, f"turn {i} should be an object, got {turn!r:.80}")
         if "from" in turn:  # ShareGPT
             role = SHAREGPT_ROLES.get(turn["from"])
             if role is None:
-                raise BadRow("messages", f"turn {i}: unknown ShareGPT role `{turn['from']}`; expected one of "
+                raise BadRow(field, f"turn {i}: unknown ShareGPT role `{turn['from']}`; expected one of "
                                          f"{', '.join(SHAREGPT_ROLES)}")
             content = _content_text(turn.get("value"), f"turn {i}")
         else:
             role = turn.get("role")
             if not isinstance(role, str):
-                raise BadRow("messages", f"turn {i} has no `role`")
+                raise BadRow(field, f"turn {i} has no `role`")
             content = _content_text(turn.get("content"), f"turn {i}")
             if turn.get("tool_calls"):
                 content = (content + "\n" if content else "") + json.dumps(turn["tool_calls"], ensure_ascii=False)

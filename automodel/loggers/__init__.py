@@ -21,12 +21,22 @@ def format_row(row: dict[str, Any], max_steps: int) -> str:
     if "eval_loss" in row:
         parts = [f"eval @ step {row['step']}/{max_steps}", f"eval_loss {row['eval_loss']:.4f}",
                  f"{row['eval_tokens']:,} tokens"]
+        if "eval_rewards/accuracies" in row:  # a preference loss: eval_tokens counts pairs
+            parts[2] = f"{row['eval_tokens']:,} pairs | reward accuracy {100 * row['eval_rewards/accuracies']:.1f}% " \
+                       f"| margin {row['eval_rewards/margins']:.3f}"
+        elif "eval_rewards/chosen" in row:  # KTO: examples
+            parts[2] = f"{row['eval_tokens']:,} examples | rewards {row['eval_rewards/chosen']:.3f} / " \
+                       f"{row['eval_rewards/rejected']:.3f}"
         if "exact_match" in row:
             parts.append(f"exact_match {100 * row['exact_match']:.1f}%")
         return " | ".join(parts)
     parts = [f"step {row['step']}/{max_steps}", f"loss {row['loss']:.4f}", f"lr {row['lr']:.2e}",
              f"grad_norm {row['grad_norm']:.3f}", f"{row['tokens_per_s']:,.0f} tok/s",
              f"{row['ms_per_step']:.1f} ms/step", f"pad {100 * row['padding']:.0f}%"]
+    if "rewards/accuracies" in row:
+        parts.append(f"reward accuracy {100 * row['rewards/accuracies']:.0f}% | margin {row['rewards/margins']:.3f}")
+    elif "kl" in row:
+        parts.append(f"kl {row['kl']:.3f}")
     if row.get("mfu") is not None:
         parts.append(f"{row['tflops']:.1f} TFLOP/s | MFU {100 * row['mfu']:.1f}%")
     if row.get("skipped_steps"):

@@ -67,3 +67,18 @@ def linear_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, project: Ca
     targets = next_token_targets(labels).reshape(-1).index_select(0, index)
     selected = hidden.flatten(0, 1).index_select(0, index)
     return chunked_cross_entropy(selected, targets, project, chunk_tokens), (targets != IGNORE_INDEX).sum()
+
+
+def _chunk_logps(project: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
+                 targets: torch.Tensor) -> torch.Tensor:
+    return -F.cross_entropy(project(hidden).float(), targets, reduction="none")
+
+
+def chunked_token_logps(hidden: torch.Tensor, targets: torch.Tensor,
+                        project: Callable[[torch.Tensor], torch.Tensor], chunk_tokens: int) -> torch.Tensor:
+    """log p(targets[i] | hidden[i]) for every row, in float32, `chunk_tokens` rows at a time; with gradients each
+    chunk's logits are recomputed in the backward (as chunked_cross_entropy), so no (rows x vocab) logits persist."""
+    recompute = torch.is_grad_enabled()
+    out = [checkpoint(_chunk_logps, project, h, t, use_reentrant=False) if recompute else _chunk_logps(project, h, t)
+           for h, t in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens))]
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)

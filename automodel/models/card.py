@@ -35,6 +35,15 @@ def model_card(cfg: Any, config_toml: str, metrics: dict[str, Any], data_lines: 
               f"at random (seed {cfg.seed})" + (f", saved to `{base_path}`" if adapter else ""))
     lines = [f"# {Path(cfg.output_dir).name}", "",
              f"{what} trained with automodel's recipe `{cfg.recipe}` from {origin}.", ""]
+    if cfg.preference is not None:
+        pref = cfg.preference
+        names = {"sigmoid": "DPO", "ipo": "IPO", "robust": "robust DPO", "simpo": "SimPO", "orpo": "ORPO",
+                 "kto": "KTO"}
+        reference = ("" if pref.loss in ("simpo", "orpo") else
+                     f", against the reference `{pref.reference}`" if pref.reference else
+                     ", against its initial weights as the reference")
+        lines += [f"Preference-tuned with {names[pref.loss]} (preference.loss = \"{pref.loss}\", beta "
+                  f"{pref.beta}){reference}.", ""]
     if cfg.distill is not None:
         lines += [f"Distilled from the teacher `{cfg.distill.teacher}` (alpha {cfg.distill.alpha}, temperature "
                   f"{cfg.distill.temperature}).", ""]

@@ -126,6 +126,14 @@ class OutputHead:
             index = target_index(labels)
         index = index.to(hidden.device)
         targets = next_token_targets(labels).reshape(-1).index_select(0, index)
+        loss_sum = self.apply(hidden, index, targets, chunked, *aligned)
+        return loss_sum, torch.as_tensor(targets.numel(), device=hidden.device)
+
+    def apply(self, hidden: torch.Tensor, index: torch.Tensor, targets: torch.Tensor,
+              chunked: Callable[..., torch.Tensor], *aligned: torch.Tensor) -> torch.Tensor:
+        """`chunked(project, rows, targets, *aligned rows)` over the rows of `hidden` (batch, time, dim) at the flat
+        positions `index` (on hidden's device), run as the head module's forward, once; what it returns (a sum, or
+        one value per row) is returned."""
         selected = [x.flatten(0, 1).index_select(0, index) for x in (hidden, *aligned)]
         head = self.module
         project_raw = head.forward
@@ -137,10 +145,9 @@ class OutputHead:
         had_own = "forward" in head.__dict__
         head.forward = lambda h, t, *rest: chunked(project, h, t, *rest)  # one module call: its hooks run once
         try:
-            loss_sum = head(selected[0], targets, *selected[1:])
+            return head(selected[0], targets, *selected[1:])
         finally:
             if had_own:
                 head.forward = project_raw
             else:
                 del head.forward
-        return loss_sum, torch.as_tensor(targets.numel(), device=hidden.device)

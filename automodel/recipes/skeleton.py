@@ -30,7 +30,7 @@ from automodel.loggers import RunLogger
 from automodel.training.distill import Teacher
 from automodel.training.early_stopping import EvalWatch
 from automodel.training.evaluate import eval_loss
-from automodel.training.forward import Batch, to_device
+from automodel.training.forward import Batch, Objective, to_device
 from automodel.training.loop import NonFiniteLoss, TrainResult, run_loop
 from automodel.training.metrics import peak_flops
 from automodel.training.prefetch import planned
@@ -100,6 +100,8 @@ class Parts:
     # next_step() gives a step's host micro-batches and the position after them.
     stream: Optional[Callable[[Optional[dict]], Any]] = None
     teacher: Optional[Teacher] = None
+    objective: Optional[Objective] = None  # a loss of the recipe's own (preference); None: the cross-entropy
+    unit: str = "samples"  # what a sample is, for the log (e.g. "pairs")
 
 
 @attrs.frozen
@@ -143,7 +145,7 @@ def run(cfg: TrainConfig, parts_of: Callable[[Run], Parts]) -> TrainResult:
         # The backend owns weights and optimizer state and provides the step; resume from the newest checkpoint that
         # passes its check, refusing config changes to what is being trained.
         backend = build_backend(cfg, parts.model, setup.ds_config, max_steps, device, all_reduce, ranks.rank,
-                                ranks.world_size, teacher=parts.teacher)
+                                ranks.world_size, teacher=parts.teacher, objective=parts.objective)
         state, meta, resume_from, changes, saved = resume(cfg, backend, out, ranks.rank, ranks.world_size, device)
         # The evaluation record (early stopping, the best checkpoint) continues the checkpoint's.
         watch = EvalWatch(cfg.train.early_stopping_patience, cfg.train.early_stopping_min_delta).resumed(
@@ -166,7 +168,7 @@ def run(cfg: TrainConfig, parts_of: Callable[[Run], Parts]) -> TrainResult:
         for line in parts.data_lines:
             logger.info(f"data: {line}")
         per_epoch = f", {plan.steps_per_epoch} steps per epoch" if plan is not None else ""
-        unit = "rows" if plan is None else "samples"
+        unit = "rows" if plan is None else parts.unit
         logger.info(f"training: {max_steps} steps of {cfg.train.global_batch_size} {unit} ({shape.accumulation_steps} "
                     f"accumulation x {cfg.train.micro_batch_size} per rank){per_epoch}")
         logger.info(f"memory: activation checkpointing {'on' if cfg.train.activation_checkpointing else 'off'}; "
@@ -305,10 +307,12 @@ def evaluation(backend: Backend, state: TrainState, parts: Parts, generate: bool
     with backend.model_for_generation(state) as module:
         for name, vset in parts.validation.items():
             batches = (to_device(b, device) for b in vset.batches())
-            loss, tokens = eval_loss(module, lambda batch: backend.loss_sum(state, batch), batches)
+            loss, tokens, stats = eval_loss(module, lambda batch: backend.loss_sum(state, batch), batches)
             loss_sum, tokens_sum = loss_sum + loss * tokens, tokens_sum + tokens
             if several:
                 row[f"eval_loss/{name}"] = loss
+            # A preference loss's statistics (eval_rewards/accuracies, ...), per set when there are several.
+            row.update({f"eval_{k}" + (f"/{name}" if several else ""): v for k, v in stats.items()})
             if generate and vset.exact_match is not None:
                 # Compiled layers run eagerly here: each decode step's cache shapes would recompile them.
                 with torch.compiler.set_stance("force_eager"):

@@ -1,4 +1,5 @@
-"""The teacher of a distillation run, as the loss sees it: a frozen model, how to run it, and its output head."""
+"""Frozen models as a loss sees them (a distillation teacher, a preference reference): the model, how to run it,
+and its output head."""
 
 from typing import Any, Callable, Optional
 
@@ -7,6 +8,16 @@ import torch
 from torch import nn
 
 RunModel = Callable[[dict], Any]  # forward keyword arguments -> the model's output
+
+
+@attrs.frozen
+class FrozenModel:
+    model: nn.Module  # eval mode, no gradients, in the dtype it runs in
+    run: RunModel  # its forward (through its DeepSpeed engine under ZeRO-3, so the hooks gather its weights)
+    dtype: torch.dtype
+    # The output head's whole weight and bias for one micro-batch, called once per micro-batch on every rank (a
+    # gather under ZeRO-3).
+    head_weights: Callable[[], tuple[torch.Tensor, Optional[torch.Tensor]]]
 
 
 @attrs.frozen
@@ -27,4 +38,4 @@ def local_head_weights(model: nn.Module) -> Callable[[], tuple[torch.Tensor, Opt
     return lambda: (head.weight.detach(), None if head.bias is None else head.bias.detach())
 
 
-__all__ = ["Teacher", "local_head_weights"]
+__all__ = ["FrozenModel", "RunModel", "Teacher", "local_head_weights"]

@@ -12,22 +12,29 @@ from automodel.data import TokenizedSet
 
 
 @torch.no_grad()
-def eval_loss(model: nn.Module, loss_sum: Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]],
-              batches: Iterable[dict[str, torch.Tensor]]) -> tuple[float, int]:
-    """(summed token loss / label tokens over every batch, label tokens): each token counts once, however
-    the set is batched. `model` is put in eval mode (no dropout) while it runs."""
+def eval_loss(model: nn.Module, loss_sum: Callable[[dict[str, torch.Tensor]], tuple],
+              batches: Iterable[dict[str, torch.Tensor]]) -> tuple[float, int, dict[str, float]]:
+    """(summed token loss / label tokens over every batch, label tokens, statistics): each token counts once,
+    however the set is batched. A preference loss counts pairs (or examples) instead and returns its statistics as
+    (sum, count) pairs, pooled here the same way. `model` is put in eval mode (no dropout) while it runs."""
     was_training = model.training
     model.eval()
     try:
         total = torch.zeros((), dtype=torch.float64)
         count = 0
+        stats: dict[str, torch.Tensor] = {}
         for batch in batches:
-            loss, n = loss_sum(batch)
+            loss, n, *more = loss_sum(batch)
             total += loss.double().cpu()
             count += int(n)
+            for name, value in (more[0] if more else {}).items():
+                stats[name] = stats.get(name, 0) + value.double().cpu()
     finally:
         model.train(was_training)
-    return (total / max(count, 1)).item(), count
+    means = {k: (v[0] / max(float(v[1]), 1.0)).item() for k, v in stats.items()}
+    if "rewards/chosen" in means and "rewards/rejected" in means:
+        means["rewards/margins"] = means["rewards/chosen"] - means["rewards/rejected"]
+    return (total / max(count, 1)).item(), count, means
 
 
 def normalize_answer(text: str) -> str:

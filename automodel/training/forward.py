@@ -1,19 +1,22 @@
 """The model's forward as a step runs it: a batch's keyword arguments, and the loss from the outputs."""
 
 import contextlib
-from typing import Callable, ContextManager, Optional
+from typing import Any, Callable, ContextManager, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from automodel.data.packing import block_causal_mask, flex_block_mask, varlen_boundaries
-from automodel.loss import (chunked_cross_entropy, chunked_distill, distill_sum, next_token_targets, target_index,
-                            token_cross_entropy)
+from automodel.loss import (chunked_cross_entropy, chunked_distill, count_label_tokens, distill_sum,
+                            next_token_targets, target_index, token_cross_entropy)
 from automodel.models.head import OutputHead, probe_input_ids
 from automodel.training.distill import RunModel, Teacher
 
 Batch = dict[str, torch.Tensor]
+# (module, loss_chunk_tokens, compute dtype, partitioned under ZeRO-3) -> the loss a step runs: ModelLoss's interface
+# (prepare, terms, samples, calibrate, __call__ for evaluation); training/preference.py's PreferenceLoss is one.
+Objective = Callable[[nn.Module, int, torch.dtype, bool], Any]
 # Batch keys that are not forward arguments (a processor's image extras are).
 NOT_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids", "target_index", "cu_seq_lens", "max_length")
 FLASH = ("flash_attention_2", "flash_attention_3")
@@ -92,13 +95,13 @@ class ModelLoss:
         around the probe (the functional backend binds the state's tensors). Returns a line for the log."""
         if self.head is None:
             return self.description
-        problem = _calibrate(self.head, self.model, run, device, weights)
+        problem = calibrate_head(self.head, self.model, run, device, weights)
         if problem is None and self.partitioned and any(True for _ in self.head.module.children()):
             # Its submodules would gather once per chunk, and ranks with different numbers of chunks would disagree.
             problem = (f"under ZeRO-3 the output head ({type(self.head.module).__name__}) must be a single module, "
                        "its weights gathered once per micro-batch")
         if problem is None and self.teacher is not None:
-            problem = _calibrate(self.teacher_head, self.teacher.model, self.teacher.run, device,
+            problem = calibrate_head(self.teacher_head, self.teacher.model, self.teacher.run, device,
                                  contextlib.nullcontext)
             if problem is None and not isinstance(self.teacher_head.module, nn.Linear):
                 problem = f"the teacher's head is a {type(self.teacher_head.module).__name__}, not a Linear"
@@ -110,6 +113,23 @@ class ModelLoss:
         transform = f", then {' / '.join(names)}" if names else ""
         self.description = f"chunks of {self.chunk_tokens} tokens from the hidden states (output head{transform})"
         return self.description
+
+    # The step's interface (training/preference.py's PreferenceLoss has the same three):
+    def prepare(self, policy: Callable[[], ContextManager[RunModel]], micro_batches: list[Batch],
+                all_reduce=None) -> dict[str, torch.Tensor]:
+        """The global batch's normaliser N: its label tokens over micro-batches and ranks."""
+        n = torch.stack([count_label_tokens(b["labels"]) for b in micro_batches]).sum()
+        if all_reduce is not None:
+            all_reduce([n])
+        return {"n": n}
+
+    def terms(self, run: RunModel, batch: Batch, totals: dict) -> tuple[torch.Tensor, dict]:
+        """(the micro-batch's summed loss, statistics: none)."""
+        return self(run, batch)[0], {}
+
+    @staticmethod
+    def samples(batch: Batch) -> int:
+        return batch["input_ids"].shape[0]
 
     def __call__(self, run: RunModel, batch: Batch, distill: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """distill=False: the student's cross-entropy alone (what evaluation reports, comparable across runs)."""
@@ -149,7 +169,7 @@ class ModelLoss:
         return self.head.loss(seen[-1], batch["labels"], index, chunked, seen_teacher[-1])
 
 
-def _calibrate(head: OutputHead, model: nn.Module, run: RunModel, device: torch.device,
+def calibrate_head(head: OutputHead, model: nn.Module, run: RunModel, device: torch.device,
                weights: Callable[[], ContextManager]) -> Optional[str]:
     """None if head(hidden) (with the transform it picks) reproduces the model's logits on a probe, else why not."""
     ids = probe_input_ids(model.config).to(device)

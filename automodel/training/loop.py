@@ -125,8 +125,10 @@ def run_loop(
             logger.advance()
             if state.step % log_every == 0 or state.step == max_steps:
                 # The one device sync per log window: the logged step's loss and norm and the guard, read together.
-                loss, grad_norm, first_bad = torch.stack([metrics.loss.float(), metrics.grad_norm.float().to(
-                    metrics.loss.device), guard.first_bad.float().to(metrics.loss.device)]).tolist()
+                dev = metrics.loss.device
+                loss, grad_norm, first_bad, *extras = torch.stack(
+                    [metrics.loss.float(), metrics.grad_norm.float().to(dev), guard.first_bad.float().to(dev),
+                     *(v.float().to(dev) for v in metrics.extras.values())]).tolist()
                 guard.check(int(first_bad))
                 seconds = time.perf_counter() - window_start
                 tokens_per_s = window_tokens / seconds
@@ -138,6 +140,7 @@ def run_loop(
                     "mfu": window_flops / seconds / peak_flops if flops is not None and peak_flops else None,
                     "padding": 1 - window_tokens / window_slots, "run_padding": 1 - run_tokens / run_slots,
                 }
+                last_row.update(zip(metrics.extras, extras))  # a preference loss's rewards/accuracies, ...
                 if device.type == "cuda":  # the allocator's high-water mark of this rank (no device sync)
                     last_row["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                 if skipped:

@@ -2,7 +2,8 @@
 
 Loss normalisation is exact: with N the label tokens of the whole global batch (summed over micro-batches and,
 when distributed, over ranks before the first backward) and l_m the summed token cross-entropy of micro-batch m,
-the step minimises sum_m l_m / N. So one micro-batch of 8 and four of 2 give the same update, and so do R ranks.
+the step minimises sum_m l_m / N. (The loss object decides N and l_m: `prepare` and `terms`; a preference loss
+counts pairs, training/preference.py.) So one micro-batch of 8 and four of 2 give the same update, and so do R ranks.
 
 The step donates its input state: the new state's weights and moments are the old state's tensors, updated in
 place (see optim/adamw.py). Treat a state as consumed once it has been stepped; clone it to keep it.
@@ -16,6 +17,7 @@ run in the model's dtype (the masters are cast as they are bound), the gradients
 through that cast, and they accumulate, all-reduce and update in float32.
 """
 
+import contextlib
 import functools
 from typing import Callable, Sequence
 
@@ -24,9 +26,10 @@ import torch
 
 from automodel.distributed import AllReduce
 from automodel.distributed.buckets import GradBuckets
-from automodel.loss import count_label_tokens, token_cross_entropy
+from automodel.loss import token_cross_entropy
 from automodel.optim import AdamWHyper, adamw_update_, clip_by_global_norm_
 from automodel.training.forward import Batch, ModelLoss, model_inputs
+from automodel.training.preference import PreferenceLoss, add_stats, finish_stats
 from automodel.training.state import ParamBinding, Tensors, TrainState, rng_scope
 
 
@@ -36,13 +39,25 @@ class StepMetrics:
     loss: torch.Tensor  # sum_m l_m / N, 0-d; read it with .item() only when logging (it syncs a GPU)
     grad_norm: torch.Tensor  # global L2 norm before clipping
     lr: float
-    label_tokens: torch.Tensor  # N
+    label_tokens: torch.Tensor  # N (label tokens; pairs or examples for a preference loss)
     skipped: bool = False  # train.on_nonfinite = "skip" dropped this update (its loss or gradients were not finite)
+    extras: dict = attrs.field(factory=dict)  # the loss's statistics over the global batch (0-d tensors)
+
+
+def reduce_stats(stats: dict, all_reduce: AllReduce) -> dict:
+    """A loss's (sum, count) statistics summed over ranks and divided: name -> 0-d tensor (no sync)."""
+    if not stats:
+        return {}
+    names = sorted(stats)
+    flat = [torch.stack([stats[k] for k in names])]
+    if all_reduce is not None:
+        all_reduce(flat)
+    return finish_stats(dict(zip(names, flat[0])))
 
 
 def make_train_step(
     binding: ParamBinding,
-    loss: ModelLoss,
+    loss: "ModelLoss | PreferenceLoss",
     *,
     hyper: AdamWHyper,
     lr_fn: Callable[[int], float],
@@ -58,19 +73,20 @@ def make_train_step(
     a step whose loss or gradient norm is not finite leaves weights and moments as they were (deciding that reads
     the norm on the host: one device sync per step); "stop" applies every update and leaves the check to the loop."""
 
-    def grads_autograd(params: Tensors, batch: Batch, n: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def grads_autograd(params: Tensors, batch: Batch, totals: dict) -> tuple[list[torch.Tensor], torch.Tensor, dict]:
         leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
         # Bound through the backward too: activation checkpointing recomputes layers there.
         with binding.bound(leaves, as_parameters=False) as model:
-            loss_sum, _ = loss(lambda inputs: model(**inputs), batch)
+            loss_sum, stats = loss.terms(lambda inputs: model(**inputs), batch, totals)
             # Unused weights (a VLM's vision head or post-norm that the projector never reads) get zero gradients.
-            grads = torch.autograd.grad(loss_sum / n, list(leaves.values()), allow_unused=True, materialize_grads=True)
-        return list(grads), loss_sum.detach()
+            grads = torch.autograd.grad(loss_sum / totals["n"], list(leaves.values()), allow_unused=True,
+                                        materialize_grads=True)
+        return list(grads), loss_sum.detach(), stats
 
-    def grads_func(params: Tensors, batch: Batch, n: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def grads_func(params: Tensors, batch: Batch, totals: dict) -> tuple[list[torch.Tensor], torch.Tensor, dict]:
         # torch.func's transform over functional_call; it refuses saved-tensor hooks, hence no recompute of any kind
         # (the config loader requires whole-logits loss and no activation checkpointing with it).
-        model = binding.model
+        model, n = binding.model, totals["n"]
         inputs = model_inputs(batch, loss.attn, loss.dtype)
 
         def objective(p: Tensors):
@@ -79,10 +95,10 @@ def make_train_step(
             return loss_sum / n, loss_sum
 
         grads, (_, loss_sum) = torch.func.grad_and_value(objective, has_aux=True)(params)
-        return [grads[k] for k in params], loss_sum.detach()
+        return [grads[k] for k in params], loss_sum.detach(), {}
 
-    def grads_reduced(params: Tensors, batch: Batch, n: torch.Tensor,
-                      earlier: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def grads_reduced(params: Tensors, batch: Batch, totals: dict,
+                      earlier: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor, dict]:
         # The last micro-batch: each gradient, added to what earlier micro-batches gave it, goes into its bucket the
         # moment the backward has accumulated it (and is freed there); full buckets all-reduce during the backward.
         leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
@@ -90,26 +106,30 @@ def make_train_step(
         for i, leaf in enumerate(leaves.values()):
             leaf.register_post_accumulate_grad_hook(functools.partial(_into_bucket, buckets, i))
         with binding.bound(leaves, as_parameters=False) as model:
-            loss_sum, _ = loss(lambda inputs: model(**inputs), batch)
-            torch.autograd.backward(loss_sum / n, inputs=list(leaves.values()))
-        return buckets.finish(), loss_sum.detach()
+            loss_sum, stats = loss.terms(lambda inputs: model(**inputs), batch, totals)
+            torch.autograd.backward(loss_sum / totals["n"], inputs=list(leaves.values()))
+        return buckets.finish(), loss_sum.detach(), stats
 
     micro_grads = {"autograd": grads_autograd, "grad_and_value": grads_func}[grad_method]
     overlap = all_reduce is not None and grad_method == "autograd" and bucket_mb > 0
 
     def train_step(state: TrainState, micro_batches: Sequence[Batch]) -> tuple[TrainState, StepMetrics]:
-        n = torch.stack([count_label_tokens(b["labels"]) for b in micro_batches]).sum()
-        if all_reduce is not None:
-            all_reduce([n])
+        stats: dict = {}
         with rng_scope(state.rng, device) as rng_out:
+            # The global batch's normaliser (label tokens, or pairs), and whatever else the loss needs of the whole
+            # global batch first (KTO's reference point: a no-grad pass with the state's weights).
+            totals = loss.prepare(lambda: _running(binding, state.params), micro_batches, all_reduce)
+            n = totals["n"]
             grads: list[torch.Tensor] = []
             loss_total = torch.zeros((), device=device)
             for m, batch in enumerate(micro_batches):
                 if overlap and m == len(micro_batches) - 1:
-                    grads, loss_sum = grads_reduced(state.params, batch, n, grads)
+                    grads, loss_sum, more = grads_reduced(state.params, batch, totals, grads)
                     loss_total = loss_total + loss_sum
+                    stats = add_stats(stats, more)
                     break
-                g, loss_sum = micro_grads(state.params, batch, n)
+                g, loss_sum, more = micro_grads(state.params, batch, totals)
+                stats = add_stats(stats, more)
                 if grads:
                     torch._foreach_add_(grads, g)
                 else:
@@ -123,22 +143,30 @@ def make_train_step(
             all_reduce(reduced)
             loss_total = reduced.pop()
             del reduced
+        extras = reduce_stats(stats, all_reduce)
         grad_norm = clip_by_global_norm_(grads, clip_grad_norm)
-        samples = world_size * sum(b["input_ids"].shape[0] for b in micro_batches)
+        samples = world_size * sum(loss.samples(b) for b in micro_batches)
         lr = lr_fn(state.step)
         if on_nonfinite == "skip" and not bool(torch.isfinite(grad_norm) & torch.isfinite(loss_total)):
             unchanged = attrs.evolve(state, step=state.step + 1, rng=rng_out[0],
                                      data_position=state.data_position + samples)
             return unchanged, StepMetrics(loss=loss_total / n, grad_norm=grad_norm, lr=lr, label_tokens=n,
-                                          skipped=True)
+                                          skipped=True, extras=extras)
         grads_by_name = dict(zip(state.params, grads))
         del grads  # adamw_update_ frees each gradient once read
         params, opt_state = adamw_update_(state.params, grads_by_name, state.opt_state, lr, hyper)
         new_state = attrs.evolve(state, step=state.step + 1, params=params, opt_state=opt_state, rng=rng_out[0],
                                  data_position=state.data_position + samples)
-        return new_state, StepMetrics(loss=loss_total / n, grad_norm=grad_norm, lr=lr, label_tokens=n)
+        return new_state, StepMetrics(loss=loss_total / n, grad_norm=grad_norm, lr=lr, label_tokens=n, extras=extras)
 
     return train_step
+
+
+@contextlib.contextmanager
+def _running(binding: ParamBinding, params: Tensors):
+    """The model run with `params` bound (no gradients are taken through it)."""
+    with binding.bound(params) as model:
+        yield lambda inputs: model(**inputs)
 
 
 def _into_bucket(buckets: GradBuckets, i: int, leaf: torch.Tensor) -> None:

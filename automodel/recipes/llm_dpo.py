@@ -1,0 +1,161 @@
+"""Preference tuning of a causal LM: DPO and its family on chosen/rejected pairs, or KTO on labelled completions,
+read top to bottom (the steps every recipe shares are in skeleton.py; docs/preference.md).
+
+Features:
+- the losses of [preference], as TRL defines them: sigmoid (DPO), ipo, robust (label smoothing), simpo and orpo
+  (reference-free), kto (unpaired), plus an NLL term on the chosen completions (sft_weight, RPO);
+- data: TRL's prompt/chosen/rejected (text or messages, implicit prompts split at the common beginning), ShareGPT
+  conversations + chosen/rejected turns, chosen_messages/rejected_messages; KTO's prompt/completion or messages +
+  label; tokenised as TRL tokenises them, cached, weighted mixtures, validation pairs;
+- the reference: the initial policy (a frozen copy; with LoRA the base with the adapter off, no second copy), a
+  model of your choice, or log-probs precomputed in one pass and stored in <output_dir>/reference/ (the model is
+  then freed; resume reuses them);
+- per-sequence log-probs through the output head in chunks of trained positions (no tokens x vocab logits);
+- exact normalisation: every pair (KTO example) weighs the same over micro-batches, accumulation and ranks;
+- both backends (functional, DeepSpeed ZeRO 0-3), full or LoRA, activation checkpointing, checkpoints, resume,
+  preemption; TRL's metric names (rewards/chosen, rewards/accuracies, ...) in the log, metrics.jsonl and trackers,
+  and on validation pairs (eval_rewards/accuracies); export as llm_finetune's, with a model card naming the method.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Optional
+
+import attrs
+import numpy as np
+import torch
+import xxhash
+
+from automodel import data, distributed, models
+from automodel.backends import build_frozen
+from automodel.config import ConfigError, TrainConfig
+from automodel.data import preference as pairs
+from automodel.recipes.skeleton import Parts, Run, ValidationSet, run as run_recipe
+from automodel.training.distill import FrozenModel
+from automodel.training.loop import TrainResult
+from automodel.training.preference import PreferenceLoss, nll_tokens, sub_batch
+
+
+def run(cfg: TrainConfig) -> TrainResult:
+    return run_recipe(cfg, parts)
+
+
+def parts(run: Run) -> Parts:
+    cfg, pref = run.cfg, run.cfg.preference
+    # The tokenizer, then the pairs (tokenised and cached once): a data problem is reported before any weights load.
+    tokenizer = models.build_tokenizer(cfg.tokenizer, cfg.model)
+    if cfg.data.chat_template:  # saved with the tokenizer: prompts are built as in training
+        tokenizer.chat_template = data.CHAT_TEMPLATES.get(cfg.data.chat_template, cfg.data.chat_template)
+    options = data.format_options(cfg.data, tokenizer)
+    train_sets, val_sets = pairs.build_sources(cfg.data, tokenizer, options, seed=cfg.seed, rank=run.ranks.rank,
+                                               log=print)
+    train_set = pairs.chain(train_sets, "train")
+    weights = [src.weight for src in cfg.data.train]
+    mixture = data.Mixture.of([len(s) for s in train_sets], weights, cfg.seed) if weights[0] is not None else None
+
+    # The policy (under ZeRO-3 a pretrained model loads already partitioned), then the reference, then LoRA.
+    model = run.build_model(lambda: models.build_model(cfg.model, tokenizer, cfg.seed))
+    reference, reference_note = build_reference(run, tokenizer, model)
+    model, base_path = run.apply_lora(model, tokenizer)
+    chunk = cfg.train.loss_chunk_tokens
+
+    ref_logps: dict[str, Optional[np.ndarray]] = {}
+    if pref.precompute_reference:  # every row's reference log-prob, in one pass; then the reference is freed
+        frozen = reference or build_reference(run, tokenizer, model, copy_for_adapter=True)[0]
+        for pset in [train_set, *val_sets]:
+            ref_logps[pset.name] = precomputed_reference(run, frozen, pset, tokenizer.pad_token_id, chunk)
+        reference = frozen = None
+        reference_note += "; precomputed, in <output_dir>/reference/"
+
+    def objective(module, chunk_tokens, dtype, partitioned):
+        return PreferenceLoss(module, pref, chunk_tokens, dtype, reference=reference, partitioned=partitioned)
+
+    nll = nll_tokens(pref)
+    pad = tokenizer.pad_token_id
+    eval_size = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
+
+    def validation_set(vset: pairs.PreferenceSet) -> ValidationSet:
+        return ValidationSet(lambda: (pairs.collate(vset, idx, pad, nll, ref_logps.get(vset.name))
+                                      for idx in pairs.eval_batches(vset, eval_size, cfg.eval.max_batches)))
+
+    names = [src.name for src in cfg.data.validation] if len(val_sets) > 1 else [""] * len(val_sets)
+    unit = "pairs" if pref.loss != "kto" else "examples"
+    return Parts(
+        model=model, saver=tokenizer, base_path=base_path, num_train=len(train_set), mixture=mixture,
+        collate=lambda idx: pairs.collate(train_set, idx, pad, nll, ref_logps.get(train_set.name)),
+        validation={name: validation_set(v) for name, v in zip(names, val_sets)},
+        data_lines=[s.summary() for s in [*train_sets, *val_sets]], objective=objective, unit=unit,
+        model_note=f"preference.loss {pref.loss}, beta {pref.beta}; {reference_note}",
+        flops=models.flop_model(model),
+    )
+
+
+def build_reference(run: Run, tokenizer, policy, copy_for_adapter: bool = False) -> tuple[Optional[FrozenModel], str]:
+    """(the frozen reference model, or None where the loss needs none or LoRA's adapter-off base serves; a note for
+    the log). `copy_for_adapter`: build the base anyway (to precompute with it, then free it)."""
+    cfg, pref = run.cfg, run.cfg.preference
+    if pref.loss in ("simpo", "orpo"):
+        return None, "no reference model (reference-free loss)"
+    if not pref.reference and cfg.peft is not None and not copy_for_adapter:
+        return None, "reference: the base model with the LoRA adapter switched off (no second copy)"
+    dtype = cfg.model.dtype if pref.reference_dtype == "auto" else pref.reference_dtype
+    if pref.reference:
+        ref_cfg = attrs.evolve(cfg.model, name_or_path=pref.reference, init="pretrained", dtype=dtype, config={})
+        what = f"`{pref.reference}`"
+    else:  # the initial policy: built again (a pretrained model loads again; one from config is seeded alike)
+        ref_cfg = attrs.evolve(cfg.model, dtype=dtype)
+        what = "a frozen copy of the initial policy"
+    try:
+        model = run.build_model(lambda: models.build_model(ref_cfg, tokenizer, cfg.seed),
+                                pretrained=ref_cfg.init == "pretrained", trained=False)
+    except ConfigError as e:
+        raise ConfigError(f"preference.reference: {e}") from None
+    if models.vocab_size(model) != models.vocab_size(policy):
+        raise ConfigError(f"preference.reference `{pref.reference}` has a {models.vocab_size(model):,}-token output "
+                          f"vocabulary, the policy {models.vocab_size(policy):,}: the log-probs of the same tokens are "
+                          "compared, so they must share the tokenizer")
+    note = f"reference: {what}, {models.count_params(model):,} parameters, {dtype}"
+    return build_frozen(model, run.ds_config, run.device), note
+
+
+def precomputed_reference(run: Run, frozen: FrozenModel, pset: pairs.PreferenceSet, pad: int,
+                          chunk_tokens: int) -> np.ndarray:
+    """Every row's summed reference log-prob (float32, row order), from <output_dir>/reference/<set>.npy when it was
+    computed for these rows and this reference already (a resumed run), else computed now (every rank alike: under
+    ZeRO-3 the forward is collective) and written by rank 0."""
+    cfg = run.cfg
+    folder = run.out / "reference"
+    stem = pset.name.replace("/", "--")
+    identity = {"rows": len(pset.input_ids), "tokens": xxhash.xxh3_64_hexdigest(np.ascontiguousarray(
+        pset.input_ids.flat[:pset.input_ids.offsets[-1]]).tobytes()), "reference": cfg.preference.reference,
+        "reference_dtype": cfg.preference.reference_dtype, "model": cfg.model.name_or_path, "seed": cfg.seed,
+        "init": cfg.model.init, "model_config": cfg.model.config}
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    path, meta = folder / f"{stem}.npy", folder / f"{stem}.json"
+    if meta.is_file() and path.is_file() and json.loads(meta.read_text()).get("key") == key:
+        if run.is_main:
+            print(f"data: {pset.name}: reference log-probs read from {path}")
+        return np.load(path)
+    loss = PreferenceLoss(frozen.model, cfg.preference, chunk_tokens, frozen.dtype, reference=frozen)
+    loss.calibrate(frozen.run, run.device)
+    out = np.zeros(len(pset.input_ids), dtype=np.float32)
+    size = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
+    for idx in pairs.eval_batches(pset, size):
+        batch = {k: v.to(run.device) if isinstance(v, torch.Tensor) else v
+                 for k, v in pairs.collate(pset, idx, pad).items()}
+        with torch.no_grad():
+            first = loss.reference_logps(frozen.run, batch).cpu().numpy()
+            second = (loss.reference_logps(frozen.run, sub_batch(batch, "kl_")).cpu().numpy()
+                      if pset.kind == "kto" else first[len(idx):])
+        out[[2 * i for i in idx]] = first[:len(idx)]
+        out[[2 * i + 1 for i in idx]] = second
+    if run.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, out)
+        tmp.replace(path)
+        meta.write_text(json.dumps({"key": key, **identity}, default=str) + "\n")
+        print(f"data: {pset.name}: reference log-probs of {len(out):,} rows computed, written to {path}")
+    distributed.barrier()
+    return out
