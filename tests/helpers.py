@@ -227,8 +227,9 @@ def command(launcher: str, nproc: int = 2) -> list[str]:
     return [sys.executable]
 
 
-def launch_run(launcher: str, overrides: list[str], nproc: int = 2, **popen) -> subprocess.CompletedProcess:
-    cmd = command(launcher, nproc) + ["launch/run.py", "--config", "configs_toml/quickstart.toml", *overrides]
+def launch_run(launcher: str, overrides: list[str], nproc: int = 2, config: str = "configs_toml/quickstart.toml",
+               **popen) -> subprocess.CompletedProcess:
+    cmd = command(launcher, nproc) + ["launch/run.py", "--config", config, *overrides]
     return subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600, **popen)
 
 
