@@ -1,8 +1,8 @@
 """Which config changes a resumed run may make: the checkpoint's resolved config against this run's, key by key.
 
 - What is being trained may not change: the model and its dtype, the tokenizer, the training data and how it is
-  tokenised (sources, formats, seq_len, packing ...), the global batch, the seed, LoRA, distillation, the backend
-  and ZeRO stage. A change there means another run: refused, naming each key with its old and new value.
+  tokenised (sources, formats, seq_len, packing ...), the global batch, the seed, LoRA, distillation, the preference
+  loss and its reference, the backend and ZeRO stage. A change there means another run: refused, naming each key with its old and new value.
 - The optimizer and the schedule may change only when `train.resume_allow_changes` names them (a key, or a whole
   section such as "optim"): a changed learning rate is a decision, not an accident.
 - Everything else (length: max_steps/epochs, which recomputes the schedule over the new length; cadence of logs,
@@ -15,15 +15,15 @@ from typing import Any
 
 from automodel.config import flatten
 
-FROZEN = ("recipe", "seed", "model", "tokenizer", "peft", "distill", "data", "train.global_batch_size",
+FROZEN = ("recipe", "seed", "model", "tokenizer", "peft", "distill", "preference", "data", "train.global_batch_size",
           "distributed.backend", "distributed.zero_stage")
 NEEDS_ALLOW = ("optim", "schedule")
 # Inside the frozen sections, what changes how a run computes but not what it trains.
 FREE_INSIDE = ("model.attn_implementation", "data.validation", "data.validation_fraction", "data.cache_dir",
-               "data.on_bad_row", "data.num_proc")
+               "data.on_bad_row", "data.num_proc", "preference.precompute_reference")
 
 
-PATH_KEYS = ("name_or_path", "source", "teacher", "cache_dir")
+PATH_KEYS = ("name_or_path", "source", "teacher", "reference", "cache_dir")
 
 
 def _same(key: str, before: Any, after: Any) -> bool:

@@ -253,12 +253,16 @@ class TrainingConfig:
         "one device sync per step)."
     )
     early_stopping_patience: int = field(
-        0, "End the run after this many evaluations in a row without an eval_loss improvement of at least "
-        "early_stopping_min_delta (checkpointed; summary.json says why); 0 turns it off. Needs validation data and "
-        "train.eval_every."
+        0, "End the run after this many evaluations in a row without an improvement of train.best_metric of at "
+        "least early_stopping_min_delta (checkpointed; summary.json says why); 0 turns it off. Needs validation data "
+        "and train.eval_every."
     )
     early_stopping_min_delta: float = field(
-        0.0, "The smallest drop of eval_loss below the best so far that counts as an improvement."
+        0.0, "The smallest improvement on the best so far (of train.best_metric) that counts."
+    )
+    best_metric: Literal["eval_loss", "eval_rewards/accuracies"] = field(
+        "eval_loss", "What early stopping and checkpoint.keep_best follow: eval_loss (lower is better), or with "
+        "recipe = \"llm_dpo\" and a paired loss the held-out reward accuracy (higher is better)."
     )
 
 
@@ -317,8 +321,8 @@ class CheckpointConfig:
         "(the adapter is then written to final/ as well)."
     )
     keep_best: bool = field(
-        False, "Checkpoint at each evaluation that improves eval_loss and keep that checkpoint besides the keep_last "
-        "newest; final/ (and final_merged/) is then the best-eval model, and summary.json names its step."
+        False, "Checkpoint at each evaluation that improves train.best_metric (eval_loss) and keep that checkpoint "
+        "besides the keep_last newest; final/ (and final_merged/) is then the best-eval model, and summary.json names its step."
     )
 
 

@@ -253,6 +253,9 @@ def _preference_problems(cfg: TrainConfig) -> list[str]:
         return ['recipe = "llm_dpo" and a [preference] section go together (preference.loss picks the loss; '
                 "docs/preference.md)"]
     if pref is None:
+        if cfg.train.best_metric != "eval_loss":
+            problems.append(f'train.best_metric = "{cfg.train.best_metric}" is a preference metric (recipe = '
+                            '"llm_dpo"); follow "eval_loss"')
         for name, _, src in sources:
             if src.format in ("preference", "kto"):
                 problems.append(f'data.{name}.format = "{src.format}" is for recipe = "llm_dpo" with a [preference] '
@@ -288,6 +291,12 @@ def _preference_problems(cfg: TrainConfig) -> list[str]:
     if reference_free and (pref.reference or pref.precompute_reference):
         problems.append(f'preference.reference / precompute_reference: loss = "{pref.loss}" uses no reference '
                         "model; leave them out")
+    if cfg.train.grad_method != "autograd":
+        problems.append('train.grad_method = "grad_and_value": the preference losses run on "autograd" (the '
+                        "reference pass and per-sequence log-probs are outside torch.func's transform)")
+    if cfg.train.best_metric == "eval_rewards/accuracies" and pref.loss == "kto":
+        problems.append('train.best_metric = "eval_rewards/accuracies" needs pairs; KTO\'s examples are unpaired: '
+                        'follow "eval_loss"')
     if cfg.eval.generate_samples:
         problems.append("eval.generate_samples: preference evaluation reports the loss and reward accuracy of held-out "
                         "pairs, not exact match; set it to 0")

@@ -56,17 +56,23 @@ def parts(run: Run) -> Parts:
 
     # The policy (under ZeRO-3 a pretrained model loads already partitioned), then the reference, then LoRA.
     model = run.build_model(lambda: models.build_model(cfg.model, tokenizer, cfg.seed))
-    reference, reference_note = build_reference(run, tokenizer, model)
-    model, base_path = run.apply_lora(model, tokenizer)
     chunk = cfg.train.loss_chunk_tokens
-
     ref_logps: dict[str, Optional[np.ndarray]] = {}
-    if pref.precompute_reference:  # every row's reference log-prob, in one pass; then the reference is freed
-        frozen = reference or build_reference(run, tokenizer, model, copy_for_adapter=True)[0]
-        for pset in [train_set, *val_sets]:
-            ref_logps[pset.name] = precomputed_reference(run, frozen, pset, tokenizer.pad_token_id, chunk)
-        reference = frozen = None
-        reference_note += "; precomputed, in <output_dir>/reference/"
+    if pref.precompute_reference:
+        # Every row's reference log-prob, read back (a resumed run) or computed in one pass by a reference built for
+        # it (with LoRA too: the base, before adapters), which is then freed.
+        reference = None
+        ref_logps = {s.name: stored_reference(run, s) for s in [train_set, *val_sets]}
+        if any(v is None for v in ref_logps.values()):
+            frozen, _ = build_reference(run, tokenizer, model, copy_for_adapter=True)
+            ref_logps = {s.name: ref_logps[s.name] if ref_logps[s.name] is not None else
+                         compute_reference(run, frozen, s, tokenizer.pad_token_id, chunk)
+                         for s in [train_set, *val_sets]}
+            del frozen
+        reference_note = f"reference log-probs precomputed, in {run.out / 'reference'}"
+    else:
+        reference, reference_note = build_reference(run, tokenizer, model)
+    model, base_path = run.apply_lora(model, tokenizer)
 
     def objective(module, chunk_tokens, dtype, partitioned):
         return PreferenceLoss(module, pref, chunk_tokens, dtype, reference=reference, partitioned=partitioned)
@@ -119,24 +125,38 @@ def build_reference(run: Run, tokenizer, policy, copy_for_adapter: bool = False)
     return build_frozen(model, run.ds_config, run.device), note
 
 
-def precomputed_reference(run: Run, frozen: FrozenModel, pset: pairs.PreferenceSet, pad: int,
-                          chunk_tokens: int) -> np.ndarray:
-    """Every row's summed reference log-prob (float32, row order), from <output_dir>/reference/<set>.npy when it was
-    computed for these rows and this reference already (a resumed run), else computed now (every rank alike: under
-    ZeRO-3 the forward is collective) and written by rank 0."""
+def _reference_files(run: Run, pset: pairs.PreferenceSet) -> tuple[Path, Path, dict]:
+    """(<output_dir>/reference/<set>.npy, its .json, what it must have been computed for: these rows, this
+    reference)."""
     cfg = run.cfg
-    folder = run.out / "reference"
-    stem = pset.name.replace("/", "--")
-    identity = {"rows": len(pset.input_ids), "tokens": xxhash.xxh3_64_hexdigest(np.ascontiguousarray(
-        pset.input_ids.flat[:pset.input_ids.offsets[-1]]).tobytes()), "reference": cfg.preference.reference,
-        "reference_dtype": cfg.preference.reference_dtype, "model": cfg.model.name_or_path, "seed": cfg.seed,
-        "init": cfg.model.init, "model_config": cfg.model.config}
-    key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    path, meta = folder / f"{stem}.npy", folder / f"{stem}.json"
-    if meta.is_file() and path.is_file() and json.loads(meta.read_text()).get("key") == key:
-        if run.is_main:
-            print(f"data: {pset.name}: reference log-probs read from {path}")
-        return np.load(path)
+    tokens = pset.input_ids.flat[:pset.input_ids.offsets[-1]]
+    identity = {"rows": len(pset.input_ids), "tokens": xxhash.xxh3_64_hexdigest(np.ascontiguousarray(tokens).tobytes()),
+                "reference": cfg.preference.reference, "reference_dtype": cfg.preference.reference_dtype,
+                "model": cfg.model.name_or_path, "init": cfg.model.init, "model_config": cfg.model.config,
+                "seed": cfg.seed}
+    identity["key"] = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    stem = run.out / "reference" / pset.name.replace("/", "--")
+    return stem.with_suffix(".npy"), stem.with_suffix(".json"), identity
+
+
+def stored_reference(run: Run, pset: pairs.PreferenceSet) -> Optional[np.ndarray]:
+    """The set's precomputed reference log-probs if a run wrote them for these rows and this reference, else None."""
+    path, meta, identity = _reference_files(run, pset)
+    if not (meta.is_file() and path.is_file()) or json.loads(meta.read_text()).get("key") != identity["key"]:
+        return None
+    values = np.load(path)
+    if values.shape != (len(pset.input_ids),):
+        return None
+    if run.is_main:
+        print(f"data: {pset.name}: reference log-probs read from {path}")
+    return values
+
+
+def compute_reference(run: Run, frozen: FrozenModel, pset: pairs.PreferenceSet, pad: int,
+                      chunk_tokens: int) -> np.ndarray:
+    """Every row's summed reference log-prob (float32, row order), computed on every rank alike (under ZeRO-3 the
+    forward is collective) and written by rank 0 to <output_dir>/reference/ (atomically, its .json last)."""
+    cfg = run.cfg
     loss = PreferenceLoss(frozen.model, cfg.preference, chunk_tokens, frozen.dtype, reference=frozen)
     loss.calibrate(frozen.run, run.device)
     out = np.zeros(len(pset.input_ids), dtype=np.float32)
@@ -150,12 +170,13 @@ def precomputed_reference(run: Run, frozen: FrozenModel, pset: pairs.PreferenceS
                       if pset.kind == "kto" else first[len(idx):])
         out[[2 * i for i in idx]] = first[:len(idx)]
         out[[2 * i + 1 for i in idx]] = second
+    path, meta, identity = _reference_files(run, pset)
     if run.is_main:
-        folder.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npy")
         np.save(tmp, out)
         tmp.replace(path)
-        meta.write_text(json.dumps({"key": key, **identity}, default=str) + "\n")
-        print(f"data: {pset.name}: reference log-probs of {len(out):,} rows computed, written to {path}")
+        meta.write_text(json.dumps(identity, default=str) + "\n")
+        print(f"data: {pset.name}: reference log-probs of {len(out):,} rows computed in one pass, written to {path}")
     distributed.barrier()
     return out

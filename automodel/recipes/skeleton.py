@@ -148,7 +148,8 @@ def run(cfg: TrainConfig, parts_of: Callable[[Run], Parts]) -> TrainResult:
                                 ranks.world_size, teacher=parts.teacher, objective=parts.objective)
         state, meta, resume_from, changes, saved = resume(cfg, backend, out, ranks.rank, ranks.world_size, device)
         # The evaluation record (early stopping, the best checkpoint) continues the checkpoint's.
-        watch = EvalWatch(cfg.train.early_stopping_patience, cfg.train.early_stopping_min_delta).resumed(
+        watch = EvalWatch(cfg.train.early_stopping_patience, cfg.train.early_stopping_min_delta,
+                          metric=cfg.train.best_metric).resumed(
             saved.get("evals"))
         if setup.is_main:  # the resolved config, and one per segment of the run (configs/step_N.toml)
             save_config(cfg, out / "config.toml")
@@ -240,14 +241,14 @@ def run(cfg: TrainConfig, parts_of: Callable[[Run], Parts]) -> TrainResult:
                 final_eval = evaluate(state)
                 logger.row(final_eval)
                 if not watch.should_stop:
-                    watch = watch.observe(state.step, final_eval["eval_loss"])
+                    watch = watch.observe_row(final_eval)
             metrics.update({k: final_eval[k] for k in ("eval_loss", "exact_match") if k in final_eval})
             metrics.update({f"{k}_at_start": first_eval[k] for k in ("eval_loss", "exact_match")
                             if first_eval is not None and k in first_eval})
             if cfg.checkpoint.keep_best and watch.best_step is not None:
                 export_state = best_state(cfg, backend, state, watch, out, meta, metrics, evals, ranks.rank, device)
-                logger.info(f"best evaluation: step {watch.best_step}, eval loss {watch.best_loss:.4f}; it is what "
-                            "final/ holds")
+                logger.info(f"best evaluation: step {watch.best_step}, {watch.metric} {watch.best_value:.4f}; it is "
+                            "what final/ holds")
 
         # Every rank exports (under ZeRO-3 it gathers); with [peft] final/ is the adapter, which the merge needs.
         final_dir = out / "final" if cfg.checkpoint.save_final or cfg.checkpoint.export_merged else None
@@ -351,10 +352,13 @@ def best_state(cfg: TrainConfig, backend: Backend, state: TrainState, watch: Eva
                metrics: dict, evals: list[dict], rank: int, device: torch.device) -> TrainState:
     """checkpoint.keep_best: the state of the best evaluation (loaded from its checkpoint unless it is `state`);
     `metrics` are updated to describe it (the last evaluation's loss stays as final_eval_loss)."""
-    metrics.update(best_step=watch.best_step, final_eval_loss=metrics.get("eval_loss"), eval_loss=watch.best_loss)
+    best = [e for e in evals if e["step"] == watch.best_step]
+    best_loss = best[0]["eval_loss"] if best else watch.best_value if watch.metric == "eval_loss" else None
+    metrics.update(best_step=watch.best_step, final_eval_loss=metrics.get("eval_loss"), eval_loss=best_loss)
+    if watch.metric != "eval_loss":
+        metrics[watch.metric] = watch.best_value
     if watch.best_step == state.step:
         return state
-    best = [e for e in evals if e["step"] == watch.best_step]
     metrics.pop("exact_match", None)
     if best and "exact_match" in best[0]:
         metrics["exact_match"] = best[0]["exact_match"]

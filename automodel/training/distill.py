@@ -21,13 +21,9 @@ class FrozenModel:
 
 
 @attrs.frozen
-class Teacher:
-    model: nn.Module  # eval mode, no gradients, in the dtype it runs in
-    run: RunModel  # its forward (through its DeepSpeed engine under ZeRO-3, so the hooks gather its weights)
-    dtype: torch.dtype
-    # The output head's whole weight and bias for one micro-batch. Called once per micro-batch on every rank: under
-    # ZeRO-3 it gathers (a collective) and returns a copy the loss chunks use through forward and backward.
-    head_weights: Callable[[], tuple[torch.Tensor, Optional[torch.Tensor]]]
+class Teacher(FrozenModel):
+    """A distillation teacher: a frozen model and the mix of [distill]."""
+
     alpha: float
     temperature: float
 

@@ -95,16 +95,8 @@ class ModelLoss:
         around the probe (the functional backend binds the state's tensors). Returns a line for the log."""
         if self.head is None:
             return self.description
-        problem = calibrate_head(self.head, self.model, run, device, weights)
-        if problem is None and self.partitioned and any(True for _ in self.head.module.children()):
-            # Its submodules would gather once per chunk, and ranks with different numbers of chunks would disagree.
-            problem = (f"under ZeRO-3 the output head ({type(self.head.module).__name__}) must be a single module, "
-                       "its weights gathered once per micro-batch")
-        if problem is None and self.teacher is not None:
-            problem = calibrate_head(self.teacher_head, self.teacher.model, self.teacher.run, device,
-                                 contextlib.nullcontext)
-            if problem is None and not isinstance(self.teacher_head.module, nn.Linear):
-                problem = f"the teacher's head is a {type(self.teacher_head.module).__name__}, not a Linear"
+        problem = chunked_path_problem(self.head, self.model, run, device, weights, self.partitioned,
+                                       self.teacher_head, self.teacher, "teacher")
         if problem is not None:
             self.head = self.teacher_head = None
             self.description = f"whole logits: {problem}"
@@ -167,6 +159,25 @@ class ModelLoss:
                                    teacher.temperature)
 
         return self.head.loss(seen[-1], batch["labels"], index, chunked, seen_teacher[-1])
+
+
+def chunked_path_problem(head: OutputHead, model: nn.Module, run: RunModel, device: torch.device,
+                         weights: Callable[[], ContextManager], partitioned: bool,
+                         frozen_head: Optional[OutputHead] = None, frozen: Any = None,
+                         role: str = "teacher") -> Optional[str]:
+    """Why the loss cannot come from the hidden states in chunks (None: it can): the model's head must reproduce
+    its logits (and, under ZeRO-3, be one module), and a frozen model's (a teacher's, a reference's) likewise and be
+    a Linear (its weights are gathered and applied by hand)."""
+    problem = calibrate_head(head, model, run, device, weights)
+    if problem is None and partitioned and any(True for _ in head.module.children()):
+        # Its submodules would gather once per chunk, and ranks with different numbers of chunks would disagree.
+        problem = (f"under ZeRO-3 the output head ({type(head.module).__name__}) must be a single module, "
+                   "its weights gathered once per micro-batch")
+    if problem is None and frozen_head is not None:
+        problem = calibrate_head(frozen_head, frozen.model, frozen.run, device, contextlib.nullcontext)
+        if problem is None and not isinstance(frozen_head.module, nn.Linear):
+            problem = f"the {role}'s head is a {type(frozen_head.module).__name__}, not a Linear"
+    return problem
 
 
 def calibrate_head(head: OutputHead, model: nn.Module, run: RunModel, device: torch.device,

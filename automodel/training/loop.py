@@ -153,7 +153,7 @@ def run_loop(
             if evaluate is not None and eval_every and state.step % eval_every == 0 and state.step < max_steps:
                 row = evaluate(state)
                 logger.row(row)
-                watch = watch.observe(state.step, row["eval_loss"])
+                watch = watch.observe_row(row)
                 if save_checkpoint is not None and (watch.should_stop or (keep_best and watch.best_step == state.step)):
                     checkpoint(state)
             if save_checkpoint is not None and checkpoint_every and state.step % checkpoint_every == 0 \

@@ -28,7 +28,7 @@ from automodel.loss import chunked_token_logps
 from automodel.loss.preference import kto_losses, pair_losses
 from automodel.models.head import OutputHead
 from automodel.training.distill import FrozenModel, RunModel
-from automodel.training.forward import Batch, calibrate_head, model_inputs
+from automodel.training.forward import Batch, chunked_path_problem, model_inputs
 
 Stats = dict[str, torch.Tensor]  # name -> tensor([sum, count])
 
@@ -88,15 +88,8 @@ class PreferenceLoss:
         """As ModelLoss.calibrate: keep the chunked path only where it reproduces the logits (policy and reference)."""
         if self.head is None:
             return self.description
-        problem = calibrate_head(self.head, self.model, run, device, weights)
-        if problem is None and self.partitioned and any(True for _ in self.head.module.children()):
-            problem = (f"under ZeRO-3 the output head ({type(self.head.module).__name__}) must be a single module, "
-                       "its weights gathered once per micro-batch")
-        if problem is None and self.reference_head is not None:
-            problem = calibrate_head(self.reference_head, self.reference.model, self.reference.run, device,
-                                     contextlib.nullcontext)
-            if problem is None and not isinstance(self.reference_head.module, nn.Linear):
-                problem = f"the reference's head is a {type(self.reference_head.module).__name__}, not a Linear"
+        problem = chunked_path_problem(self.head, self.model, run, device, weights, self.partitioned,
+                                       self.reference_head, self.reference, "reference")
         if problem is not None:
             self.head = self.reference_head = None
             self.description = f"whole logits: {problem}"
