@@ -5,7 +5,7 @@
 
 Same work: one initial Llama (random weights, GPT-2's 50,257-token vocabulary, float32) saved once and loaded by
 both, and its frozen copy as the reference; text pairs cut from tinyshakespeare (../shared/data) whose prompt (256
-tokens) and completions are long enough that every sequence is truncated to exactly --seq tokens, so every step does
+tokens, or seq / 4) and completions are long enough that every sequence is truncated to exactly --seq tokens, so every step does
 the same work whatever order the pairs come in; 2 pairs per micro-batch, 2 accumulation steps, AdamW at a constant
 learning rate, clipping at 1.0, beta 0.1, no evaluation. TRL tokenises the same text (its tokenisation is ours:
 tests/training/test_preference.py), runs its own loop and its own loss (its fused log-prob head) and shares none of
@@ -58,11 +58,12 @@ def setup(root: Path, args) -> None:
     tokenizer.save_pretrained(root / "init")
     text = (SHARED / "tinyshakespeare" / "input.txt").read_text()
     ids = tokenizer(text[:400_000])["input_ids"]
-    pairs, span = [], 256 + 2 * args.seq
+    prompt_len = min(256, args.seq // 4)
+    pairs, span = [], prompt_len + 2 * args.seq
     for k in range(args.pairs):
         start = (k * 997) % (len(ids) - 2 * span)
-        prompt = tokenizer.decode(ids[start:start + 256])
-        chosen = tokenizer.decode(ids[start + 256:start + span])
+        prompt = tokenizer.decode(ids[start:start + prompt_len])
+        chosen = tokenizer.decode(ids[start + prompt_len:start + span])
         rejected = tokenizer.decode(ids[start + span:start + 2 * span])
         pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     (root / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))

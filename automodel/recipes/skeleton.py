@@ -242,8 +242,9 @@ def run(cfg: TrainConfig, parts_of: Callable[[Run], Parts]) -> TrainResult:
                 logger.row(final_eval)
                 if not watch.should_stop:
                     watch = watch.observe_row(final_eval)
-            metrics.update({k: final_eval[k] for k in ("eval_loss", "exact_match") if k in final_eval})
-            metrics.update({f"{k}_at_start": first_eval[k] for k in ("eval_loss", "exact_match")
+            reported = ("eval_loss", "exact_match", "eval_rewards/accuracies")
+            metrics.update({k: final_eval[k] for k in reported if k in final_eval})
+            metrics.update({f"{k}_at_start": first_eval[k] for k in reported
                             if first_eval is not None and k in first_eval})
             if cfg.checkpoint.keep_best and watch.best_step is not None:
                 export_state = best_state(cfg, backend, state, watch, out, meta, metrics, evals, ranks.rank, device)
@@ -383,6 +384,10 @@ def summary_line(metrics: dict, final_dir: Optional[Path]) -> str:
         parts.append(f"eval loss {metrics['eval_loss']:.4f}{was}")
     if metrics.get("best_step") is not None:
         parts.append(f"best eval at step {metrics['best_step']}")
+    if "eval_rewards/accuracies" in metrics:  # a preference run
+        start = metrics.get("eval_rewards/accuracies_at_start")
+        was = f" (was {100 * start:.1f}%)" if start is not None else ""
+        parts.append(f"reward accuracy {100 * metrics['eval_rewards/accuracies']:.1f}%{was}")
     if "exact_match" in metrics:
         start = metrics.get("exact_match_at_start")
         was = f" (was {100 * start:.1f}%)" if start is not None else ""

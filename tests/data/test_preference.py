@@ -111,6 +111,16 @@ def test_a_kto_label_that_is_not_a_boolean_is_an_error(tmp_path):
         pairs.build_sources(cfg, tokenizer(), FormatOptions(tokenizer=tokenizer()), use_cache=False)
 
 
+def test_sources_chain_end_to_end_for_a_weighted_mixture():
+    first = tokenize([{"prompt": "a", "chosen": "b", "rejected": "c"}])
+    second = tokenize([{"prompt": "d", "chosen": "e", "rejected": "f"}, {"prompt": "g", "chosen": "h", "rejected": "i"}])
+    both = pairs.chain([first, second], "train")
+    assert len(both) == 3 and both.input_ids[2] == second.input_ids[0] and both.labels[5] == second.labels[3]
+    kto = pairs.chain([tokenize([{"prompt": "a", "completion": "b", "label": True}], fmt="kto"),
+                       tokenize([{"prompt": "c", "completion": "d", "label": False}], fmt="kto")], "train")
+    assert list(kto.desirable) == [True, False] and kto.kind == "kto"
+
+
 def test_the_batch_names_every_log_prob_the_loss_needs_on_the_host():
     rows = [{"prompt": "ab", "chosen": "cde", "rejected": "f"}, {"prompt": "g", "chosen": "hi", "rejected": "jkl"}]
     pset = tokenize(rows)

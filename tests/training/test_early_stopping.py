@@ -30,6 +30,18 @@ def test_the_watch_counts_evaluations_without_an_improvement_of_min_delta():
     assert not EvalWatch(patience=0).observe(1, 1.0).observe(2, 2.0).should_stop  # 0: never stops
 
 
+def test_the_watch_can_follow_a_metric_where_higher_is_better():
+    watch = EvalWatch(patience=2, min_delta=0.01, metric="eval_rewards/accuracies")
+    for step, accuracy in [(10, 0.50), (20, 0.90), (30, 0.905), (40, 0.85)]:
+        watch = watch.observe_row({"step": step, "eval_loss": 9.0, "eval_rewards/accuracies": accuracy})
+    assert (watch.best_step, watch.best_value, watch.should_stop) == (20, 0.90, True)
+    assert "eval_rewards/accuracies has not improved by 0.01 or more for 2 evaluations (best 0.9000 at step 20)" \
+        in watch.reason()
+    saved = watch.to_json()
+    assert EvalWatch(metric="eval_rewards/accuracies").resumed(saved).best_step == 20
+    assert EvalWatch().resumed(saved) == EvalWatch()  # a record of another metric does not carry over
+
+
 @pytest.mark.slow
 def test_a_run_stops_early_exports_its_best_checkpoint_and_stays_stopped(tmp_path):
     # min_delta 1.0: after the first evaluation (step 5) none improves on it by that much, so the best is step 5
