@@ -1,5 +1,5 @@
-"""Everything the tests share: paths and data, tiny models and batches, the quickstart config, processors for the
-VLM tests, and starting runs in subprocesses (python, torchrun, the deepspeed launcher). Test modules import from
+"""Everything the tests share: paths and data, tiny models and batches, the quickstart config, preference pairs,
+processors for the VLM tests, and starting runs in subprocesses (python, torchrun, the deepspeed launcher). Test modules import from
 here, never from each other."""
 
 import json
@@ -198,6 +198,82 @@ def im2latex_rows(n: int) -> list[dict]:
         if len(rows) == n:
             return rows
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Preference tuning: pairs, a policy some way from its reference, sets built from token ids
+
+PAIRS = [
+    {"prompt": "Reverse: abc\n", "chosen": "cba", "rejected": "abc"},
+    {"prompt": "Reverse: hello\n", "chosen": "olleh", "rejected": "olelh"},
+    {"prompt": "Reverse: xy\n", "chosen": "yx", "rejected": "xyxyxy"},
+    {"prompt": "Reverse: moon\n", "chosen": "noom", "rejected": "moon"},
+]
+
+
+def preference_tokenizer(chat: bool = False):
+    """The quickstart's byte-level tokenizer (259 tokens), with ChatML when asked."""
+    from transformers import AutoTokenizer
+
+    from automodel.data import CHAT_TEMPLATES
+
+    tok = AutoTokenizer.from_pretrained(ASSETS / "tokenizer")
+    if chat:
+        tok.chat_template = CHAT_TEMPLATES["chatml"]
+    return tok
+
+
+def policy_and_reference() -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A reference and a policy some way from it (so log-ratios, rewards and KTO's KL are not zero)."""
+    import copy
+
+    reference = tiny_llama(vocab_size=259, seed=0)
+    policy = copy.deepcopy(reference)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return policy, reference
+
+
+def frozen_copy(model: torch.nn.Module):
+    """A frozen copy of `model` as the preference loss's reference (FrozenModel)."""
+    import copy
+
+    from automodel.training.distill import FrozenModel, local_head_weights
+
+    model = copy.deepcopy(model).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return FrozenModel(model, lambda inputs: model(**inputs), torch.float32, local_head_weights(model))
+
+
+def preference_set(rows: list[tuple[list[int], list[int]]], kind: str = "pairs", desirable=None):
+    """Rows of (prompt ids, completion ids) in data/preference.py's order (pair i: rows 2i, 2i + 1)."""
+    import numpy as np
+
+    from automodel.data import preference
+    from automodel.data.store import Rows
+    from automodel.loss import IGNORE_INDEX
+
+    ids = Rows.from_lists([p + c for p, c in rows])
+    labels = Rows.labels_of(ids, [[IGNORE_INDEX] * len(p) + c for p, c in rows])
+    return preference.PreferenceSet(ids, labels, None if desirable is None else np.array(desirable), "test",
+                                    len(rows) // 2, 0, 0, 0, 0, kind)
+
+
+def tokenize_pairs(rows: list[dict], fmt: str = "preference", tok=None, **data):
+    """`rows` (preference or kto) tokenised as the recipe tokenises them (no cache)."""
+    import datasets
+
+    from automodel.config import DataConfig, DataSourceConfig
+    from automodel.data import FormatOptions
+    from automodel.data import preference
+
+    tok = tok or preference_tokenizer()
+    cfg = DataConfig(**{"seq_len": 512, **data}, train=DataSourceConfig(source="rows.jsonl", format=fmt))
+    return preference.tokenize_rows(datasets.Dataset.from_list(rows), cfg.train[0], cfg, tok,
+                                    FormatOptions(tokenizer=tok), "train", kto=fmt == "kto")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,30 +3,22 @@ KTO), truncation and its counts, one-line errors naming file and row, the batch 
 
 import json
 
-import datasets
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from automodel.config import ConfigError, DataConfig, DataSourceConfig, load_config
-from automodel.data import CHAT_TEMPLATES, FormatOptions
+from automodel.data import FormatOptions
 from automodel.data import preference as pairs
 from automodel.loss import IGNORE_INDEX
-from tests.helpers import ASSETS, REPO, shared_data, write_jsonl
+from tests.helpers import REPO, preference_tokenizer, shared_data, tokenize_pairs, write_jsonl
 
 
 def tokenizer(chat: bool = False):
-    tok = AutoTokenizer.from_pretrained(ASSETS / "tokenizer")
-    if chat:
-        tok.chat_template = CHAT_TEMPLATES["chatml"]
-    return tok
+    return preference_tokenizer(chat)
 
 
 def tokenize(rows, fmt="preference", tok=None, **data):
-    tok = tok or tokenizer()
-    cfg = DataConfig(**{"seq_len": 512, **data}, train=DataSourceConfig(source="rows.jsonl", format=fmt))
-    return pairs.tokenize_rows(datasets.Dataset.from_list(rows), cfg.train[0], cfg, tok, FormatOptions(tokenizer=tok),
-                               "train", kto=fmt == "kto")
+    return tokenize_pairs(rows, fmt, tok, **data)
 
 
 def prompt_and_completion(pset, row: int, tok) -> tuple[str, str]:

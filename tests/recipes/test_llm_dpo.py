@@ -3,7 +3,6 @@ LoRA adapter-off reference equal to a frozen copy bit for bit, a few full steps 
 the shipped CPU config learns, precomputed reference log-probs equal computing them on the fly, a killed run
 resumes exactly, 2 ranks and 2-rank ZeRO-3 equal one process, and the export talks."""
 
-import contextlib
 import copy
 
 import datasets
@@ -18,8 +17,8 @@ from automodel.data import preference as pairs
 from automodel.peft import apply as apply_lora
 from automodel.training.preference import PreferenceLoss, nll_tokens
 from tests import helpers
-from tests.helpers import REPO, tiny_llama
-from tests.training.test_preference import PAIRS, frozen, policy_and_reference, preference_set, tokenizer
+from tests.helpers import (PAIRS, REPO, frozen_copy as frozen, policy_and_reference, preference_set,
+                           preference_tokenizer as tokenizer, tiny_llama, tokenize_pairs)
 
 CPU = torch.device("cpu")
 DPO_CPU = "configs_toml/dpo_cpu.toml"
@@ -38,8 +37,7 @@ def eight_pairs(kind="pairs"):
     if kind == "kto":
         rows = [{"prompt": r["prompt"], "completion": r["chosen" if i % 3 else "rejected"], "label": bool(i % 3)}
                 for i, r in enumerate(rows)]
-    from tests.data.test_preference import tokenize
-    return tokenize(rows, fmt="preference" if kind == "pairs" else "kto")
+    return tokenize_pairs(rows, fmt="preference" if kind == "pairs" else "kto")
 
 
 @pytest.mark.parametrize("pref", [PreferenceConfig(loss="sigmoid", sft_weight=0.5), PreferenceConfig(loss="orpo"),
@@ -64,6 +62,30 @@ def test_two_micro_batches_of_four_equal_one_of_eight(pref):
         assert other_extras == pytest.approx(extras, rel=1e-5, abs=1e-6)
         for name, value in params.items():  # after two AdamW steps: reduction order moves the last bits (lr 3e-3)
             torch.testing.assert_close(other_params[name], value, rtol=1e-5, atol=2e-5)
+
+
+def test_activation_checkpointing_gives_the_same_step():
+    """Recomputed layers (and the reference's no-grad pass through a checkpointed model, here the LoRA base with the
+    adapter off) change nothing but memory."""
+    from automodel.models import enable_activation_checkpointing
+
+    pset = eight_pairs()
+    batch = pairs.collate(pset, list(range(8)), 2, "completion")
+    pref = PreferenceConfig(loss="sigmoid", sft_weight=0.3)
+    results = []
+    for checkpointing in (False, True):
+        model, _ = policy_and_reference()
+        if checkpointing:
+            enable_activation_checkpointing(model)
+        model = apply_lora(model, PeftConfig(rank=4, alpha=8.0), seed=0, base_path="base")
+        backend = dpo_backend(model, pref, None)
+        state, _ = backend.step(backend.state, [batch])
+        state, metrics = backend.step(state, [batch])
+        results.append((metrics.loss.item(), metrics.extras["rewards/margins"].item(), state.params))
+    (loss, margin, params), (ac_loss, ac_margin, ac_params) = results
+    assert ac_loss == pytest.approx(loss, rel=1e-6) and ac_margin == pytest.approx(margin, rel=1e-4, abs=1e-7)
+    for name, value in params.items():
+        torch.testing.assert_close(ac_params[name], value, rtol=1e-5, atol=2e-5)
 
 
 def test_the_lora_adapter_off_reference_is_a_frozen_copy_bit_for_bit():
@@ -132,11 +154,16 @@ SHORT = ["train.max_steps=6", "train.log_every=1", "train.eval_every=3", "schedu
 
 @pytest.mark.slow
 def test_the_shipped_cpu_config_learns_to_rank_the_right_answer(tmp_path):
-    result = automodel.train(dpo_cpu(tmp_path, "train.max_steps=120", "train.eval_every=0"))
+    result = automodel.train(dpo_cpu(tmp_path, "train.max_steps=120", "train.eval_every=40", "checkpoint.keep_best=true",
+                                     'train.best_metric="eval_rewards/accuracies"'))
     rows = helpers.rows(tmp_path)
     evals = [r for r in rows if "eval_loss" in r]
     assert evals[0]["eval_rewards/accuracies"] == 0.0  # the policy is its reference: every margin is 0
     assert evals[-1]["eval_rewards/accuracies"] >= 0.9 and evals[-1]["eval_rewards/margins"] > 0.5
+    best = max(evals, key=lambda r: (r["eval_rewards/accuracies"], -r["step"]))  # the first of the best
+    assert result.metrics["best_step"] == best["step"]
+    assert result.metrics["eval_rewards/accuracies"] == best["eval_rewards/accuracies"]
+    assert result.metrics["eval_rewards/accuracies_at_start"] == 0.0
     train = [r for r in rows if "loss" in r]
     assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
             "logps/rejected", "nll_loss"} <= set(train[-1])

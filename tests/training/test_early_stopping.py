@@ -61,7 +61,7 @@ def test_a_run_stops_early_exports_its_best_checkpoint_and_stays_stopped(tmp_pat
     # The best checkpoint outlives keep_last = 1; the stop was checkpointed.
     assert [p.name for p in store.complete_checkpoints(out)] == ["step_000005", "step_000015"]
     assert store.read_train_state(out / "checkpoints" / "step_000015")["evals"] == {
-        "best_loss": evals[0][1], "best_step": 5, "evals_since_best": 2}
+        "best_loss": evals[0][1], "best_step": 5, "evals_since_best": 2, "metric": "eval_loss"}
 
     # final/ holds the step-5 weights: the same tensors as that checkpoint, and its eval loss reloaded.
     saved = load_file(out / "checkpoints" / "step_000005" / "params.safetensors")

@@ -6,66 +6,27 @@ import contextlib
 import copy
 
 import datasets
-import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from automodel.config import DataConfig, DataSourceConfig, PreferenceConfig
 from automodel.data import CHAT_TEMPLATES, FormatOptions
 from automodel.data import preference as pairs
-from automodel.data.store import Rows
 from automodel.loss import IGNORE_INDEX
-from automodel.training.distill import FrozenModel, local_head_weights
 from automodel.training.forward import to_device
 from automodel.training.preference import PreferenceLoss, finish_stats, nll_tokens
-from tests.helpers import ASSETS, tiny_llama
+from tests.helpers import (PAIRS, frozen_copy as frozen, policy_and_reference, preference_set,
+                           preference_tokenizer as tokenizer, tiny_llama)
 
 trl = pytest.importorskip("trl")
 
 CPU = torch.device("cpu")
-PAIRS = [
-    {"prompt": "Reverse: abc\n", "chosen": "cba", "rejected": "abc"},
-    {"prompt": "Reverse: hello\n", "chosen": "olleh", "rejected": "olelh"},
-    {"prompt": "Reverse: xy\n", "chosen": "yx", "rejected": "xyxyxy"},
-    {"prompt": "Reverse: moon\n", "chosen": "noom", "rejected": "moon"},
-]
-
-
-def tokenizer():
-    return AutoTokenizer.from_pretrained(ASSETS / "tokenizer")
-
-
-def policy_and_reference():
-    """A reference and a policy some way from it (so log-ratios, rewards and KTO's KL are not zero)."""
-    reference = tiny_llama(vocab_size=259, seed=0)
-    policy = copy.deepcopy(reference)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in policy.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    return policy, reference
-
-
-def frozen(model) -> FrozenModel:
-    model = copy.deepcopy(model).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return FrozenModel(model, lambda inputs: model(**inputs), torch.float32, local_head_weights(model))
 
 
 def trl_args(config_class, tmp_path, **kwargs):
     kwargs = {"max_length": 64, **kwargs}
     return config_class(output_dir=str(tmp_path / "trl"), use_cpu=True, report_to="none", bf16=False,
                         gradient_checkpointing=False, per_device_train_batch_size=len(PAIRS), **kwargs)
-
-
-def preference_set(rows: list[tuple[list[int], list[int]]], kind: str = "pairs", desirable=None):
-    """Rows of (prompt ids, completion ids) in data/preference.py's order (pair i: rows 2i, 2i + 1)."""
-    ids = Rows.from_lists([p + c for p, c in rows])
-    labels = Rows.labels_of(ids, [[IGNORE_INDEX] * len(p) + c for p, c in rows])
-    return pairs.PreferenceSet(ids, labels, None if desirable is None else np.array(desirable), "test", len(rows) // 2,
-                               0, 0, 0, 0, kind)
 
 
 def ours(pref: PreferenceConfig, policy, reference, pset, chunk: int):
