@@ -267,9 +267,9 @@ def _preference_problems(cfg: TrainConfig) -> list[str]:
             key = f"data.{name}" + (f".{i}" if len(getattr(cfg.data, name)) > 1 else "")
             problems.append(f'{key}.format = "{src.format}": preference.loss = "{pref.loss}" trains on '
                             f'format = "{wanted}" rows (docs/preference.md)')
-        if src.streaming:
-            problems.append(f"data.{name}.streaming: preference data is read in full (streamed pairs are not "
-                            "supported yet); set streaming = false")
+        if src.streaming and pref.precompute_reference:
+            problems.append(f"data.{name}.streaming: preference.precompute_reference needs the pairs read in full "
+                            "(one pass before training); set one of them to false")
     if cfg.data.packing:
         problems.append("data.packing: preference pairs are padded, not packed (a pair's two sequences share a "
                         "prompt, and each needs its own summed log-prob); set data.packing = false")

@@ -199,8 +199,10 @@ def _row(prompt: list[int], completion: list[int]) -> tuple[list[int], list[int]
 
 
 def tokenize_rows(rows: Any, src: DataSourceConfig, data_cfg: DataConfig, tokenizer: Any, options: FormatOptions,
-                  name: str, kto: bool) -> PreferenceSet:
-    """The source's rows as a PreferenceSet (bad rows: an error naming file, row and field, or skipped)."""
+                  name: str, kto: bool, where: Any = None) -> PreferenceSet:
+    """The source's rows as a PreferenceSet (bad rows: an error naming file, row and field, or skipped). `where(i)`
+    names row i in errors (default "row i"; a stream's window says its row in the rank's share and the pass)."""
+    where = where or (lambda i: f"row {i}")
     encode = None
     ids_rows, label_rows, desirable = [], [], []
     completions: list[list[int]] = []  # KTO: each kept example's completion, for the mismatched rows
@@ -213,14 +215,14 @@ def tokenize_rows(rows: Any, src: DataSourceConfig, data_cfg: DataConfig, tokeni
             if data_cfg.on_bad_row == "skip":
                 skipped += 1
                 continue
-            raise ConfigError(f"{src.source}: row {i} (split `{src.split}`), field `{e.field}`: {e}; fix the row or "
-                              "set data.on_bad_row = \"skip\"") from None
+            raise ConfigError(f"{src.source}: {where(i)} (split `{src.split}`), field `{e.field}`: {e}; fix the row "
+                              "or set data.on_bad_row = \"skip\"") from None
         prompt, *rest = parsed
         texts = rest[:1] if kto else rest
         if encode is None:
             encode = Encoder(tokenizer, options, chat=not isinstance(prompt, str))
         elif (encode.render is None) != isinstance(prompt, str):
-            raise ConfigError(f"{src.source}: row {i} (split `{src.split}`): mixes text and conversation rows; "
+            raise ConfigError(f"{src.source}: {where(i)} (split `{src.split}`): mixes text and conversation rows; "
                               "give one kind per source")
         prompt_ids, completion_ids = encode(prompt, texts)
         cut = [_cut(prompt_ids, c, data_cfg.seq_len, data_cfg.max_prompt_tokens) for c in completion_ids]
@@ -272,13 +274,15 @@ def _load(path: Path) -> PreferenceSet:
 def build_sources(data_cfg: DataConfig, tokenizer: Any, options: FormatOptions, seed: int = 0, rank: int = 0,
                   log=None, use_cache: bool = True) -> tuple[list[PreferenceSet], list[PreferenceSet]]:
     """(training sets, validation sets) of [data], tokenised once by rank 0 into the cache, read by every rank.
-    data.validation_fraction carves a seeded share of the training rows."""
+    data.validation_fraction carves a seeded share of the training rows. Streamed training sources are not built
+    here (their list is empty)."""
     from automodel.distributed import barrier
 
     def named(kind: str, sources: list[DataSourceConfig]) -> list[tuple[str, DataSourceConfig, Any]]:
         return [(kind if len(sources) == 1 else f"{kind}/{source_label(src)}", src, None) for src in sources]
 
-    plan = named("train", data_cfg.train) + named("validation", data_cfg.validation)
+    streamed = any(src.streaming for src in data_cfg.train)  # read as training goes (data/stream.py)
+    plan = named("train", [] if streamed else data_cfg.train) + named("validation", data_cfg.validation)
     if not data_cfg.validation and data_cfg.validation_fraction > 0:
         src = data_cfg.train[0]
         plan = [("train", src, ("train", data_cfg.validation_fraction, seed)),
@@ -325,28 +329,51 @@ def chain(sets: Sequence[PreferenceSet], name: str) -> PreferenceSet:
 # Batches
 
 
+Sample = tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray], Optional[bool]]  # rows 2i, 2i+1, label
+
+
+def samples_of(pset: PreferenceSet, indices: Sequence[int]) -> list[Sample]:
+    """Samples `indices` of the set as (first row, second row, KTO label or None), each row (ids, labels)."""
+    return [((pset.input_ids.array(2 * i), pset.labels.array(2 * i)),
+             (pset.input_ids.array(2 * i + 1), pset.labels.array(2 * i + 1)),
+             None if pset.desirable is None else bool(pset.desirable[i])) for i in indices]
+
+
 def collate(pset: PreferenceSet, indices: Sequence[int], pad_id: int, nll: str = "none",
             ref_logps: Optional[np.ndarray] = None) -> dict[str, torch.Tensor]:
     """Samples `indices` as one batch: pairs as 2k rows [chosen 1..k, rejected 1..k] (TRL's layout); KTO as the k
     completions, their mismatched rows under `kl_` keys, and `desirable`. `nll`: which tokens the NLL term covers
     ("completion": chosen completions; "all": every chosen token, as ORPO; "none"). `ref_logps`: the precomputed
     reference log-prob of every row of the set."""
-    k = len(indices)
-    if pset.kind == "pairs":
-        return _rows_batch(pset, [2 * i for i in indices] + [2 * i + 1 for i in indices], pad_id, nll, k, ref_logps)
-    batch = _rows_batch(pset, [2 * i for i in indices], pad_id, "none", 0, ref_logps)
-    mismatched = _rows_batch(pset, [2 * i + 1 for i in indices], pad_id, "none", 0, ref_logps)
+    refs = None
+    if ref_logps is not None:
+        refs = [(float(ref_logps[2 * i]), float(ref_logps[2 * i + 1])) for i in indices]
+    return collate_samples(samples_of(pset, indices), pad_id, nll, refs)
+
+
+def collate_samples(samples: Sequence[Sample], pad_id: int, nll: str = "none",
+                    refs: Optional[Sequence[tuple[float, float]]] = None) -> dict[str, torch.Tensor]:
+    """`collate` of samples given as (first row, second row, KTO label or None), e.g. read from a stream; `refs`:
+    each sample's two reference log-probs."""
+    k = len(samples)
+    refs = list(refs) if refs is not None else None
+    if samples[0][2] is None:  # pairs
+        rows = [s[0] for s in samples] + [s[1] for s in samples]
+        ref_rows = [r[0] for r in refs] + [r[1] for r in refs] if refs is not None else None
+        return _rows_batch(rows, pad_id, nll, k, ref_rows)
+    batch = _rows_batch([s[0] for s in samples], pad_id, "none", 0, [r[0] for r in refs] if refs else None)
+    mismatched = _rows_batch([s[1] for s in samples], pad_id, "none", 0, [r[1] for r in refs] if refs else None)
     batch.update({f"kl_{name}": value for name, value in mismatched.items()})
-    batch["desirable"] = torch.from_numpy(pset.desirable[list(indices)].copy())
+    batch["desirable"] = torch.tensor([bool(s[2]) for s in samples], dtype=torch.bool)
     return batch
 
 
-def _rows_batch(pset: PreferenceSet, order: list[int], pad_id: int, nll: str, chosen: int,
-                ref_logps: Optional[np.ndarray]) -> dict[str, torch.Tensor]:
-    """Rows `order` right-padded, with host-side index tensors naming the next-token log-probs the loss needs (so
-    the device is never asked): `logp_index` (flat positions), `logp_row`, `logp_completion` (summed into the row's
-    log-prob) and `logp_nll` (in the NLL term; the first `chosen` rows are the chosen ones)."""
-    batch = collate_rows([(pset.input_ids.array(r), pset.labels.array(r), None) for r in order], pad_id)
+def _rows_batch(rows: list[tuple[np.ndarray, np.ndarray]], pad_id: int, nll: str, chosen: int,
+                ref_logps: Optional[list[float]]) -> dict[str, torch.Tensor]:
+    """(ids, labels) rows right-padded, with host-side index tensors naming the next-token log-probs the loss needs
+    (so the device is never asked): `logp_index` (flat positions), `logp_row`, `logp_completion` (summed into the
+    row's log-prob) and `logp_nll` (in the NLL term; the first `chosen` rows are the chosen ones)."""
+    batch = collate_rows([(ids, labels, None) for ids, labels in rows], pad_id)
     rows, length = batch["input_ids"].shape
     completion = torch.zeros(rows, length, dtype=torch.bool)
     completion[:, :-1] = batch["labels"][:, 1:] != IGNORE_INDEX  # position t predicts token t + 1
@@ -361,7 +388,7 @@ def _rows_batch(pset: PreferenceSet, order: list[int], pad_id: int, nll: str, ch
     batch.update(logp_index=index, logp_row=index // length, logp_completion=completion.reshape(-1)[index],
                  logp_nll=nll_mask.reshape(-1)[index])
     if ref_logps is not None:
-        batch["ref_logps"] = torch.from_numpy(np.asarray(ref_logps)[order].astype(np.float32))
+        batch["ref_logps"] = torch.tensor(ref_logps, dtype=torch.float32)
     return batch
 
 
@@ -370,5 +397,5 @@ def eval_batches(pset: PreferenceSet, batch_size: int, max_batches: int = 0) -> 
     return batches[:max_batches] if max_batches > 0 else batches
 
 
-__all__ = ["Encoder", "PreferenceSet", "build_sources", "chain", "collate", "eval_batches", "kto_row",
-           "preference_row", "split_implicit_prompt", "tokenize_rows"]
+__all__ = ["Encoder", "PreferenceSet", "Sample", "build_sources", "chain", "collate", "collate_samples", "eval_batches",
+           "kto_row", "preference_row", "samples_of", "split_implicit_prompt", "tokenize_rows"]

@@ -5,8 +5,9 @@ datasets.distributed.split_dataset_by_node) in windows of rows: READ_ROWS in the
 `data.shuffle_window` rows trained in a seeded order. A window is formatted and tokenised at once and its samples go
 into seq_len training rows: without data.packing a row is one sample; with it a row takes samples until the next
 one does not fit, and that one opens the next row (a sample is never split). `text` documents flow across rows with
-EOS between them, as when a text source is tokenised in full. When a source ends, its next pass starts at its first
-row. Memory is a window's worth, whatever the corpus size.
+EOS between them, as when a text source is tokenised in full. Preference pairs (and KTO examples) are a row each,
+tokenised as data/preference.py tokenises them. When a source ends, its next pass starts at its first row. Memory is
+a window's worth, whatever the corpus size.
 
 Several streamed sources mix by weight: which source fills a rank's n-th row is a seeded draw, a pure function of
 (seed, rank, n). So where a rank's stream stands after a step is a small record: per source, its pass, the datasets
@@ -17,7 +18,7 @@ the rows the uninterrupted run would have."""
 
 import copy
 from collections import deque
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import attrs
 import numpy as np
@@ -26,6 +27,7 @@ from transformers import PreTrainedTokenizerBase
 
 from automodel.config import BatchShape, ConfigError, DataConfig, DataSourceConfig
 from automodel.data.batching import collate_rows
+from automodel.data import preference as pairs
 from automodel.data.formats import FormatOptions
 from automodel.data.sources import open_stream
 from automodel.data.tokenize import PREFLIGHT_ROWS, document_tokens, encode_examples, format_row, source_label
@@ -57,6 +59,7 @@ class SourceStream:
         self.src, self.data_cfg, self.options, self.tokenizer = src, data_cfg, options, tokenizer
         self.rank, self.world_size, self.seed, self.index = rank, world_size, seed, index
         self.text = src.format == "text"
+        self.preference = src.format in ("preference", "kto")  # a sample is a pair (data/preference.py's Sample)
         self.window = data_cfg.shuffle_window or READ_ROWS
         position = position or {"pass": 0, "state": None, "rows_read": 0, "taken": 0, "offset": 0}
         self._queue: deque[_Sample] = deque()
@@ -124,11 +127,17 @@ class SourceStream:
                 key = [self.seed, self.rank, self.index, self._pass, window]
                 order = np.random.default_rng(key).permutation(len(samples)).tolist()
             for taken, k in enumerate(order):
-                self._queue.append(_Sample(*samples[k], {**start, "taken": taken}))
+                ids, labels = (samples[k], None) if self.preference else samples[k]
+                self._queue.append(_Sample(ids, labels, {**start, "taken": taken}))
             self._produced = self._produced or bool(samples)
 
-    def _tokenise(self, rows: list[dict], first: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Rows (the first is row `first` of the pass) -> their samples, bad and dropped ones left out."""
+    def _tokenise(self, rows: list[dict], first: int) -> list:
+        """Rows (the first is row `first` of the pass) -> their samples, bad and dropped ones left out (preference
+        rows: pairs as data/preference.py makes them; KTO's mismatched rows pair completions within the window)."""
+        if self.preference:
+            pset = pairs.tokenize_rows(rows, self.src, self.data_cfg, self.tokenizer, self.options, "train",
+                                       kto=self.src.format == "kto", where=lambda i: self._where(first + i))
+            return pairs.samples_of(pset, range(len(pset)))
         examples = [format_row(self.src, self.options, row, self._where(first + i), self.data_cfg.on_bad_row)
                     for i, row in enumerate(rows)]
         examples = [ex for ex in examples if ex is not None]
@@ -140,10 +149,13 @@ class SourceStream:
         return [(np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=np.int32))
                 for ids, labels in encoded if ids]
 
-    def head(self) -> tuple[np.ndarray, np.ndarray]:
-        """The next sample's (ids, labels): for a text document, the tokens not yet taken."""
+    def head(self) -> Any:
+        """The next sample's (ids, labels): for a text document, the tokens not yet taken; a preference sample as
+        it is."""
         self._read()
         sample = self._queue[0]
+        if self.preference:
+            return sample.ids
         return sample.ids[self._offset:], sample.labels[self._offset:]
 
     def take(self, n: Optional[int] = None) -> None:
@@ -161,9 +173,11 @@ class TrainStream:
     stream position after them."""
 
     def __init__(self, sources: Sequence[SourceStream], shares: Sequence[float], data_cfg: DataConfig,
-                 shape: BatchShape, seed: int, rank: int, pad_id: int, rows: int = 0):
+                 shape: BatchShape, seed: int, rank: int, pad_id: int, rows: int = 0,
+                 collate: Optional[Callable[[list], dict]] = None):
         self.sources, self.data_cfg, self.shape = list(sources), data_cfg, shape
         self.seed, self.rank, self.pad_id, self.rows = seed, rank, pad_id, rows
+        self.collate = collate or (lambda rows: collate_rows(rows, pad_id))
         self.bounds = np.cumsum(shares)[:-1] if len(shares) > 1 else np.zeros(0)
 
     def position(self) -> dict:
@@ -180,6 +194,10 @@ class TrainStream:
         source = self.sources[self.source_of(self.rows)]
         self.rows += 1
         seq_len, packing = self.data_cfg.seq_len, self.data_cfg.packing
+        if source.preference:  # a pair (or KTO example) per row, collated by the recipe's `collate`
+            sample = source.head()
+            source.take()
+            return sample
         if source.text:  # seq_len tokens of the document stream, all trained
             pieces, length = [], 0
             while length < seq_len:
@@ -212,7 +230,7 @@ class TrainStream:
         """This rank's micro-batches of the next step, and the position after them."""
         rows = [self.next_row() for _ in range(self.shape.per_rank)]
         m = self.shape.micro_batch_size
-        return [collate_rows(rows[i:i + m], self.pad_id) for i in range(0, len(rows), m)], self.position()
+        return [self.collate(rows[i:i + m]) for i in range(0, len(rows), m)], self.position()
 
 
 def shares_of(sources: Sequence[DataSourceConfig]) -> list[float]:
@@ -223,8 +241,10 @@ def shares_of(sources: Sequence[DataSourceConfig]) -> list[float]:
 
 
 def open_train_stream(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, options: FormatOptions,
-                      shape: BatchShape, seed: int, rank: int, position: Optional[dict] = None) -> TrainStream:
-    """The training sources of [data] streamed on this rank, from `position` (a checkpoint's) or from the start."""
+                      shape: BatchShape, seed: int, rank: int, position: Optional[dict] = None,
+                      collate: Optional[Callable[[list], dict]] = None) -> TrainStream:
+    """The training sources of [data] streamed on this rank, from `position` (a checkpoint's) or from the start;
+    `collate` makes a micro-batch of rows (default: collate_rows; preference pairs: the recipe's)."""
     sources = data_cfg.train
     saved = position["sources"] if position is not None else [None] * len(sources)
     if len(saved) != len(sources):
@@ -237,7 +257,7 @@ def open_train_stream(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, 
     streams = [SourceStream(src, data_cfg, options, tokenizer, rank, shape.world_size, at, seed, k)
                for k, (src, at) in enumerate(zip(sources, saved))]
     return TrainStream(streams, shares_of(sources), data_cfg, shape, seed, rank, tokenizer.pad_token_id,
-                       rows=position["rows"] if position is not None else 0)
+                       rows=position["rows"] if position is not None else 0, collate=collate)
 
 
 def preflight(data_cfg: DataConfig, options: FormatOptions) -> list[str]:
@@ -249,7 +269,10 @@ def preflight(data_cfg: DataConfig, options: FormatOptions) -> list[str]:
     lines = []
     for src, share in zip(sources, shares_of(sources)):
         rows = open_stream(src)
-        for i, row in enumerate(rows.take(PREFLIGHT_ROWS)):
+        if src.format in ("preference", "kto"):
+            pairs.tokenize_rows(list(rows.take(PREFLIGHT_ROWS)), src, data_cfg, options.tokenizer, options, "train",
+                                kto=src.format == "kto")
+        for i, row in enumerate(rows.take(PREFLIGHT_ROWS) if src.format not in ("preference", "kto") else ()):
             format_row(src, options, row, f"row {i}", data_cfg.on_bad_row)
         label = "train" if len(sources) == 1 else f"train/{source_label(src)}"
         mix = f"; {100 * share:.1f}% of the rows" if len(sources) > 1 else ""

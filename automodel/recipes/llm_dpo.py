@@ -6,7 +6,8 @@ Features:
   (reference-free), kto (unpaired), plus an NLL term on the chosen completions (sft_weight, RPO);
 - data: TRL's prompt/chosen/rejected (text or messages, implicit prompts split at the common beginning), ShareGPT
   conversations + chosen/rejected turns, chosen_messages/rejected_messages; KTO's prompt/completion or messages +
-  label; tokenised as TRL tokenises them, cached, weighted mixtures, validation pairs;
+  label; tokenised as TRL tokenises them, cached, weighted mixtures, validation pairs; or streamed (read as
+  training goes, each rank its share, exact resume), as SFT data streams;
 - the reference: the initial policy (a frozen copy; with LoRA the base with the adapter off, no second copy), a
   model of your choice, or log-probs precomputed in one pass and stored in <output_dir>/reference/ (the model is
   then freed; resume reuses them);
@@ -29,7 +30,7 @@ import xxhash
 
 from automodel import data, distributed, models
 from automodel.backends import build_frozen
-from automodel.config import ConfigError, TrainConfig
+from automodel.config import BatchShape, ConfigError, TrainConfig
 from automodel.data import preference as pairs
 from automodel.recipes.skeleton import Parts, Run, ValidationSet, run as run_recipe
 from automodel.training.distill import FrozenModel
@@ -50,9 +51,12 @@ def parts(run: Run) -> Parts:
     options = data.format_options(cfg.data, tokenizer)
     train_sets, val_sets = pairs.build_sources(cfg.data, tokenizer, options, seed=cfg.seed, rank=run.ranks.rank,
                                                log=print)
-    train_set = pairs.chain(train_sets, "train")
+    streamed = cfg.data.train[0].streaming  # then read as training goes (train_sets is empty): opened and checked
+    stream_lines = data.stream.preflight(cfg.data, options) if streamed else []
+    train_set = pairs.chain(train_sets, "train") if train_sets else None
     weights = [src.weight for src in cfg.data.train]
-    mixture = data.Mixture.of([len(s) for s in train_sets], weights, cfg.seed) if weights[0] is not None else None
+    mixture = (data.Mixture.of([len(s) for s in train_sets], weights, cfg.seed)
+               if weights[0] is not None and not streamed else None)
 
     # The policy (under ZeRO-3 a pretrained model loads already partitioned), then the reference, then LoRA.
     model = run.build_model(lambda: models.build_model(cfg.model, tokenizer, cfg.seed))
@@ -62,7 +66,7 @@ def parts(run: Run) -> Parts:
         # Every row's reference log-prob, read back (a resumed run) or computed in one pass by a reference built for
         # it (with LoRA too: the base, before adapters), which is then freed.
         reference = None
-        ref_logps = {s.name: stored_reference(run, s) for s in [train_set, *val_sets]}
+        ref_logps = {s.name: stored_reference(run, s) for s in [train_set, *val_sets]}  # never streamed
         if any(v is None for v in ref_logps.values()):
             frozen, _ = build_reference(run, tokenizer, model, copy_for_adapter=True)
             ref_logps = {s.name: ref_logps[s.name] if ref_logps[s.name] is not None else
@@ -85,13 +89,21 @@ def parts(run: Run) -> Parts:
         return ValidationSet(lambda: (pairs.collate(vset, idx, pad, nll, ref_logps.get(vset.name))
                                       for idx in pairs.eval_batches(vset, eval_size, cfg.eval.max_batches)))
 
+    def stream(position):  # this rank's share of the streamed sources, from a checkpoint's position or the start
+        return data.stream.open_train_stream(cfg.data, tokenizer, options,
+                                             BatchShape.of(cfg.train, run.ranks.world_size), cfg.seed,
+                                             run.ranks.rank, position,
+                                             collate=lambda samples: pairs.collate_samples(samples, pad, nll))
+
     names = [src.name for src in cfg.data.validation] if len(val_sets) > 1 else [""] * len(val_sets)
     unit = "pairs" if pref.loss != "kto" else "examples"
     return Parts(
-        model=model, saver=tokenizer, base_path=base_path, num_train=len(train_set), mixture=mixture,
-        collate=lambda idx: pairs.collate(train_set, idx, pad, nll, ref_logps.get(train_set.name)),
+        model=model, saver=tokenizer, base_path=base_path, num_train=len(train_set or ()), mixture=mixture,
+        collate=(lambda idx: pairs.collate(train_set, idx, pad, nll, ref_logps.get(train_set.name)))
+        if train_set is not None else None,
+        stream=stream if streamed else None,
         validation={name: validation_set(v) for name, v in zip(names, val_sets)},
-        data_lines=[s.summary() for s in [*train_sets, *val_sets]], objective=objective, unit=unit,
+        data_lines=stream_lines + [s.summary() for s in [*train_sets, *val_sets]], objective=objective, unit=unit,
         model_note=f"preference.loss {pref.loss}, beta {pref.beta}; {reference_note}",
         flops=models.flop_model(model),
     )

@@ -169,7 +169,7 @@ def run(cfg: TrainConfig, parts_of: Callable[[Run], Parts]) -> TrainResult:
         for line in parts.data_lines:
             logger.info(f"data: {line}")
         per_epoch = f", {plan.steps_per_epoch} steps per epoch" if plan is not None else ""
-        unit = "rows" if plan is None else parts.unit
+        unit = parts.unit if parts.unit != "samples" else "rows" if plan is None else "samples"
         logger.info(f"training: {max_steps} steps of {cfg.train.global_batch_size} {unit} ({shape.accumulation_steps} "
                     f"accumulation x {cfg.train.micro_batch_size} per rank){per_epoch}")
         logger.info(f"memory: activation checkpointing {'on' if cfg.train.activation_checkpointing else 'off'}; "

@@ -3,6 +3,8 @@ KTO), truncation and its counts, one-line errors naming file and row, the batch 
 
 import json
 
+import datasets
+
 import pytest
 import torch
 
@@ -135,7 +137,8 @@ def dpo_config(tmp_path, *overrides):
 @pytest.mark.parametrize("overrides, message", [
     (["recipe=llm_finetune"], 'recipe = "llm_dpo" and a [preference] section go together'),
     (["data.packing=true"], "preference pairs are padded, not packed"),
-    (["data.train.streaming=true", "train.max_steps=10"], "preference data is read in full"),
+    (["data.train.streaming=true", "preference.precompute_reference=true"], "precompute_reference needs the pairs "
+                                                                               "read in full"),
     (["preference.loss=kto"], 'data.train.format = "preference": preference.loss = "kto" trains on format = "kto"'),
     (["preference.label_smoothing=0.5", "preference.loss=robust"], "preference.label_smoothing must be in [0, 0.5)"),
     (["preference.loss=orpo", "preference.reference=runs/x"], 'loss = "orpo" uses no reference model'),
@@ -151,3 +154,41 @@ def test_the_shipped_dpo_configs_load(tmp_path):
     assert dpo_config(tmp_path).preference.loss == "sigmoid"
     gpu = load_config(REPO / "configs_toml" / "dpo.toml", [])
     assert gpu.recipe == "llm_dpo" and gpu.peft is not None
+
+
+@pytest.mark.parametrize("fmt", ["preference", "kto"])
+def test_streamed_pairs_are_the_pairs_read_in_full_and_resume_where_they_stopped(fmt):
+    """Read as training goes (one rank, file order), a step's batches are those of the pairs read in full (KTO's
+    mismatched rows pair within a window of the stream, so its first example is left out of the comparison); a
+    stream reopened at a step's position gives the next step's batches exactly."""
+    from automodel.config import BatchShape
+    from automodel.data import stream
+
+    prefix = "kto_" if fmt == "kto" else ""
+    source = DataSourceConfig(source=str(REPO / "examples" / "preference" / f"{prefix}train.jsonl"), format=fmt,
+                              streaming=True)
+    cfg = DataConfig(seq_len=32, train=source)
+    tok = tokenizer()
+    shape = BatchShape(global_batch_size=8, micro_batch_size=4, world_size=1)
+    collate = lambda samples: pairs.collate_samples(samples, tok.pad_token_id, "completion")  # noqa: E731
+    opened = stream.open_train_stream(cfg, tok, FormatOptions(tokenizer=tok), shape, seed=0, rank=0, collate=collate)
+    steps = [opened.next_step() for _ in range(3)]
+    full = pairs.tokenize_rows(datasets.Dataset.from_json(source.source), source, cfg, tok, FormatOptions(tokenizer=tok),
+                               "train", kto=fmt == "kto")
+    first = 1 if fmt == "kto" else 0
+    for k, (batches, _) in enumerate(steps):
+        for m, batch in enumerate(batches):
+            indices = list(range(8 * k + 4 * m, 8 * k + 4 * m + 4))
+            expected = pairs.collate(full, indices, tok.pad_token_id, "completion")
+            rows = slice(first, None)  # KTO: example 0's mismatched row differs
+            keys = ("input_ids", "labels") + (("kl_input_ids", "kl_labels") if fmt == "kto" else ())
+            for key in keys:
+                mine, theirs = batch[key], expected[key]
+                if key.startswith("kl_") and k == m == 0:  # example 0's mismatched row: the window's last completion
+                    mine, theirs = mine[rows], theirs[rows]
+                width = min(mine.shape[1], theirs.shape[1])  # padded to each batch's longest
+                assert torch.equal(mine[:, :width], theirs[:, :width]), (k, m, key)
+    reopened = stream.open_train_stream(cfg, tok, FormatOptions(tokenizer=tok), shape, seed=0, rank=0,
+                                        position=json.loads(json.dumps(steps[1][1])), collate=collate)
+    again, _ = reopened.next_step()
+    assert all(torch.equal(a[key], b[key]) for a, b in zip(again, steps[2][0]) for key in a)

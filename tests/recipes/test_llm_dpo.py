@@ -209,6 +209,21 @@ def test_a_stopped_lora_kto_run_resumes_exactly(tmp_path):
 
 
 @pytest.mark.slow
+def test_streamed_pairs_train_and_resume_exactly(tmp_path):
+    """The pairs read as training goes: stopped after step 3 and resumed from the checkpoint's stream position, the
+    losses and rewards are the uninterrupted run's."""
+    streamed = ["data.train.streaming=true", 'schedule.kind="constant"', "schedule.warmup_steps=0",
+                "checkpoint.every=3"]
+    automodel.train(dpo_cpu(tmp_path / "whole", *SHORT, *streamed))
+    automodel.train(dpo_cpu(tmp_path / "cut", *SHORT, *streamed, "train.max_steps=3"))
+    automodel.train(dpo_cpu(tmp_path / "cut", *SHORT, *streamed))
+    whole, cut = helpers.rows(tmp_path / "whole"), helpers.rows(tmp_path / "cut")
+    keys = ("loss", "rewards/margins", "passes")
+    assert [[r[k] for k in keys] for r in cut if "loss" in r] == [[r[k] for k in keys] for r in whole if "loss" in r]
+    assert [r["passes"] for r in whole if "loss" in r][-1] == [1]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher, backend", [("torchrun", []),
                                                ("deepspeed", ["distributed.backend=deepspeed",
                                                               "distributed.zero_stage=3"])],
