@@ -30,10 +30,11 @@ from automodel.data.formats import BadRow, FormatOptions, render_chat_template, 
 from automodel.data.sources import load_rows
 from automodel.data.store import Rows, concat
 from automodel.data import store
-from automodel.data.tokenize import _source_identity, _tokenizer_identity, cache_root, source_label
+from automodel.data.tokenize import _source_identity, _tokenizer_identity, cache_root, carved, split_plan
 from automodel.loss import IGNORE_INDEX
 
 CACHE_VERSION = 1
+FORMATS = ("preference", "kto")  # DataSourceConfig.format values read here
 Text = Any  # a string, or a list of {"role", "content"} messages
 
 
@@ -278,15 +279,7 @@ def build_sources(data_cfg: DataConfig, tokenizer: Any, options: FormatOptions, 
     here (their list is empty)."""
     from automodel.distributed import barrier
 
-    def named(kind: str, sources: list[DataSourceConfig]) -> list[tuple[str, DataSourceConfig, Any]]:
-        return [(kind if len(sources) == 1 else f"{kind}/{source_label(src)}", src, None) for src in sources]
-
-    streamed = any(src.streaming for src in data_cfg.train)  # read as training goes (data/stream.py)
-    plan = named("train", [] if streamed else data_cfg.train) + named("validation", data_cfg.validation)
-    if not data_cfg.validation and data_cfg.validation_fraction > 0:
-        src = data_cfg.train[0]
-        plan = [("train", src, ("train", data_cfg.validation_fraction, seed)),
-                ("validation", src, ("test", data_cfg.validation_fraction, seed))]
+    plan = split_plan(data_cfg, seed)
     tokenizer_id = _tokenizer_identity(tokenizer) if use_cache else ""
     train, validation = [], []
     for name, src, carve in plan:
@@ -294,10 +287,7 @@ def build_sources(data_cfg: DataConfig, tokenizer: Any, options: FormatOptions, 
         path = cache_root(data_cfg) / f"{name.replace('/', '--')}-{key}"
         if not use_cache or (rank == 0 and not (path / "meta.json").is_file()):
             started = time.perf_counter()
-            rows = load_rows(src)
-            if carve is not None:
-                side, fraction, split_seed = carve
-                rows = rows.train_test_split(test_size=fraction, seed=split_seed, shuffle=True)[side]
+            rows = carved(load_rows(src), carve)
             pset = tokenize_rows(rows, src, data_cfg, tokenizer, options, name, kto=src.format == "kto")
             if log is not None:
                 log(f"data: rank {rank} tokenised {name} ({len(rows):,} rows) in {time.perf_counter() - started:.1f}s")

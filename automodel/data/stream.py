@@ -59,7 +59,7 @@ class SourceStream:
         self.src, self.data_cfg, self.options, self.tokenizer = src, data_cfg, options, tokenizer
         self.rank, self.world_size, self.seed, self.index = rank, world_size, seed, index
         self.text = src.format == "text"
-        self.preference = src.format in ("preference", "kto")  # a sample is a pair (data/preference.py's Sample)
+        self.preference = src.format in pairs.FORMATS  # a sample is a pair (data/preference.py's Sample)
         self.window = data_cfg.shuffle_window or READ_ROWS
         position = position or {"pass": 0, "state": None, "rows_read": 0, "taken": 0, "offset": 0}
         self._queue: deque[_Sample] = deque()
@@ -268,12 +268,12 @@ def preflight(data_cfg: DataConfig, options: FormatOptions) -> list[str]:
              "read in order")
     lines = []
     for src, share in zip(sources, shares_of(sources)):
-        rows = open_stream(src)
-        if src.format in ("preference", "kto"):
-            pairs.tokenize_rows(list(rows.take(PREFLIGHT_ROWS)), src, data_cfg, options.tokenizer, options, "train",
-                                kto=src.format == "kto")
-        for i, row in enumerate(rows.take(PREFLIGHT_ROWS) if src.format not in ("preference", "kto") else ()):
-            format_row(src, options, row, f"row {i}", data_cfg.on_bad_row)
+        first = list(open_stream(src).take(PREFLIGHT_ROWS))
+        if src.format in pairs.FORMATS:
+            pairs.tokenize_rows(first, src, data_cfg, options.tokenizer, options, "train", kto=src.format == "kto")
+        else:
+            for i, row in enumerate(first):
+                format_row(src, options, row, f"row {i}", data_cfg.on_bad_row)
         label = "train" if len(sources) == 1 else f"train/{source_label(src)}"
         mix = f"; {100 * share:.1f}% of the rows" if len(sources) > 1 else ""
         lines.append(f"{label}: {src.format} rows streamed from {src.source} (split `{src.split}`"

@@ -250,16 +250,7 @@ def build_sources(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed
     from automodel.distributed import barrier
 
     options = format_options(data_cfg, tokenizer)
-
-    def named(kind: str, sources: list[DataSourceConfig]) -> list[tuple[str, DataSourceConfig, Any]]:
-        return [(kind if len(sources) == 1 else f"{kind}/{source_label(src)}", src, None) for src in sources]
-
-    streamed = any(src.streaming for src in data_cfg.train)
-    plan = named("train", [] if streamed else data_cfg.train) + named("validation", data_cfg.validation)
-    if not data_cfg.validation and data_cfg.validation_fraction > 0:
-        src = data_cfg.train[0]
-        plan = [("train", src, ("train", data_cfg.validation_fraction, seed)),
-                ("validation", src, ("test", data_cfg.validation_fraction, seed))]
+    plan = split_plan(data_cfg, seed)
     train, validation = [], []
     tokenizer_id = _tokenizer_identity(tokenizer) if use_cache else ""  # hashes the whole vocabulary: once
     paths = [cache_root(data_cfg) / f"{name.replace('/', '--')}-{cache_key(src, data_cfg, tokenizer_id, carve)}"
@@ -288,6 +279,29 @@ def build_sources(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed
                               f"(now {data_cfg.seq_len}) or set data.truncate = \"right\"")
         (train if name.startswith("train") else validation).append(tset)
     return train, validation
+
+
+def split_plan(data_cfg: DataConfig, seed: int) -> list[tuple[str, DataSourceConfig, Any]]:
+    """(name, source, carve) of each set to build from [data], in config order: a lone source is "train" (or
+    "validation"), several "train/<label>"; streamed training sources are left out (data/stream.py reads them);
+    with data.validation_fraction both sets carve the one training source (`carved`)."""
+    def named(kind: str, sources: list[DataSourceConfig]) -> list[tuple[str, DataSourceConfig, Any]]:
+        return [(kind if len(sources) == 1 else f"{kind}/{source_label(src)}", src, None) for src in sources]
+
+    if not data_cfg.validation and data_cfg.validation_fraction > 0:
+        src = data_cfg.train[0]
+        return [("train", src, ("train", data_cfg.validation_fraction, seed)),
+                ("validation", src, ("test", data_cfg.validation_fraction, seed))]
+    streamed = any(src.streaming for src in data_cfg.train)
+    return named("train", [] if streamed else data_cfg.train) + named("validation", data_cfg.validation)
+
+
+def carved(rows: datasets.Dataset, carve: Any) -> datasets.Dataset:
+    """The rows a split_plan entry's carve keeps (a seeded train/test split of the source), or all of them."""
+    if carve is None:
+        return rows
+    side, fraction, seed = carve
+    return rows.train_test_split(test_size=fraction, seed=seed, shuffle=True)[side]
 
 
 PREFLIGHT_ROWS = 16
@@ -320,10 +334,7 @@ def _tokenize_split(name: str, src: DataSourceConfig, carve: Any, data_cfg: Data
                     rows: Optional[datasets.Dataset] = None) -> TokenizedSet:
     """`rows`: the source as already opened (else it is opened here)."""
     started = time.perf_counter()
-    rows = load_rows(src) if rows is None else rows
-    if carve is not None:
-        side, fraction, seed = carve
-        rows = rows.train_test_split(test_size=fraction, seed=seed, shuffle=True)[side]
+    rows = carved(load_rows(src) if rows is None else rows, carve)
     text = src.format == "text"
     job = _Job(src, rows, options, data_cfg, tokenizer, text)
     workers = min(num_proc(data_cfg), max(1, len(rows) // ROWS_PER_CHUNK))

@@ -66,12 +66,14 @@ def parts(run: Run) -> Parts:
         # Every row's reference log-prob, read back (a resumed run) or computed in one pass by a reference built for
         # it (with LoRA too: the base, before adapters), which is then freed.
         reference = None
-        ref_logps = {s.name: stored_reference(run, s) for s in [train_set, *val_sets]}  # never streamed
+        sets = [train_set, *val_sets]  # never streamed
+        files = {s.name: reference_files(run, s) for s in sets}  # hashes each set's tokens once
+        ref_logps = {s.name: stored_reference(run, s, files[s.name]) for s in sets}
         if any(v is None for v in ref_logps.values()):
             frozen, _ = build_reference(run, tokenizer, model, copy_for_adapter=True)
             ref_logps = {s.name: ref_logps[s.name] if ref_logps[s.name] is not None else
-                         compute_reference(run, frozen, s, tokenizer.pad_token_id, chunk)
-                         for s in [train_set, *val_sets]}
+                         compute_reference(run, frozen, s, tokenizer.pad_token_id, chunk, files[s.name])
+                         for s in sets}
             del frozen
         reference_note = f"reference log-probs precomputed, in {run.out / 'reference'}"
     else:
@@ -137,7 +139,7 @@ def build_reference(run: Run, tokenizer, policy, copy_for_adapter: bool = False)
     return build_frozen(model, run.ds_config, run.device), note
 
 
-def _reference_files(run: Run, pset: pairs.PreferenceSet) -> tuple[Path, Path, dict]:
+def reference_files(run: Run, pset: pairs.PreferenceSet) -> tuple[Path, Path, dict]:
     """(<output_dir>/reference/<set>.npy, its .json, what it must have been computed for: these rows, this
     reference)."""
     cfg = run.cfg
@@ -151,9 +153,10 @@ def _reference_files(run: Run, pset: pairs.PreferenceSet) -> tuple[Path, Path, d
     return stem.with_suffix(".npy"), stem.with_suffix(".json"), identity
 
 
-def stored_reference(run: Run, pset: pairs.PreferenceSet) -> Optional[np.ndarray]:
-    """The set's precomputed reference log-probs if a run wrote them for these rows and this reference, else None."""
-    path, meta, identity = _reference_files(run, pset)
+def stored_reference(run: Run, pset: pairs.PreferenceSet, files: tuple[Path, Path, dict]) -> Optional[np.ndarray]:
+    """The set's precomputed reference log-probs if a run wrote them for these rows and this reference (`files`:
+    reference_files), else None."""
+    path, meta, identity = files
     if not (meta.is_file() and path.is_file()) or json.loads(meta.read_text()).get("key") != identity["key"]:
         return None
     values = np.load(path)
@@ -164,8 +167,8 @@ def stored_reference(run: Run, pset: pairs.PreferenceSet) -> Optional[np.ndarray
     return values
 
 
-def compute_reference(run: Run, frozen: FrozenModel, pset: pairs.PreferenceSet, pad: int,
-                      chunk_tokens: int) -> np.ndarray:
+def compute_reference(run: Run, frozen: FrozenModel, pset: pairs.PreferenceSet, pad: int, chunk_tokens: int,
+                      files: tuple[Path, Path, dict]) -> np.ndarray:
     """Every row's summed reference log-prob (float32, row order), computed on every rank alike (under ZeRO-3 the
     forward is collective) and written by rank 0 to <output_dir>/reference/ (atomically, its .json last)."""
     cfg = run.cfg
@@ -182,7 +185,7 @@ def compute_reference(run: Run, frozen: FrozenModel, pset: pairs.PreferenceSet, 
                       if pset.kind == "kto" else first[len(idx):])
         out[[2 * i for i in idx]] = first[:len(idx)]
         out[[2 * i + 1 for i in idx]] = second
-    path, meta, identity = _reference_files(run, pset)
+    path, meta, identity = files
     if run.is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npy")

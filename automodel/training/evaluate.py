@@ -9,6 +9,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from automodel.data import TokenizedSet
+from automodel.training.preference import finish_stats
 
 
 @torch.no_grad()
@@ -31,9 +32,7 @@ def eval_loss(model: nn.Module, loss_sum: Callable[[dict[str, torch.Tensor]], tu
                 stats[name] = stats.get(name, 0) + value.double().cpu()
     finally:
         model.train(was_training)
-    means = {k: (v[0] / max(float(v[1]), 1.0)).item() for k, v in stats.items()}
-    if "rewards/chosen" in means and "rewards/rejected" in means:
-        means["rewards/margins"] = means["rewards/chosen"] - means["rewards/rejected"]
+    means = {k: v.item() for k, v in finish_stats(stats).items()}
     return (total / max(count, 1)).item(), count, means
 
 

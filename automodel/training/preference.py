@@ -56,6 +56,11 @@ def sub_batch(batch: Batch, prefix: str) -> Batch:
     return {k[len(prefix):]: v for k, v in batch.items() if k.startswith(prefix)}
 
 
+def _logps_of_logits(logits: torch.Tensor, index: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(targets) at the flat positions `index` of whole (batch, time, vocab) logits, float32."""
+    return -F.cross_entropy(logits.flatten(0, 1).index_select(0, index).float(), targets, reduction="none")
+
+
 class PreferenceLoss:
     """(run, batch) -> the preference loss of [preference] (the step's interface: prepare, terms, samples).
 
@@ -118,8 +123,7 @@ class PreferenceLoss:
         """The policy's log p(next token) at logp_index, float32 (with gradients when enabled)."""
         index, targets = batch["logp_index"], self._targets(batch)
         if self.head is None:
-            logits = run(self._inputs(batch, self.dtype)).logits
-            return -F.cross_entropy(logits.flatten(0, 1).index_select(0, index).float(), targets, reduction="none")
+            return _logps_of_logits(run(self._inputs(batch, self.dtype)).logits, index, targets)
         with self.head.capture() as seen:
             run(self._inputs(batch, self.dtype))
         chunk = self.chunk_tokens
@@ -134,8 +138,7 @@ class PreferenceLoss:
                 return self.token_logps(run, batch)
         index, targets = batch["logp_index"], self._targets(batch)
         if self.reference_head is None:
-            logits = ref.run(self._inputs(batch, ref.dtype)).logits
-            return -F.cross_entropy(logits.flatten(0, 1).index_select(0, index).float(), targets, reduction="none")
+            return _logps_of_logits(ref.run(self._inputs(batch, ref.dtype)).logits, index, targets)
         with self.reference_head.capture() as seen:
             ref.run(self._inputs(batch, ref.dtype))
         weight, bias = ref.head_weights()  # once per micro-batch, on every rank (a gather under ZeRO-3)
