@@ -438,7 +438,8 @@ class PreferenceConfig:
     )
     beta: float = field(0.1, "beta: how far the policy may move from the reference (DPO, robust, KTO), IPO's tau, "
                              "SimPO's reward scale (its paper uses 2.0-2.5); ORPO's weight is orpo_lambda.")
-    label_smoothing: float = field(0.0, "robust: the probability that a pair's preference is flipped, in [0, 0.5).")
+    label_smoothing: float = field(0.0, "robust: the probability that a pair's preference is flipped, in [0, 0.5); "
+                                          "simpo: the conservative smoothing of TRL's CPO.")
     simpo_gamma: float = field(0.5, "simpo: the target reward margin gamma (gamma / beta is subtracted from the "
                                     "length-averaged log-ratio).")
     orpo_lambda: float = field(0.1, "orpo: the odds-ratio term's weight (TRL's ORPOConfig.beta).")

@@ -279,9 +279,9 @@ def _preference_problems(cfg: TrainConfig) -> list[str]:
         problems.append(f"preference.beta must be a finite number > 0 (got {pref.beta})")
     if not 0.0 <= pref.label_smoothing < 0.5:
         problems.append(f"preference.label_smoothing must be in [0, 0.5) (got {pref.label_smoothing})")
-    if pref.label_smoothing and pref.loss != "robust":
-        problems.append(f'preference.label_smoothing is the flip rate of loss = "robust"; loss = "{pref.loss}" '
-                        "ignores it: leave it out or use \"robust\"")
+    if pref.label_smoothing and pref.loss not in ("robust", "simpo"):
+        problems.append(f'preference.label_smoothing is the flip rate of loss = "robust" (and SimPO\'s smoothing); '
+                        f'loss = "{pref.loss}" ignores it: leave it out or use "robust"')
     if pref.sft_weight < 0 or pref.orpo_lambda < 0 or pref.kto_desirable_weight < 0 or pref.kto_undesirable_weight < 0:
         problems.append("preference.sft_weight, orpo_lambda and kto_*_weight must be >= 0")
     if pref.sft_weight and pref.loss in ("orpo", "kto"):

@@ -150,6 +150,13 @@ def test_config_rules(tmp_path, overrides, message):
     assert message in str(e.value)
 
 
+def test_label_smoothing_is_taken_by_robust_and_simpo_and_refused_elsewhere(tmp_path):
+    for loss in ("robust", "simpo"):
+        assert dpo_config(tmp_path, f"preference.loss={loss}", "preference.label_smoothing=0.1").preference.loss == loss
+    with pytest.raises(ConfigError, match=r'loss = "ipo" ignores it'):
+        dpo_config(tmp_path, "preference.loss=ipo", "preference.label_smoothing=0.1")
+
+
 def test_the_shipped_dpo_configs_load(tmp_path):
     assert dpo_config(tmp_path).preference.loss == "sigmoid"
     gpu = load_config(REPO / "configs_toml" / "dpo.toml", [])
