@@ -26,6 +26,7 @@ from automodel.training.distill import Teacher
 from automodel.training.forward import Batch, ModelLoss, Objective
 from automodel.training.state import TrainState, initial_rng, rng_scope
 from automodel.training.preference import add_stats
+from automodel.training.offload import Offloaded
 from automodel.training.step import StepMetrics, reduce_stats
 
 ENGINE_TAG = "engine"
@@ -68,18 +69,16 @@ def _is_matrix(p: torch.Tensor) -> bool:
 def build_deepspeed(model: nn.Module, *, ds_config: dict, optim, lr_fn: Callable[[int], float],
                     device: torch.device, all_reduce: AllReduce, rank: int, world_size: int, seed: int,
                     loss_chunk_tokens: int, teacher: Optional[Teacher] = None,
-                    objective: Optional[Objective] = None) -> Backend:
+                    objective: Optional[Objective] = None, offload_activations: bool = False) -> Backend:
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [{"params": [p for _, p in trainable if _is_matrix(p)], "weight_decay": optim.weight_decay},
               {"params": [p for _, p in trainable if not _is_matrix(p)], "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     if "optimizer" in ds_config:  # optimizer offload: DeepSpeed's CPU AdamW, built from the JSON
         engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
-    else:  # the same torch AdamW arithmetic as the functional backend
-        # On CUDA torch's fused kernel; elsewhere the foreach arithmetic the functional backend reproduces.
-        fused = device.type == "cuda"
-        opt = torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, foreach=not fused, fused=fused)
-        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
+    else:
+        engine, *_ = deepspeed.initialize(model=model, optimizer=client_optimizer(groups, optim, device),
+                                          config=ds_config)
     release_shm_buffer(rank)
     stage = ds_config["zero_optimization"]["stage"]
     trainable_params = sum(numel(p) for _, p in trainable)
@@ -92,6 +91,7 @@ def build_deepspeed(model: nn.Module, *, ds_config: dict, optim, lr_fn: Callable
         return engine(**inputs)  # through the engine: its hooks gather ZeRO-3 weights
 
     loss.calibrate(run, device)
+    saving = (lambda: Offloaded(engine.module, device)) if offload_activations else contextlib.nullcontext
 
     def step(state: TrainState, micro_batches: list[Batch]) -> tuple[TrainState, StepMetrics]:
         # The engine divides each backward by its accumulation count: the scale below relies on the two agreeing.
@@ -109,7 +109,8 @@ def build_deepspeed(model: nn.Module, *, ds_config: dict, optim, lr_fn: Callable
             n = totals["n"]
             scale = len(micro_batches) * world_size / n
             for i, batch in enumerate(micro_batches):
-                loss_sum, more = loss.terms(run, batch, totals)  # the same loss as the functional backend
+                with saving():
+                    loss_sum, more = loss.terms(run, batch, totals)  # the same loss as the functional backend
                 stats = add_stats(stats, more)
                 engine.backward(loss_sum * scale)
                 if stage == 0 and i == len(micro_batches) - 1:
@@ -170,6 +171,18 @@ def build_deepspeed(model: nn.Module, *, ds_config: dict, optim, lr_fn: Callable
                    tensor_table=lambda state: {n: [list(getattr(p, "ds_shape", p.shape)),
                                                    str(p.dtype).removeprefix("torch.")] for n, p in sorted(trainable)},
                    generate_kwargs={"synced_gpus": stage == 3 and world_size > 1})
+
+
+def client_optimizer(groups: list[dict], optim: Any, device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer the engine steps: torch's AdamW, the arithmetic the functional backend reproduces (fused on
+    CUDA, foreach elsewhere), or bitsandbytes' 8-bit AdamW (the kernel optim/adamw8bit.py calls), paged if asked."""
+    if optim.name == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps,
+                                   is_paged=optim.paged and device.type == "cuda")
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, foreach=not fused, fused=fused)
 
 
 def teacher_engine(model: nn.Module, ds_config: dict) -> tuple[Callable[[dict], Any], Callable]:

@@ -36,6 +36,8 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         "steps_per_print": 10**12,  # our loop logs
         "wall_clock_breakdown": False,
     }
+    if cfg.optim.name == "adamw8bit":  # a client optimizer ZeRO has no test of its own for (it steps any optimizer)
+        ds["zero_allow_untested_optimizer"] = True
     if d.offload_optimizer == "cpu":
         ds["optimizer"] = {"type": "AdamW", "params": {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas),
                                                         "eps": cfg.optim.eps, "weight_decay": cfg.optim.weight_decay}}

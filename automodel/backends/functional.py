@@ -12,7 +12,7 @@ from torch import nn
 from automodel.backends.base import Backend
 from automodel.distributed import AllReduce
 from automodel.models.export import save_hf_model
-from automodel.optim import AdamWHyper, AdamWState, no_decay_names
+from automodel.optim import AdamWHyper, no_decay_names, optimizer
 from automodel.training.distill import Teacher
 from automodel.training.forward import Batch, ModelLoss, Objective
 from automodel.training.state import ParamBinding, TrainState, init_state
@@ -23,10 +23,11 @@ def build_functional(model: nn.Module, *, optim, clip_grad_norm: float, lr_fn: C
                      device: torch.device, grad_method: str, all_reduce: AllReduce, rank: int, world_size: int,
                      seed: int, loss_chunk_tokens: int, master_dtype: str,
                      teacher: Optional[Teacher] = None, on_nonfinite: str = "stop", bucket_mb: float = 25.0,
-                     objective: Optional[Objective] = None) -> Backend:
-    """The functional step with in-place AdamW; several ranks all-reduce the gradient dict, nothing else. With a
-    low-precision model and master_dtype "float32"/"auto" the state holds float32 masters of its trainable tensors.
-    The loss is the cross-entropy (with a `teacher`, distillation), or what `objective` builds."""
+                     objective: Optional[Objective] = None, offload_activations: bool = False) -> Backend:
+    """The functional step with in-place AdamW (optim.name: float32 or 8-bit states); several ranks all-reduce the
+    gradient dict, nothing else. With a low-precision model and master_dtype "float32"/"auto" the state holds float32
+    masters of its trainable tensors. The loss is the cross-entropy (with a `teacher`, distillation), or what
+    `objective` builds."""
     binding = ParamBinding(model)
     params = binding.take()
     compute_dtype = next(iter(model.parameters())).dtype  # the model's dtype: forward and backward run in it
@@ -38,24 +39,33 @@ def build_functional(model: nn.Module, *, optim, clip_grad_norm: float, lr_fn: C
     loss = (objective(model, chunk_tokens, compute_dtype, False) if objective is not None
             else ModelLoss(model, chunk_tokens, compute_dtype, teacher=teacher))
     loss.calibrate(lambda inputs: model(**inputs), device, weights=lambda: binding.bound(params))
+    opt = optimizer(optim.name, optim.paged)
     step = make_train_step(binding, loss, hyper=hyper, lr_fn=lr_fn, clip_grad_norm=clip_grad_norm, device=device,
                            grad_method=grad_method, all_reduce=all_reduce, world_size=world_size,
-                           on_nonfinite=on_nonfinite, bucket_mb=bucket_mb)
+                           on_nonfinite=on_nonfinite, bucket_mb=bucket_mb, opt=opt,
+                           offload_activations=offload_activations)
 
     def loss_sum(state: TrainState, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         with binding.bound(state.params) as bound:
             return loss(lambda inputs: bound(**inputs), batch, distill=False)
 
+    # The optimizer state's tables of tensors (AdamW: exp_avg, exp_avg_sq; 8-bit AdamW also the block scales), each
+    # saved as <table>.safetensors beside params.safetensors.
+    tables = [k for k, v in attrs.asdict(opt.init({}), recurse=False).items() if isinstance(v, dict)]
+
     def save(state: TrainState, tmp: Path) -> None:
         if rank == 0:  # every rank holds the same weights and moments
             save_file(_contiguous(state.params), tmp / "params.safetensors")
-            save_file(_contiguous(state.opt_state.exp_avg), tmp / "exp_avg.safetensors")
-            save_file(_contiguous(state.opt_state.exp_avg_sq), tmp / "exp_avg_sq.safetensors")
+            for table in tables:
+                save_file(_contiguous(getattr(state.opt_state, table)), tmp / f"{table}.safetensors")
 
     def load(state: TrainState, path: Path) -> TrainState:
         dev = str(device)
-        loaded = {name: load_file(path / f"{name}.safetensors", device=dev)
-                  for name in ("params", "exp_avg", "exp_avg_sq")}
+        missing = [t for t in tables if not (path / f"{t}.safetensors").is_file()]
+        if missing:
+            raise ValueError(f"{path}: no {missing[0]}.safetensors; it was written by another optimizer than "
+                             f"optim.name = \"{opt.name}\"")
+        loaded = {name: load_file(path / f"{name}.safetensors", device=dev) for name in ("params", *tables)}
         if set(loaded["params"]) != set(state.params):
             missing = sorted(set(state.params) ^ set(loaded["params"]))[:5]
             raise ValueError(f"{path}: its parameters do not match this model's (differ: {missing})")
@@ -64,8 +74,12 @@ def build_functional(model: nn.Module, *, optim, clip_grad_norm: float, lr_fn: C
         if wrong:
             raise ValueError(f"{path}: its tensor shapes do not match this model's ({', '.join(wrong[:3])})")
         params = {k: loaded["params"][k].to(state.params[k].dtype) for k in state.params}
-        opt = AdamWState(count=state.step, exp_avg=loaded["exp_avg"], exp_avg_sq=loaded["exp_avg_sq"])
-        return attrs.evolve(state, params=params, opt_state=opt)
+        wrong = [f"{t}.{k} {loaded[t][k].dtype}" for t in tables for k, v in getattr(state.opt_state, t).items()
+                 if k not in loaded[t] or loaded[t][k].dtype != v.dtype]
+        if wrong:
+            raise ValueError(f"{path}: its optimizer state does not match optim.name = \"{opt.name}\" ({wrong[0]})")
+        opt_state = attrs.evolve(state.opt_state, count=state.step, **{t: loaded[t] for t in tables})
+        return attrs.evolve(state, params=params, opt_state=opt_state)
 
     def export(state: TrainState, tokenizer: Any, out: Path) -> None:
         if rank == 0:
@@ -73,7 +87,7 @@ def build_functional(model: nn.Module, *, optim, clip_grad_norm: float, lr_fn: C
                 save_hf_model(bound, tokenizer, out)
 
     return Backend(
-        name="functional", state=init_state(params, device, seed, rank), step=step, loss_sum=loss_sum,
+        name="functional", state=init_state(params, device, seed, rank, opt.init), step=step, loss_sum=loss_sum,
         model_for_generation=lambda state: binding.bound(state.params),
         save=save, load=load, export=export, trainable_params=sum(p.numel() for p in params.values()),
         tensor_table=lambda state: {k: [list(v.shape), str(v.dtype).removeprefix("torch.")]

@@ -42,6 +42,21 @@ class ModelConfig:
         "`model_type` (e.g. \"llama\") plus any fields define the architecture.",
         factory=dict,
     )
+    quantization: Literal["none", "nf4", "fp4", "int8"] = field(
+        "none", "Load the base's linear layers quantised by bitsandbytes (QLoRA): \"nf4\" or \"fp4\" (4-bit), "
+        "\"int8\" (LLM.int8()); the output head, embeddings and norms stay in model.dtype. Needs [peft] (the "
+        "quantised weights are frozen; LoRA trains on them) and `pip install 'automodel[quant]'` (docs/lora.md)."
+    )
+    quantization_compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        "auto", "4-bit: the dtype the quantised layers dequantise to and multiply in; \"auto\" is model.dtype."
+    )
+    double_quant: bool = field(
+        True, "4-bit: quantise the per-block scales too (QLoRA's double quantisation: about 0.4 bits per weight less)."
+    )
+    quantization_storage_dtype: Literal["auto", "uint8", "float32", "bfloat16", "float16"] = field(
+        "auto", "4-bit: the dtype the packed weights are stored in. DeepSpeed ZeRO-3 partitions them only when it is "
+        "the compute dtype; \"auto\" is that under ZeRO-3, else uint8."
+    )
     freeze: list[Literal["vision", "embeddings", "language"]] = field(
         doc="vlm_finetune: parts kept frozen, any of \"vision\" (the vision tower), \"embeddings\" (input "
         "embeddings), \"language\" (the language model and its head); the projector between them trains.",
@@ -178,8 +193,17 @@ class DataConfig:
 
 @attrs.frozen(kw_only=True)
 class OptimConfig:
-    """AdamW."""
+    """The optimizer: AdamW, with 32-bit or 8-bit states."""
 
+    name: Literal["adamw", "adamw8bit"] = field(
+        "adamw", "\"adamw\": AdamW with float32 moments; \"adamw8bit\": bitsandbytes' 8-bit AdamW (moments "
+        "quantised blockwise to 8 bits: 2 bytes of state per trainable parameter instead of 8; tensors under 4,096 "
+        "elements keep float32 moments), on both backends; needs `pip install 'automodel[quant]'`."
+    )
+    paged: bool = field(
+        False, "adamw8bit on CUDA: page the optimizer states (bitsandbytes' paged memory: evicted to host memory "
+        "when the GPU runs short, instead of running out). Ignored on CPU."
+    )
     lr: float = field(1e-5, "Peak learning rate.")
     weight_decay: float = field(0.0, "Decoupled weight decay, applied to matrices only (not to biases or norms).")
     betas: tuple[float, float] = field((0.9, 0.999), "Adam betas.")
@@ -226,6 +250,11 @@ class TrainingConfig:
     activation_checkpointing: bool = field(
         False, "Recompute each decoder layer in the backward instead of keeping its activations (about a third more "
         "compute; the saved activations shrink to one hidden state per layer and token)."
+    )
+    activation_offloading: bool = field(
+        False, "Keep the tensors the backward needs in host memory (pinned on CUDA) and bring each back when the "
+        "backward reaches it (torch.autograd.graph.save_on_cpu). With activation_checkpointing only the layers' "
+        "inputs are kept, so only they move. Losses and weights are bit-identical to the run without it."
     )
     loss_chunk_tokens: int = field(
         256, "Compute the loss from the final hidden states and the output head this many tokens at a time, each "

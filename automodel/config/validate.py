@@ -4,6 +4,7 @@ Each problem is a line naming the key and what to do; all of them are reported a
 """
 
 import difflib
+import importlib.util
 import re
 from typing import Any
 
@@ -45,7 +46,7 @@ def validate(cfg: TrainConfig, world_size: int = 1, source: str = "config") -> T
     """`cfg` if every check passes, else a ConfigError listing each problem on a line of its own."""
     problems = [*_schedule_problems(cfg, world_size), *_model_problems(cfg), *_data_problems(cfg),
                 *_distributed_problems(cfg), *_memory_problems(cfg), *_vlm_problems(cfg), *_distill_problems(cfg),
-                *_preference_problems(cfg),
+                *_preference_problems(cfg), *_quantization_problems(cfg),
                 *_logging_problems(cfg), *_launch_problems(cfg.launch)]
     if problems:
         raise ConfigError(f"{source}: " + f"\n{source}: ".join(problems))
@@ -226,6 +227,60 @@ def _memory_problems(cfg: TrainConfig) -> list[str]:
                         'update inside its step); use "stop"')
     if o.fused and cfg.distributed.backend == "deepspeed":
         problems.append("optim.fused is for the functional backend; DeepSpeed's AdamW is fused on CUDA already")
+    return problems
+
+
+def _quantization_problems(cfg: TrainConfig) -> list[str]:
+    """Quantised bases, 8-bit optimizer states and activation offloading (docs/lora.md)."""
+    problems = []
+    m, o, t, d = cfg.model, cfg.optim, cfg.train, cfg.distributed
+    has_bnb = importlib.util.find_spec("bitsandbytes") is not None
+    q = f'model.quantization = "{m.quantization}"'
+    if m.quantization != "none":
+        if not has_bnb:
+            problems.append(f"{q} needs bitsandbytes, which is not installed: pip install 'automodel[quant]'")
+        if cfg.peft is None:
+            problems.append(f"{q}: a quantised base is frozen (its packed weights take no updates); add a [peft] "
+                            "section to train LoRA adapters on it (QLoRA), or set model.quantization = \"none\"")
+        if cfg.recipe == "vlm_finetune":
+            problems.append(f"{q} is for the text recipes (llm_finetune, llm_dpo, llm_kd); vlm_finetune loads its "
+                            'model in full: set model.quantization = "none"')
+        if t.grad_method != "autograd":
+            problems.append(f'{q} needs train.grad_method = "autograd" (torch.func cannot differentiate through '
+                            "bitsandbytes' quantised matmuls)")
+        if m.quantization == "int8" and (m.quantization_compute_dtype != "auto"
+                                         or m.quantization_storage_dtype != "auto"):
+            problems.append("model.quantization_compute_dtype and quantization_storage_dtype are 4-bit settings; "
+                            'int8 multiplies in float16: leave them at "auto"')
+        if d.backend == "deepspeed" and d.zero_stage == 3:
+            compute = m.dtype if m.quantization_compute_dtype == "auto" else m.quantization_compute_dtype
+            if m.quantization == "int8":
+                problems.append(f"{q} cannot be partitioned by ZeRO-3 (its int8 weights and row scales are not "
+                                'floating point); use "nf4"/"fp4" with ZeRO-3, or zero_stage 0-2')
+            elif m.quantization_storage_dtype not in ("auto", compute):
+                problems.append(f'model.quantization_storage_dtype = "{m.quantization_storage_dtype}": ZeRO-3 '
+                                f'partitions a 4-bit base only when its storage dtype is the compute dtype ("{compute}"); '
+                                'leave it at "auto"')
+            if d.offload_params != "none":
+                problems.append(f"{q} with distributed.offload_params: the packed weights cannot be offloaded by "
+                                "ZeRO-3; offload the optimizer only")
+    elif m.quantization_compute_dtype != "auto" or m.quantization_storage_dtype != "auto" or not m.double_quant:
+        problems.append("model.quantization_compute_dtype, double_quant and quantization_storage_dtype describe a "
+                        'quantised base; set model.quantization ("nf4", "fp4" or "int8") or leave them out')
+    if o.name == "adamw8bit":
+        if not has_bnb:
+            problems.append("optim.name = \"adamw8bit\" needs bitsandbytes, which is not installed: "
+                            "pip install 'automodel[quant]'")
+        if o.fused:
+            problems.append('optim.fused is torch\'s AdamW kernel; optim.name = "adamw8bit" has its own: leave it out')
+        if d.backend == "deepspeed" and d.offload_optimizer != "none":
+            problems.append('optim.name = "adamw8bit" with distributed.offload_optimizer: DeepSpeed\'s CPU Adam would '
+                            "replace it; use one of them")
+    elif o.paged:
+        problems.append('optim.paged pages the states of optim.name = "adamw8bit"; set that, or leave paged out')
+    if t.activation_offloading and t.grad_method != "autograd":
+        problems.append('train.activation_offloading needs train.grad_method = "autograd" (torch.func refuses the '
+                        "saved-tensor hooks that move activations)")
     return problems
 
 

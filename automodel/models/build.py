@@ -1,7 +1,7 @@
 """Build the tokenizer and the causal LM that a config names: from the hub, a local dir, or from config."""
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import transformers
@@ -9,6 +9,7 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from automodel.config import ConfigError, ModelConfig, TokenizerConfig
+from automodel.models import quantize
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -105,11 +106,16 @@ def attention_for(model_cfg: ModelConfig) -> str:
     return pick_attention("auto", device, model_cfg.dtype, packing=False)[0]
 
 
-def build_model(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> torch.nn.Module:
-    """A causal LM in train mode. Random init is seeded, so the same config gives the same weights."""
+def build_model(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
+                base_dir: Optional[Path] = None, zero3: bool = False) -> torch.nn.Module:
+    """A causal LM in train mode. Random init is seeded, so the same config gives the same weights. With
+    model.quantization its linear layers load quantised (models/quantize.py); a quantised model built from config
+    keeps its full-precision weights in `base_dir` (where adapters name their base) or a temporary directory.
+    `zero3`: the model will be partitioned by ZeRO-3 (the 4-bit storage dtype follows)."""
     dtype = DTYPES[model_cfg.dtype]
     common: dict[str, Any] = dict(attn_implementation=attention_for(model_cfg),
                                   trust_remote_code=model_cfg.trust_remote_code)
+    quantized = model_cfg.quantization != "none"
     missing_local_dir("model.name_or_path", model_cfg.name_or_path)
     if model_cfg.init == "random":
         hf_cfg = _hf_config(model_cfg, tokenizer)
@@ -118,10 +124,17 @@ def build_model(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed
             model = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype, **common)
         except (ValueError, StrictDataclassError) as e:
             raise ConfigError(f"model.config: cannot build the model: {_last_line(e)}") from None
+        if quantized:
+            model = quantize.quantize_built(model, model_cfg, base_dir, zero3, **common)
     else:
+        extra: dict[str, Any] = {}
+        if quantized:
+            # Under ZeRO-3 transformers places the weights itself (zero.Init partitions them as they load).
+            extra = dict(quantization_config=quantize.bnb_config(model_cfg, zero3),
+                         **({} if zero3 else {"device_map": quantize.device_map()}))
         try:
             model = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, dtype=dtype, **model_cfg.config,
-                                                         **common)
+                                                         **common, **extra)
         except OSError as e:
             raise ConfigError(f"model `{model_cfg.name_or_path}` could not be loaded: {e}") from None
     vocab = model.get_input_embeddings().num_embeddings
@@ -162,7 +175,11 @@ def compile_layers(model: torch.nn.Module) -> int:
 
 
 def numel(p: torch.Tensor) -> int:
-    """Elements of a parameter, also when ZeRO-3 has partitioned it away (then `ds_numel` holds the size)."""
+    """Elements of a parameter, also when ZeRO-3 has partitioned it away (then `ds_numel` holds the size) or
+    bitsandbytes has packed it into 4 bits (its quant_state holds the shape)."""
+    state = getattr(p, "quant_state", None)
+    if state is not None:
+        return int(torch.Size(state.shape).numel())
     return getattr(p, "ds_numel", p.numel())
 
 

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.pytorch_utils import Conv1D
 
 from automodel.models.export import save_hf_model
@@ -79,9 +79,20 @@ def apply(model: nn.Module, cfg: Optional[PeftConfig], seed: int, base_path: str
 
 
 def merge(base: str, adapter: str, out: str, dtype: torch.dtype = torch.float32) -> Path:
-    """Base model + adapter -> one HF model directory with the adapter merged into the weights."""
+    """Base model + adapter -> one HF model directory with the adapter merged into the weights. The base loads in
+    full precision: an adapter trained on a quantised base (QLoRA) merges into the weights that were quantised, never
+    into their 4-bit rounding (a base stored quantised is refused)."""
     if not (Path(adapter) / "adapter_config.json").is_file():
         raise ConfigError(f"{adapter}: no adapter_config.json; point --adapter at a PEFT adapter directory")
+    try:
+        quantized = getattr(AutoConfig.from_pretrained(base), "quantization_config", None)
+    except OSError as e:
+        raise ConfigError(f"base model `{base}` could not be loaded: {e}") from None
+    if quantized:
+        # Merging into packed 4-bit weights would round the merged weights again (and lose the adapter's precision).
+        raise ConfigError(f"base model `{base}` is stored quantised (its config.json has a quantization_config); merge "
+                          "into the full-precision model it was quantised from (a QLoRA run trains on the hub or local "
+                          "model that model.name_or_path names, quantised as it loads: merge into that)")
     try:
         base_model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
     except OSError as e:

@@ -59,7 +59,7 @@ def parts(run: Run) -> Parts:
                if weights[0] is not None and not streamed else None)
 
     # The policy (under ZeRO-3 a pretrained model loads already partitioned), then the reference, then LoRA.
-    model = run.build_model(lambda: models.build_model(cfg.model, tokenizer, cfg.seed))
+    model = run.build_causal_lm(cfg.model, tokenizer)
     chunk = cfg.train.loss_chunk_tokens
     ref_logps: dict[str, Optional[np.ndarray]] = {}
     if pref.precompute_reference:
@@ -127,8 +127,7 @@ def build_reference(run: Run, tokenizer, policy, copy_for_adapter: bool = False)
         ref_cfg = attrs.evolve(cfg.model, dtype=dtype)
         what = "a frozen copy of the initial policy"
     try:
-        model = run.build_model(lambda: models.build_model(ref_cfg, tokenizer, cfg.seed),
-                                pretrained=ref_cfg.init == "pretrained", trained=False)
+        model = run.build_causal_lm(ref_cfg, tokenizer, trained=False)
     except ConfigError as e:
         raise ConfigError(f"preference.reference: {e}") from None
     if models.vocab_size(model) != models.vocab_size(policy):

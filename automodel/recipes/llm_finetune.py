@@ -50,7 +50,7 @@ def parts(run: Run) -> Parts:
         tokenizer.chat_template = template
 
     # The model (under ZeRO-3 a pretrained model loads already partitioned); LoRA per [peft].
-    model = run.build_model(lambda: models.build_model(cfg.model, tokenizer, cfg.seed))
+    model = run.build_causal_lm(cfg.model, tokenizer)
     model, base_path = run.apply_lora(model, tokenizer)
     pad = tokenizer.pad_token_id
     eval_size = cfg.eval.micro_batch_size or cfg.train.micro_batch_size

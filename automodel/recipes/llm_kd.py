@@ -29,7 +29,9 @@ def parts(run: Run) -> Parts:
     cfg, kd = run.cfg, run.cfg.distill
     student = llm_finetune.parts(run)
     dtype = cfg.model.dtype if kd.teacher_dtype == "auto" else kd.teacher_dtype
-    teacher_cfg = attrs.evolve(cfg.model, name_or_path=kd.teacher, init="pretrained", dtype=dtype, config={})
+    # The teacher loads in full (model.quantization quantises the student's base only).
+    teacher_cfg = attrs.evolve(cfg.model, name_or_path=kd.teacher, init="pretrained", dtype=dtype, config={},
+                               quantization="none")
     try:
         teacher = run.build_model(lambda: models.build_model(teacher_cfg, student.saver, cfg.seed), pretrained=True,
                                   trained=False)

@@ -20,12 +20,12 @@ import attrs
 import torch
 from torch import nn
 
-from automodel import checkpoint, data, distributed, models
+from automodel import checkpoint, data, distributed, models, optim
 from automodel.loggers import quiet, trackers
 from automodel import peft as peft_lora
 from automodel.backends import Backend, build_backend, model_init_context
 from automodel.backends.deepspeed_config import deepspeed_config
-from automodel.config import BatchShape, ConfigError, PeftConfig, TrainConfig, save_config, to_dict, to_toml
+from automodel.config import BatchShape, ConfigError, ModelConfig, PeftConfig, TrainConfig, save_config, to_dict, to_toml
 from automodel.loggers import RunLogger
 from automodel.training.distill import Teacher
 from automodel.training.early_stopping import EvalWatch
@@ -67,14 +67,29 @@ class Run:
             models.enable_activation_checkpointing(model)
         return model
 
+    @property
+    def zero3(self) -> bool:
+        return self.ds_config is not None and self.ds_config["zero_optimization"]["stage"] == 3
+
+    def build_causal_lm(self, model_cfg: ModelConfig, tokenizer: Any, trained: bool = True) -> nn.Module:
+        """models.build_model through build_model. A quantised base built from config keeps its full-precision
+        weights in <output_dir>/base (rank 0; the adapter's base, what merges use), never the rounded 4-bit ones."""
+        base_dir = self.out / "base" if trained and self.is_main and model_cfg.init == "random" else None
+        return self.build_model(lambda: models.build_model(model_cfg, tokenizer, self.cfg.seed, base_dir, self.zero3),
+                                pretrained=model_cfg.init == "pretrained", trained=trained)
+
     def apply_lora(self, model: nn.Module, saver: Any, exclude: Iterable[str] = ()) -> tuple[nn.Module, str]:
         """(the model with [peft]'s adapters, or itself without [peft]; the base an adapter names). A base built from
-        config is saved to <output_dir>/base first, so the adapter has a base to load onto."""
+        config is saved to <output_dir>/base first, so the adapter has a base to load onto (a quantised one is there
+        already, in full precision: only the tokenizer is added)."""
         cfg = self.cfg
         base_path = cfg.model.name_or_path if cfg.model.init == "pretrained" else str(self.out / "base")
         peft_cfg: Optional[PeftConfig] = cfg.peft
         if peft_cfg is not None and cfg.model.init == "random" and self.is_main:
-            models.save_hf_model(model, saver, self.out / "base")
+            if cfg.model.quantization != "none":
+                saver.save_pretrained(self.out / "base")
+            else:
+                models.save_hf_model(model, saver, self.out / "base")
         if peft_cfg is not None and exclude:
             peft_cfg = attrs.evolve(peft_cfg, exclude_modules=[*peft_cfg.exclude_modules, *exclude])
         return peft_lora.apply(model, peft_cfg, cfg.seed, base_path), base_path
@@ -102,6 +117,18 @@ class Parts:
     teacher: Optional[Teacher] = None
     objective: Optional[Objective] = None  # a loss of the recipe's own (preference); None: the cross-entropy
     unit: str = "samples"  # what a sample is, for the log (e.g. "pairs")
+
+
+def optimizer_line(cfg: TrainConfig, state: TrainState, trainable: int, device: torch.device) -> str:
+    """What updates the weights, and (where the state holds it) how many bytes of state per trainable parameter."""
+    kind = "AdamW, 8-bit states (bitsandbytes)" if cfg.optim.name == "adamw8bit" else "AdamW, float32 states"
+    if cfg.optim.name == "adamw8bit" and cfg.optim.paged:
+        kind += ", paged" if device.type == "cuda" else " (optim.paged ignored: no paged memory off CUDA)"
+    if state.opt_state is None:  # DeepSpeed's engine holds it
+        return f"optimizer: {kind}"
+    size = optim.state_bytes(state.opt_state)
+    return f"optimizer: {kind}; {size / 2**20:,.2f} MiB of state, {size / max(trainable, 1):.2f} bytes per trainable " \
+           "parameter"
 
 
 @attrs.frozen
@@ -142,6 +169,7 @@ def run(cfg: TrainConfig, parts_of: Callable[[Run], Parts]) -> TrainResult:
                               f"{max_steps} steps ({cfg.train.epochs} epochs of {plan.steps_per_epoch})")
 
         compiled = models.compile_layers(parts.model) if cfg.train.compile else 0
+        quantized = (models.quantize.describe(parts.model, cfg.model) if cfg.model.quantization != "none" else "")
         # The backend owns weights and optimizer state and provides the step; resume from the newest checkpoint that
         # passes its check, refusing config changes to what is being trained.
         backend = build_backend(cfg, parts.model, setup.ds_config, max_steps, device, all_reduce, ranks.rank,
@@ -166,14 +194,18 @@ def run(cfg: TrainConfig, parts_of: Callable[[Run], Parts]) -> TrainResult:
         logger.info(f"model: {type(parts.model).__name__}, {models.count_params(parts.model):,} parameters "
                     f"({backend.trainable_params:,} trainable{note}), {cfg.model.dtype} on {device}; "
                     f"{ranks.world_size} rank(s), {backend.name} backend")
+        if quantized:
+            logger.info(quantized)
         for line in parts.data_lines:
             logger.info(f"data: {line}")
         per_epoch = f", {plan.steps_per_epoch} steps per epoch" if plan is not None else ""
         unit = parts.unit if parts.unit != "samples" else "rows" if plan is None else "samples"
         logger.info(f"training: {max_steps} steps of {cfg.train.global_batch_size} {unit} ({shape.accumulation_steps} "
                     f"accumulation x {cfg.train.micro_batch_size} per rank){per_epoch}")
-        logger.info(f"memory: activation checkpointing {'on' if cfg.train.activation_checkpointing else 'off'}; "
-                    f"loss from {backend.loss_description}")
+        offload = "; saved activations offloaded to host memory" if cfg.train.activation_offloading else ""
+        logger.info(f"memory: activation checkpointing {'on' if cfg.train.activation_checkpointing else 'off'}"
+                    f"{offload}; loss from {backend.loss_description}")
+        logger.info(optimizer_line(cfg, state, backend.trainable_params, device))
         logger.info(f"attention: {attention} ({attention_why})")
         if compiled:
             logger.info(f"compile: {compiled} decoder layers compiled with torch.compile (the first step compiles them)")
@@ -258,7 +290,9 @@ def run(cfg: TrainConfig, parts_of: Callable[[Run], Parts]) -> TrainResult:
         if cfg.checkpoint.export_merged and setup.is_main:
             peft_lora.merge(parts.base_path, str(final_dir), str(out / "final_merged"),
                             models.DTYPES[cfg.model.dtype])
-            logger.info(f"merged model saved to {out / 'final_merged'}")
+            how = (f" (the adapter merged into the full-precision base {parts.base_path}, not into the {cfg.model.quantization} "
+                   "weights it trained on: the merge does not round)" if cfg.model.quantization != "none" else "")
+            logger.info(f"merged model saved to {out / 'final_merged'}{how}")
         metrics["wall_s"] = time.perf_counter() - started
         if final_dir is not None and setup.is_main:  # README.md: the model card
             exported = [(final_dir, cfg.peft is not None)] + ([(out / "final_merged", False)]

@@ -1,13 +1,13 @@
 """The training state: an immutable record that a step maps to a new one."""
 
 import contextlib
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import attrs
 import torch
 from torch import nn
 
-from automodel.optim import AdamWState, adamw_init
+from automodel.optim import adamw_init
 
 Tensors = dict[str, torch.Tensor]
 
@@ -16,7 +16,7 @@ Tensors = dict[str, torch.Tensor]
 class TrainState:
     step: int  # optimizer updates applied
     params: Tensors  # trainable tensors only, by parameter name
-    opt_state: AdamWState
+    opt_state: Any  # the optimizer's state record (optim: AdamWState, AdamW8bitState); None under DeepSpeed
     rng: dict[str, torch.Tensor]  # generator states ("cpu", and "cuda" on a GPU) for dropout
     data_position: int  # samples of the training order consumed (step x global batch)
     # Streamed data (data/stream.py): where this rank's stream stands after `step`; None for data read in full,
@@ -105,7 +105,8 @@ def initial_rng(seed: int, rank: int, device: torch.device) -> dict[str, torch.T
     return rng
 
 
-def init_state(params: Tensors, device: torch.device, seed: int, rank: int = 0) -> TrainState:
-    return TrainState(step=0, params=params, opt_state=adamw_init(params), rng=initial_rng(seed, rank, device),
+def init_state(params: Tensors, device: torch.device, seed: int, rank: int = 0,
+               opt_init: Callable[[Tensors], Any] = adamw_init) -> TrainState:
+    return TrainState(step=0, params=params, opt_state=opt_init(params), rng=initial_rng(seed, rank, device),
                       data_position=0)
 

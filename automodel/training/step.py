@@ -27,8 +27,9 @@ import torch
 from automodel.distributed import AllReduce
 from automodel.distributed.buckets import GradBuckets
 from automodel.loss import token_cross_entropy
-from automodel.optim import AdamWHyper, adamw_update_, clip_by_global_norm_
+from automodel.optim import AdamWHyper, Optimizer, clip_by_global_norm_, optimizer
 from automodel.training.forward import Batch, ModelLoss, model_inputs
+from automodel.training.offload import Offloaded
 from automodel.training.preference import PreferenceLoss, add_stats, finish_stats
 from automodel.training.state import ParamBinding, Tensors, TrainState, rng_scope
 
@@ -68,16 +69,25 @@ def make_train_step(
     world_size: int = 1,
     on_nonfinite: str = "stop",
     bucket_mb: float = 25.0,
+    opt: Optimizer = optimizer("adamw"),
+    offload_activations: bool = False,
 ) -> Callable[[TrainState, Sequence[Batch]], tuple[TrainState, StepMetrics]]:
-    """The functional step over `binding.model`, whose trainable tensors the state holds. on_nonfinite = "skip":
-    a step whose loss or gradient norm is not finite leaves weights and moments as they were (deciding that reads
-    the norm on the host: one device sync per step); "stop" applies every update and leaves the check to the loop."""
+    """The functional step over `binding.model`, whose trainable tensors the state holds; `opt` updates them (AdamW,
+    or 8-bit AdamW). on_nonfinite = "skip": a step whose loss or gradient norm is not finite leaves weights and
+    moments as they were (deciding that reads the norm on the host: one device sync per step); "stop" applies every
+    update and leaves the check to the loop. offload_activations: what the forward saves for the backward waits in
+    host memory (training/offload.py)."""
+
+    def saving(model: torch.nn.Module) -> contextlib.AbstractContextManager:
+        # Around each forward (not the backward): what it saves for the backward waits in host memory.
+        return Offloaded(model, device) if offload_activations else contextlib.nullcontext()
 
     def grads_autograd(params: Tensors, batch: Batch, totals: dict) -> tuple[list[torch.Tensor], torch.Tensor, dict]:
         leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
         # Bound through the backward too: activation checkpointing recomputes layers there.
         with binding.bound(leaves, as_parameters=False) as model:
-            loss_sum, stats = loss.terms(lambda inputs: model(**inputs), batch, totals)
+            with saving(model):
+                loss_sum, stats = loss.terms(lambda inputs: model(**inputs), batch, totals)
             # Unused weights (a VLM's vision head or post-norm that the projector never reads) get zero gradients.
             grads = torch.autograd.grad(loss_sum / totals["n"], list(leaves.values()), allow_unused=True,
                                         materialize_grads=True)
@@ -106,7 +116,8 @@ def make_train_step(
         for i, leaf in enumerate(leaves.values()):
             leaf.register_post_accumulate_grad_hook(functools.partial(_into_bucket, buckets, i))
         with binding.bound(leaves, as_parameters=False) as model:
-            loss_sum, stats = loss.terms(lambda inputs: model(**inputs), batch, totals)
+            with saving(model):
+                loss_sum, stats = loss.terms(lambda inputs: model(**inputs), batch, totals)
             torch.autograd.backward(loss_sum / totals["n"], inputs=list(leaves.values()))
         return buckets.finish(), loss_sum.detach(), stats
 
@@ -153,8 +164,8 @@ def make_train_step(
             return unchanged, StepMetrics(loss=loss_total / n, grad_norm=grad_norm, lr=lr, label_tokens=n,
                                           skipped=True, extras=extras)
         grads_by_name = dict(zip(state.params, grads))
-        del grads  # adamw_update_ frees each gradient once read
-        params, opt_state = adamw_update_(state.params, grads_by_name, state.opt_state, lr, hyper)
+        del grads  # the update frees each gradient once read
+        params, opt_state = opt.update_(state.params, grads_by_name, state.opt_state, lr, hyper)
         new_state = attrs.evolve(state, step=state.step + 1, params=params, opt_state=opt_state, rng=rng_out[0],
                                  data_position=state.data_position + samples)
         return new_state, StepMetrics(loss=loss_total / n, grad_norm=grad_norm, lr=lr, label_tokens=n, extras=extras)
