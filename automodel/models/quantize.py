@@ -85,25 +85,19 @@ def is_quantized_weight(p: torch.Tensor) -> bool:
 def base_bytes(model: nn.Module, dtype: torch.dtype) -> tuple[int, int]:
     """(bytes the weights would take in `dtype` unquantised, bytes they take as stored: packed weights plus their
     scales). Each shared tensor counts once."""
+    from automodel.models.build import numel  # the unpacked size, also of 4-bit and ZeRO-3-partitioned weights
+
     full = stored = 0
-    seen: set[int] = set()
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
+    for p in set(model.parameters()):
         local = getattr(p, "ds_tensor", p)  # under ZeRO-3: this rank's partition
         stored += local.numel() * local.element_size()
+        full += numel(p) * (dtype.itemsize if is_quantized_weight(p) else p.element_size())
         state = getattr(p, "quant_state", None)
-        if state is not None:  # 4-bit: the original shape, and the block scales (nested when double-quantised)
-            full += int(torch.Size(state.shape).numel()) * dtype.itemsize
+        if state is not None:  # 4-bit: the block scales (nested when double-quantised)
             for t in (state.absmax, state.code, *((state.state2.absmax, state.state2.code) if state.nested else ())):
                 stored += t.numel() * t.element_size()
-        elif type(p).__name__ == "Int8Params":
-            full += p.numel() * dtype.itemsize
-            scales = getattr(p, "SCB", None)
-            stored += 0 if scales is None else scales.numel() * scales.element_size()
-        else:
-            full += getattr(p, "ds_numel", p.numel()) * p.element_size()
+        scales = getattr(p, "SCB", None)  # int8: a scale per row
+        stored += 0 if scales is None else scales.numel() * scales.element_size()
     return full, stored
 
 
