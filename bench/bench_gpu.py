@@ -1,12 +1,15 @@
 """Throughput, MFU and memory at the sizes people train, on CUDA: one JSON line per case.
 
     python bench/bench_gpu.py                 # every case (needs CUDA)
-    python bench/bench_gpu.py --case lora8b   # one: lora8b, full1b, full1b_zero
+    python bench/bench_gpu.py --case lora8b   # one: lora8b, qlora8b, full1b, full1b_zero
     python bench/bench_gpu.py --smoke         # the same code path on CPU, on tiny shapes (no figures worth keeping)
 
 Cases (random weights: nothing is downloaded; synthetic documents packed into full rows):
 - lora8b: LoRA (r 16, all linear layers) on a Llama-3-8B shape, seq 4096, micro-batch 1, bf16, activation
   checkpointing, one GPU (configs_toml/llm_lora_8b.toml's settings);
+- qlora8b: the same with the base in 4-bit NF4 (double-quantised scales, bf16 compute) and 8-bit AdamW
+  (configs_toml/qlora_8b.toml's settings): the peak memory is the figure to hold against 24 GB. The random bf16
+  base is written to disk once (16 GB) and loaded back quantised, as a pretrained one would be;
 - full1b: full fine-tuning of a Llama-3.2-1B shape, seq 4096, micro-batch 4, bf16 with float32 masters, one GPU;
 - full1b_zero: the same on every visible GPU with DeepSpeed (ZeRO stage --zero-stage, default 2), launched with the
   deepspeed launcher.
@@ -52,9 +55,10 @@ def corpus(root: Path, rows: int) -> tuple[Path, Path]:
 
 
 def toml_for(case: str, root: Path, data: Path, tokenizer: Path, args) -> Path:
-    shape = TINY if args.smoke else (LLAMA_8B if case == "lora8b" else LLAMA_1B)
+    lora = case in ("lora8b", "qlora8b")
+    shape = TINY if args.smoke else (LLAMA_8B if lora else LLAMA_1B)
     seq = 128 if args.smoke else 4096
-    micro = 1 if case == "lora8b" else (2 if args.smoke else 4)
+    micro = 1 if lora else (2 if args.smoke else 4)
     steps = 6 if args.smoke else args.steps
     lines = [
         'recipe = "llm_finetune"', "seed = 0", f'output_dir = "{root / case}"',
@@ -68,14 +72,21 @@ def toml_for(case: str, root: Path, data: Path, tokenizer: Path, args) -> Path:
         "[schedule]", 'kind = "constant"',
         "[train]", f"global_batch_size = {micro * 4 * (args.gpus if case == 'full1b_zero' else 1)}",
         f"micro_batch_size = {micro}", f"max_steps = {steps}", f"log_every = {max(1, steps // 4)}",
-        f"activation_checkpointing = {'true' if case == 'lora8b' else 'false'}", 'resume = "never"',
+        f"activation_checkpointing = {'true' if lora else 'false'}", 'resume = "never"',
         "[checkpoint]", "save_final = false", "every = 0",
         "[logging]", 'progress_bar = "off"', "plot = false",
     ]
     if args.peak_tflops:
         lines.append(f"peak_tflops = {args.peak_tflops}")
-    if case == "lora8b":
+    if lora:
         lines += ["[peft]", "rank = 16", "alpha = 32.0", 'target_modules = ["all-linear"]']
+    if case == "qlora8b":
+        compute = "float32" if args.smoke else "bfloat16"
+        lines[lines.index("[model.config]"):lines.index("[model.config]")] = [
+            'quantization = "nf4"', f'quantization_compute_dtype = "{compute}"', "double_quant = true"]
+        lines[lines.index("[schedule]"):lines.index("[schedule]")] = [
+            'name = "adamw8bit"', f"paged = {'false' if args.smoke else 'true'}"]
+        lines = [line for line in lines if not line.startswith("fused = ")]
     if case == "full1b_zero":
         lines += ["[distributed]", 'backend = "deepspeed"', f"zero_stage = {args.zero_stage}"]
     path = root / f"{case}.toml"
@@ -115,7 +126,7 @@ def run_case(case: str, root: Path, data: Path, tokenizer: Path, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--case", choices=["lora8b", "full1b", "full1b_zero"], action="append")
+    parser.add_argument("--case", choices=["lora8b", "qlora8b", "full1b", "full1b_zero"], action="append")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--zero-stage", type=int, default=2)
     parser.add_argument("--attn", default="auto", help="model.attn_implementation (auto: flash-attn where installed, else flex_attention for the packed rows)")
@@ -126,7 +137,7 @@ def main() -> None:
     if not torch.cuda.is_available() and not args.smoke:
         sys.exit("bench_gpu: no CUDA device here; run it on a GPU machine (or --smoke to check the script on CPU)")
     args.gpus = torch.cuda.device_count() if torch.cuda.is_available() else 2
-    cases = args.case or (["lora8b", "full1b"] + (["full1b_zero"] if args.gpus > 1 or args.smoke else []))
+    cases = args.case or (["lora8b", "qlora8b", "full1b"] + (["full1b_zero"] if args.gpus > 1 or args.smoke else []))
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data, tokenizer = corpus(root, rows=60 if args.smoke else 3000)

@@ -3,6 +3,7 @@
     python bench/bench_memory.py                     # everything below (~10 minutes on 2 cores); a table + JSON lines
     python bench/bench_memory.py --part steps        # step peaks only; --part optimizer, --part activations
     python bench/bench_memory.py --one ours_ac_chunk --seq 2048   # one step measurement (what the grid runs)
+    python bench/bench_memory.py --part qlora        # QLoRA, 8-bit states, offloading vs LoRA and the HF Trainer
 
 Model: a 2-layer Llama, hidden 512, intermediate 1792 (3.5x, Llama-3's ratio), 8 heads / 2 KV heads (GQA 4:1), the
 Llama-3 vocabulary of 128,256, untied head; float32, micro-batch 1, full fine-tuning, AdamW.
@@ -22,6 +23,22 @@ Activations: bytes autograd saves per token and layer (in units of the hidden si
 saved-tensor hooks (each storage once), in bfloat16, at Llama-3-8B's shape ratios: full fine-tuning and LoRA
 (rank 16, all-linear, dropout 0 and 0.05). With activation checkpointing a layer keeps only its input (2 bytes per
 token x hidden in bfloat16) and recomputes the rest, one layer at a time, in the backward.
+
+QLoRA (--part qlora): an 8-layer Llama, hidden 1024, intermediate 3584, 16 heads / 4 KV heads, vocabulary 32,000
+(linear layers 82% of the weights, as in Llama-3-8B's 87%), saved once in float32 and loaded by each variant in its
+own process; LoRA rank 16 on all linear layers, dropout 0; micro-batch 1 of 1024 tokens; without and with
+activation checkpointing. Everything computes in float32: this CPU multiplies bfloat16 matrices at ~1 GFLOP/s
+(float32: ~170), so the bfloat16 runs a GPU would do are out of reach here.
+- lora: ours, the base unquantised; qlora: the base in NF4 (double-quantised scales); qlora_8bit: + optim.name =
+  "adamw8bit"; qlora_8bit_offload: + train.activation_offloading (on a CPU the offloaded tensors are already in
+  host memory, so its resident peak is unchanged: the row reports the bytes a GPU would move off the device).
+- hf_qlora, hf_qlora_8bit: the same model, quantisation, adapters and batch through the HF recipe users follow:
+  from_pretrained with BitsAndBytesConfig, peft.prepare_model_for_kbit_training, get_peft_model, and
+  transformers.Trainer (optim "adamw_torch" / "adamw_bnb_8bit", gradient_checkpointing with use_reentrant=False when
+  checkpointing). It shares no code with ours.
+Every child imports the same libraries first (transformers' Trainer, peft, bitsandbytes, automodel), so the
+interpreter's share of the resident set is the same; the peak is that of the third step, given whole and above the
+resident set right after the imports (what a GPU would hold: it has no interpreter).
 """
 
 import argparse
@@ -180,6 +197,122 @@ def measure_activations(mode: str, seq: int = 1024) -> dict:
     return {"part": "activations", "mode": mode, "seq": seq, "bytes_per_token_hidden_layer": per_layer / (seq * HIDDEN)}
 
 
+QLORA = dict(vocab_size=32_000, hidden_size=1024, intermediate_size=3584, num_hidden_layers=8,
+             num_attention_heads=16, num_key_value_heads=4, tie_word_embeddings=False)
+QLORA_VARIANTS = ("lora", "qlora", "qlora_8bit", "qlora_8bit_offload", "hf_qlora", "hf_qlora_8bit")
+
+
+def save_qlora_base(where: Path) -> None:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**QLORA, max_position_embeddings=4096), dtype=torch.float32)
+    model.save_pretrained(where)
+
+
+def qlora_batch(seq: int) -> dict:
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, QLORA["vocab_size"], (1, seq), generator=gen)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def own_memory(model: torch.nn.Module) -> None:
+    """Copies the unquantised weights, which from_pretrained leaves in a memory-mapped file, into the process's own
+    memory. The mapping keeps every page the 4-bit conversion read resident (clean file pages the kernel could
+    drop); on a GPU the weights are copied to the device anyway. Done alike in every variant."""
+    from automodel.models.quantize import is_quantized_weight
+
+    for p in model.parameters():
+        if not is_quantized_weight(p):
+            p.data = p.data.clone()
+
+
+def measure_qlora(variant: str, base: str, seq: int, checkpointing: bool) -> dict:
+    """Run in a fresh process: two steps, then the resident peak of the third."""
+    import bitsandbytes  # noqa: F401  (the same imports in every variant: see the module docstring)
+    import peft
+    from transformers import BitsAndBytesConfig, Trainer, TrainerCallback, TrainingArguments
+
+    import automodel.backends  # noqa: F401
+
+    imports = rss_bytes("VmRSS")  # the interpreter and libraries, before any model exists
+    data = qlora_batch(seq)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                               bnb_4bit_use_double_quant=True)
+    out: dict = {}
+    if variant.startswith("hf_"):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(base, quantization_config=quant, dtype=torch.float32,
+                                                     device_map="cpu", attn_implementation="sdpa")
+        own_memory(model)
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
+                                                     gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                                                           target_modules="all-linear", task_type="CAUSAL_LM"))
+
+        class Peak(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                if state.global_step == 2:
+                    out["before"] = rss_bytes("VmRSS")
+                    reset_peak()
+                    out["t0"] = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kw):
+                if state.global_step == 3:
+                    out["seconds"] = time.perf_counter() - out["t0"]
+                    out["peak"] = rss_bytes("VmHWM")
+
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            args = TrainingArguments(output_dir=tmp, max_steps=3, per_device_train_batch_size=1, learning_rate=1e-5,
+                                     optim="adamw_bnb_8bit" if variant.endswith("8bit") else "adamw_torch",
+                                     max_grad_norm=1.0, gradient_checkpointing=checkpointing,
+                                     gradient_checkpointing_kwargs={"use_reentrant": False}, report_to=[],
+                                     save_strategy="no", logging_strategy="no", use_cpu=True,
+                                     dataloader_num_workers=0, disable_tqdm=True)
+            rows = [{k: v[0] for k, v in data.items()}] * 3
+            Trainer(model=model, args=args, train_dataset=rows, callbacks=[Peak()]).train()
+    else:
+        from automodel.backends import build_functional
+        from automodel.config import ModelConfig, OptimConfig, PeftConfig, TrainingConfig
+        from automodel.models import build_model, byte_level_tokenizer, enable_activation_checkpointing
+        from automodel.peft import apply
+
+        model_cfg = ModelConfig(name_or_path=base, dtype="float32", quantization="none" if variant == "lora" else "nf4",
+                                quantization_compute_dtype="float32", double_quant=True)
+        model = build_model(model_cfg, byte_level_tokenizer(["a"]), seed=0)
+        own_memory(model)
+        if checkpointing:
+            enable_activation_checkpointing(model)
+        model = apply(model, PeftConfig(rank=16, alpha=32.0, dropout=0.0), seed=0, base_path=base)
+        if variant == "offload_count":  # what one forward hands to host memory (its own process: no peak)
+            from automodel.training.offload import Offloaded
+
+            with Offloaded(model, torch.device("cpu")) as offloaded:
+                model(**{k: v for k, v in data.items() if k != "labels"})
+            return {"offloaded_gib": offloaded.moved_bytes / 2**30}
+        optim = OptimConfig(lr=1e-5, name="adamw8bit" if "8bit" in variant else "adamw")
+        backend = build_functional(model, optim=optim, clip_grad_norm=1.0, lr_fn=lambda s: 1e-5,
+                                   device=torch.device("cpu"), grad_method="autograd", all_reduce=None, rank=0,
+                                   world_size=1, seed=0, loss_chunk_tokens=TrainingConfig().loss_chunk_tokens,
+                                   master_dtype="auto", offload_activations=variant.endswith("offload"))
+        state = backend.state
+        for i in range(3):
+            if i == 2:
+                out["before"] = rss_bytes("VmRSS")
+                reset_peak()
+                out["t0"] = time.perf_counter()
+            state, metrics = backend.step(state, [data])
+            metrics.loss.item()
+        out["seconds"] = time.perf_counter() - out["t0"]
+        out["peak"] = rss_bytes("VmHWM")
+    return {"part": "qlora", "variant": variant, "seq": seq, "checkpointing": checkpointing,
+            "peak_gib": out["peak"] / 2**30, "before_step_gib": out["before"] / 2**30, "imports_gib": imports / 2**30,
+            "step_s": out["seconds"]}
+
+
 def run_child(args: list[str]) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0",
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
@@ -189,7 +322,11 @@ def run_child(args: list[str]) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=["all", "steps", "optimizer", "activations"], default="all")
+    p.add_argument("--part", choices=["all", "steps", "optimizer", "activations", "qlora"], default="all")
+    p.add_argument("--qlora", help="measure one QLoRA variant in this process (with --base, --seq, --checkpointing)")
+    p.add_argument("--base", help="the saved float32 base of the QLoRA variants")
+    p.add_argument("--checkpointing", action="store_true")
+    p.add_argument("--qlora-seq", type=int, default=1024)
     p.add_argument("--one", help="measure one step variant in this process")
     p.add_argument("--optimizer", help="measure one optimizer variant in this process")
     p.add_argument("--seq", type=int, default=2048)
@@ -202,6 +339,9 @@ def main() -> None:
         return
     if args.optimizer:
         print(json.dumps(measure_optimizer(args.optimizer)))
+        return
+    if args.qlora:
+        print(json.dumps(measure_qlora(args.qlora, args.base, args.seq, args.checkpointing)))
         return
     rows = []
     if args.part in ("all", "steps"):
@@ -233,6 +373,32 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             print(f"activations {mode:12s}: {row['bytes_per_token_hidden_layer']:.1f} bytes per token x hidden per "
                   "layer (without checkpointing; with it, each layer keeps its bfloat16 input: 2)")
+    if args.part in ("all", "qlora"):
+        qlora_grid(args.qlora_seq)
+
+
+def qlora_grid(seq: int) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="bench-qlora-") as base:
+        save_qlora_base(Path(base))
+        for checkpointing in (False, True):
+            peaks = {}
+            for variant in QLORA_VARIANTS:
+                common = ["--base", base, "--seq", str(seq)] + (["--checkpointing"] if checkpointing else [])
+                row = run_child(["--qlora", variant, *common])
+                if variant.endswith("offload"):
+                    row.update(run_child(["--qlora", "offload_count", *common]))
+                print(json.dumps(row), flush=True)
+                peaks[variant] = row["peak_gib"], row["peak_gib"] - row["imports_gib"]
+            pairs = (("qlora", "lora"), ("qlora", "hf_qlora"), ("qlora_8bit", "hf_qlora_8bit"),
+                     ("qlora_8bit", "qlora"))
+            for variant in QLORA_VARIANTS:
+                print(f"qlora seq {seq} checkpointing {'on ' if checkpointing else 'off'} {variant:20s} "
+                      f"peak {peaks[variant][0]:.3f} GiB, {peaks[variant][1]:.3f} GiB above the imports")
+            for a, b in pairs:
+                print(f"  {a} / {b}: {peaks[a][0] / peaks[b][0]:.2f}x the peak, "
+                      f"{peaks[a][1] / peaks[b][1]:.2f}x above the imports")
 
 
 if __name__ == "__main__":

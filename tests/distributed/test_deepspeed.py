@@ -140,8 +140,10 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path, stage):
     assert (cut / "checkpoints" / "latest").read_text().strip() == "step_000008"
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_bf16_trains_on_stages_1_to_3(tmp_path, stage):
+# Stage 1 runs DeepSpeed's stage-1-and-2 optimizer as stage 2 does (with unpartitioned gradients): 2 and 3 cover
+# both code paths (the fp32 comparisons above run every stage).
+@pytest.mark.parametrize("stage", [2, 3])
+def test_bf16_trains_on_stages_2_and_3(tmp_path, stage):
     out = tmp_path / f"bf16-{stage}"
     proc = helpers.launch_run("deepspeed", QUIET + ["train.max_steps=5", "train.log_every=1", "schedule.warmup_steps=1",
                                             "model.dtype=bfloat16", "distributed.backend=deepspeed",

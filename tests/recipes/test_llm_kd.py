@@ -109,14 +109,8 @@ def test_teacher_with_another_vocabulary_is_refused_before_training(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def trained_teacher(tmp_path_factory):
-    """The quickstart model, trained to ~100% exact match on reversing strings."""
-    out = tmp_path_factory.mktemp("teacher")
-    result = automodel.train(helpers.quickstart(out, "train.max_steps=400", "schedule.warmup_steps=50",
-                                                "eval.generate_samples=100",
-                                                "eval.at_start=false", "train.eval_every=0"))
-    assert result.metrics["exact_match"] >= 0.95
-    return result.final_dir
+def trained_teacher(trained_quickstart):
+    return trained_quickstart
 
 
 @pytest.mark.slow
@@ -124,8 +118,8 @@ def test_a_distilled_student_carries_its_teachers_knowledge_past_bad_labels(tmp_
     """The student's labels are unreliable: in 55% of its training rows the answer is the string copied instead of
     reversed. Trained on the labels alone it learns to copy (held-out exact match near 0); distilled (alpha 0.9) it
     learns part of what the teacher knows. Measured with the packages resolved on 2026-12-02 (transformers 5.24,
-    datasets 5.2, tokenizers 0.23): 3.5% against 18.5%, eval loss 1.41 against 0.84; the commit before preference
-    tuning gives the same figures there, while an earlier package set measured 3.0% against 78.5% (eval loss 0.19)."""
+    datasets 5.2, tokenizers 0.23) and the shipped quickstart model as the teacher (500 steps): 3.5% against 45.0%,
+    eval loss 1.41 against 0.49 (a 400-step teacher gave 18.5%, 0.84; an earlier package set 78.5%, 0.19)."""
     rng = random.Random(0)
     rows = read_rows(ASSETS / "train.jsonl")
     noisy = [{**r, "output": r["instruction"].split(": ", 1)[1]} if rng.random() < 0.55 else r for r in rows]

@@ -120,7 +120,8 @@ def one_process_run(tmp_path_factory):
     return ref
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+# Stage 1 is stage 2's optimizer without gradient partitioning (one code path in DeepSpeed): 0, 2 and 3 differ.
+@pytest.mark.parametrize("stage", [0, 2, 3])
 def test_deepspeed_on_two_ranks_matches_one_process_with_frozen_vision(one_process_run, tmp_path, stage):
     ref, out = one_process_run, tmp_path / "ds"
     done = subprocess.run([*helpers.command("deepspeed"), "launch/run.py", "--config", str(VLM_CPU),
