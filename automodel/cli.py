@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_sub = config.add_subparsers(dest="config_command", required=True)
     _add_config_args(config_sub.add_parser("show", help="print the resolved config as TOML, defaults included"))
     ds = config_sub.add_parser("deepspeed", help="print the DeepSpeed JSON derived from the config")
-    ds.add_argument("--world-size", type=int, default=None, help="ranks to plan for (default: from the environment)")
+    ds.add_argument("--world-size", type=int, default=None, help="ranks to plan for (default: the launcher's, else launch.nodes x ranks per node)")
     _add_config_args(ds)
     config_sub.add_parser("docs", help="print the reference of every config key (Markdown)")
     merge = sub.add_parser("merge", help="merge a PEFT LoRA adapter into its base model (offline)")
@@ -198,6 +198,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from automodel.distributed import rank_info
 
             world = args.world_size or rank_info().world_size
+            if not args.world_size and world == 1:  # not under a launcher: plan for the ranks [launch] asks for
+                from automodel.launcher import topology
+
+                topo = topology(load_config(args.config, args.overrides).launch)
+                world = topo.world_size
+                print(f"planning for {world} rank(s): launch.nodes ({topo.nodes}) x {topo.nproc_per_node} per node "
+                      "(--world-size N plans for another count)", file=sys.stderr)
             cfg = load_config(args.config, args.overrides, world_size=world)
             print(json.dumps(deepspeed_config(cfg, world), indent=2))
         else:

@@ -15,7 +15,7 @@ def _is_local(path: str) -> bool:
 def model_card(cfg: Any, config_toml: str, metrics: dict[str, Any], data_lines: list[str], base_path: str,
                adapter: bool, final_dir: Path) -> str:
     """README.md text: YAML front matter (huggingface_hub's ModelCard reads it) and a body a person reads."""
-    where = str(final_dir)
+    where = str(Path(final_dir).absolute())  # the code below runs from any working directory
     pretrained = cfg.model.init == "pretrained"
     base = cfg.model.name_or_path if pretrained else None
     sources = [s.source for s in (*cfg.data.train, *cfg.data.validation)]

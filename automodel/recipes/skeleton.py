@@ -83,7 +83,10 @@ class Run:
         config is saved to <output_dir>/base first, so the adapter has a base to load onto (a quantised one is there
         already, in full precision: only the tokenizer is added)."""
         cfg = self.cfg
-        base_path = cfg.model.name_or_path if cfg.model.init == "pretrained" else str(self.out / "base")
+        # Absolute for a local directory: the adapter (and the model card's code) must load from any working
+        # directory; a hub id stays as it is.
+        base = Path(cfg.model.name_or_path) if cfg.model.init == "pretrained" else self.out / "base"
+        base_path = str(base.absolute()) if cfg.model.init == "random" or base.is_dir() else cfg.model.name_or_path
         peft_cfg: Optional[PeftConfig] = cfg.peft
         if peft_cfg is not None and cfg.model.init == "random" and self.is_main:
             if cfg.model.quantization != "none":

@@ -105,6 +105,13 @@ def test_divisibility_counts_ranks(tmp_path):
     load_config(path, ["train.global_batch_size=8", "train.micro_batch_size=4"], world_size=1)
     with pytest.raises(ConfigError, match=r"x ranks \(4\) = 16"):
         load_config(path, ["train.global_batch_size=8", "train.micro_batch_size=4"], world_size=4)
+    # The way out that keeps the global batch comes first, and it works; then the one that changes the recipe.
+    with pytest.raises(ConfigError, match=r"set train.micro_batch_size = 2 \(keeps the global batch: 2 x 4 ranks x 2 "
+                                          r"accumulation steps\), or train.global_batch_size = 12 \(changes the recipe"):
+        load_config(path, ["train.global_batch_size=16", "train.micro_batch_size=3"], world_size=4)
+    load_config(path, ["train.global_batch_size=16", "train.micro_batch_size=2"], world_size=4)
+    with pytest.raises(ConfigError, match=r"or run on a number of ranks that divides 16"):
+        load_config(path, ["train.global_batch_size=16", "train.micro_batch_size=2"], world_size=3)
 
 
 def test_missing_required_key(tmp_path):
@@ -253,3 +260,21 @@ def test_mixture_mistakes_are_named(tmp_path):
     assert "data.train.1.weight must be a finite number > 0" in error_of(path, ["data.train.1.weight=0.0"])
     assert "unknown key `data.train.0.wieght`; did you mean `data.train.0.weight`?" in error_of(
         write(tmp_path, MIXED.replace("weight = 3.0", "wieght = 3.0")))
+
+
+def test_cli_config_deepspeed_plans_for_the_ranks_the_config_launches(monkeypatch, capsys):
+    """Outside a launcher the JSON is for launch.nodes x ranks per node (llm.toml: one node of 8 GPUs), not 1 rank."""
+    import json
+
+    from automodel.cli import main
+
+    monkeypatch.chdir(REPO)
+    for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(var, raising=False)
+    assert main(["config", "deepspeed", "--config", "configs_toml/llm.toml"]) == 0
+    out = capsys.readouterr()
+    ds = json.loads(out.out)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (16, 2, 1)
+    assert "planning for 8 rank(s)" in out.err
+    assert main(["config", "deepspeed", "--config", "configs_toml/llm.toml", "--world-size", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["gradient_accumulation_steps"] == 4

@@ -130,3 +130,26 @@ def test_lora_on_real_data_loss_falls(tmp_path):
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
     assert losses[-1] < losses[0] - 0.3 and evals[-1] < evals[0] - 0.3, (losses, evals)
     assert (lora.final_dir / "adapter_config.json").is_file()
+
+
+def test_an_adapter_of_a_run_started_with_a_relative_output_dir_loads_from_anywhere(tmp_path, monkeypatch, capsys):
+    """The adapter names its base (<output_dir>/base for a model built from config) by an absolute path, so
+    PeftModel.from_pretrained, `automodel generate` and the model card's code work from any working directory."""
+    from peft import AutoPeftModelForCausalLM
+
+    from automodel.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    cfg = quickstart(tmp_path, *LORA, "train.max_steps=2", "eval.generate_samples=0", "eval.at_start=false",
+                     "data.validation.limit=8", 'output_dir="runs/lora"')
+    final = automodel.train(cfg).final_dir.absolute()
+    base = json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == str(tmp_path / "runs" / "lora" / "base")
+    assert f"# the adapter names its base: {base}" in (final / "README.md").read_text()
+    assert f'from_pretrained("{final}")' in (final / "README.md").read_text()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert AutoPeftModelForCausalLM.from_pretrained(final).peft_config["default"].r == 8
+    capsys.readouterr()
+    assert main(["generate", str(final), "--prompt", "Reverse: abc", "--max-new-tokens", "3"]) == 0
