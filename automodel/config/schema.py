@@ -229,6 +229,10 @@ class ScheduleConfig:
         "cosine", "constant, linear decay, cosine decay, or wsd (warmup-stable-decay)."
     )
     warmup_steps: int = field(0, "Steps of linear warmup from 0 to optim.lr.")
+    warmup_ratio: float = field(
+        0.0, "Warmup as a share of the run's steps, rounded up (0.03: the first 3%), instead of warmup_steps (which "
+        "must then be 0); it scales with the run, so a smoke test with a small train.max_steps keeps its schedule."
+    )
     min_lr: float = field(0.0, "Learning rate the decay heads to (linear, cosine, wsd); reached one step after the last.")
     decay_fraction: float = field(0.1, "wsd only: fraction of the steps spent in the final linear decay.")
 

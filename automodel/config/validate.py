@@ -64,13 +64,19 @@ def _schedule_problems(cfg: TrainConfig, world_size: int) -> list[str]:
     if t.epochs is not None and t.epochs <= 0:
         problems.append(f"train.epochs must be > 0 (got {t.epochs})")
     if t.max_steps is not None and sched.warmup_steps > t.max_steps:
-        problems.append(f"schedule.warmup_steps ({sched.warmup_steps}) is larger than train.max_steps ({t.max_steps})")
+        problems.append(f"schedule.warmup_steps ({sched.warmup_steps}) is larger than train.max_steps ({t.max_steps}); "
+                        "lower it, or give the warmup as a share of the run instead (it then scales with max_steps): "
+                        "schedule.warmup_ratio = 0.1 with schedule.warmup_steps = 0")
     if t.eval_every < 0:
         problems.append("train.eval_every must be >= 0")
     if t.log_every < 1:
         problems.append("train.log_every must be >= 1")
     if sched.warmup_steps < 0:
         problems.append("schedule.warmup_steps must be >= 0")
+    if not 0 <= sched.warmup_ratio < 1:
+        problems.append(f"schedule.warmup_ratio must be in [0, 1) (got {sched.warmup_ratio})")
+    if sched.warmup_ratio and sched.warmup_steps:
+        problems.append("schedule.warmup_steps and schedule.warmup_ratio both set the warmup; keep one (the other 0)")
     if not 0.0 <= sched.decay_fraction <= 1.0:
         problems.append(f"schedule.decay_fraction must be in [0, 1] (got {sched.decay_fraction})")
     if not o.lr > 0 or o.lr == float("inf"):

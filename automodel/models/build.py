@@ -61,6 +61,34 @@ def looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
 
 
+def check_model(model_cfg: ModelConfig, recipe: str) -> None:
+    """The model's config.json, read before any data is tokenised: a mistyped or unreachable name fails in seconds,
+    and a model of the wrong kind for the recipe says which recipe it needs (not transformers' list of classes)."""
+    name = model_cfg.name_or_path
+    if not name:
+        return
+    missing_local_dir("model.name_or_path", name)
+    try:
+        hf_cfg = AutoConfig.from_pretrained(name, trust_remote_code=model_cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.name_or_path: `{name}` could not be loaded (its config.json), so nothing was "
+                          f"tokenised: {_last_line(e)}") from None
+    if model_cfg.trust_remote_code:
+        return  # its own classes: the registries below do not list them
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+
+    kind = f'{(hf_cfg.architectures or [type(hf_cfg).__name__])[0]} (model_type "{hf_cfg.model_type}")'
+    image_text = hf_cfg.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    if recipe == "vlm_finetune" and not image_text:
+        raise ConfigError(f'model.name_or_path: `{name}` is {kind}, a text-only model; recipe = "vlm_finetune" '
+                          "trains image-text models (AutoModelForImageTextToText: LLaVA, Qwen2-VL, Gemma 3, ...). "
+                          'Use recipe = "llm_finetune" for it')
+    if recipe != "vlm_finetune" and image_text and hf_cfg.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ConfigError(f'model.name_or_path: `{name}` is {kind}, an image-text model that AutoModelForCausalLM '
+                          f'cannot load; recipe = "{recipe}" trains text models. Use recipe = "vlm_finetune" for it')
+
+
 def missing_local_dir(key: str, name: str) -> None:
     """A name that can only be a local directory, and is not there: one line naming the key, before the hub is
     asked (which would answer with a complaint about repository names)."""

@@ -13,7 +13,7 @@ def lr_at(step: int, sched: ScheduleConfig, base_lr: float, max_steps: int) -> f
     they would reach one step after the last; wsd holds base_lr until the last `decay_fraction` of all
     steps and then decays linearly.
     """
-    warmup = sched.warmup_steps
+    warmup = warmup_steps(sched, max_steps)
     if step < warmup:
         return base_lr * (step + 1) / warmup
     if sched.kind == "constant":
@@ -29,3 +29,8 @@ def lr_at(step: int, sched: ScheduleConfig, base_lr: float, max_steps: int) -> f
     if sched.kind == "linear":
         return base_lr - span * progress
     return sched.min_lr + span * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_steps(sched: ScheduleConfig, max_steps: int) -> int:
+    """schedule.warmup_steps, or schedule.warmup_ratio of the run's steps, rounded up."""
+    return sched.warmup_steps or math.ceil(sched.warmup_ratio * max_steps)

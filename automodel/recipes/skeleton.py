@@ -161,6 +161,7 @@ def run(cfg: TrainConfig, parts_of: Callable[[Run], Parts]) -> TrainResult:
                                                          cfg.data.packing)
         build_cfg = attrs.evolve(cfg, model=attrs.evolve(cfg.model, attn_implementation=attention))
         setup = Run(build_cfg, ranks, device, out, deepspeed_config(cfg, ranks.world_size) if use_deepspeed else None)
+        models.check_model(cfg.model, cfg.recipe)  # seconds, before the data is tokenised
         parts = parts_of(setup)
 
         # The order of samples, and how long the run is (a stream's length is not known: max_steps says).

@@ -78,3 +78,31 @@ def test_auto_attention_is_sdpa_on_cpu_and_flex_attention_refuses_cpu_training()
     assert pick_attention("eager", cpu, "float32", packing=False) == ("eager", "model.attn_implementation")
     with pytest.raises(ConfigError, match="flex_attention.*CUDA only"):
         pick_attention("flex_attention", cpu, "float32", packing=True)
+
+
+def test_a_model_that_cannot_load_fails_before_the_data_is_tokenised(tmp_path, capsys):
+    """A mistyped hub id (offline here: the hub cannot be asked) is one line, and nothing was tokenised."""
+    import automodel
+    from tests.helpers import quickstart
+
+    cfg = quickstart(tmp_path, 'model.init="pretrained"', 'model.name_or_path="nobody-here/no-such-model"',
+                     "train.max_steps=2")
+    with pytest.raises(ConfigError, match=r"model.name_or_path: `nobody-here/no-such-model` could not be loaded "
+                                          r"\(its config.json\), so nothing was tokenised"):
+        automodel.train(cfg)
+    assert "data:" not in capsys.readouterr().out
+
+
+def test_the_wrong_kind_of_model_for_the_recipe_says_which_recipe_it_needs(tmp_path):
+    import automodel
+    from automodel.config import load_config
+
+    tiny_llama(vocab_size=300).save_pretrained(tmp_path / "text_model")
+    cfg = load_config(REPO / "configs_toml" / "vlm_cpu.toml", [
+        f'output_dir="{tmp_path / "run"}"', 'model.init="pretrained"', f'model.name_or_path="{tmp_path / "text_model"}"',
+        "model.config={}", 'tokenizer.name_or_path="examples/vlm/processor"'], world_size=1)
+    with pytest.raises(ConfigError) as error:
+        automodel.train(cfg)
+    message = str(error.value)
+    assert 'is LlamaForCausalLM (model_type "llama"), a text-only model' in message
+    assert 'Use recipe = "llm_finetune" for it' in message and "\n" not in message

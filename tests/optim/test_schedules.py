@@ -31,3 +31,32 @@ def test_wsd_holds_then_decays_over_the_last_fraction():
     assert all(lr == BASE for lr in lrs[10:80])
     assert lrs[80] == BASE and lrs[90] == pytest.approx(BASE / 2) and lrs[99] == pytest.approx(BASE / 20)
     assert all(a > b for a, b in zip(lrs[80:], lrs[81:]))
+
+
+@pytest.mark.parametrize("kind", ["constant", "linear", "cosine", "wsd"])
+def test_warmup_ratio_is_warmup_steps_of_the_runs_length_rounded_up(kind):
+    ratio = ScheduleConfig(kind=kind, warmup_ratio=0.05, min_lr=1e-5)
+    for max_steps, steps in ((100, 5), (110, 6), (2, 1)):
+        fixed = ScheduleConfig(kind=kind, warmup_steps=steps, min_lr=1e-5)
+        assert [lr_at(s, ratio, BASE, max_steps) for s in range(max_steps)] == \
+            [lr_at(s, fixed, BASE, max_steps) for s in range(max_steps)]
+
+
+def test_a_warmup_longer_than_a_smoke_test_names_both_ways_out(tmp_path):
+    from automodel.config import ConfigError
+    from tests.helpers import quickstart
+
+    with pytest.raises(ConfigError, match=r"schedule.warmup_steps \(50\) is larger than train.max_steps \(2\); lower "
+                                          r"it, or .* schedule.warmup_ratio = 0.1 with schedule.warmup_steps = 0"):
+        quickstart(tmp_path, "schedule.warmup_steps=50", "train.max_steps=2")
+    cfg = quickstart(tmp_path, "schedule.warmup_steps=0", "schedule.warmup_ratio=0.1", "train.max_steps=2")
+    assert cfg.schedule.warmup_ratio == 0.1
+    with pytest.raises(ConfigError, match="both set the warmup; keep one"):
+        quickstart(tmp_path, "schedule.warmup_steps=5", "schedule.warmup_ratio=0.1")
+    # Several problems are reported at once, a line each.
+    with pytest.raises(ConfigError) as error:
+        quickstart(tmp_path, "schedule.warmup_steps=0", "schedule.warmup_ratio=1.5", "optim.lr=-1",
+                   "train.log_every=0")
+    lines = str(error.value).splitlines()
+    for key in ("schedule.warmup_ratio must be in", "optim.lr must be", "train.log_every must be"):
+        assert sum(key in line for line in lines) == 1, key
