@@ -149,6 +149,7 @@ def trained_chat_template(sources: list[Any], data_cfg: Any, tokenizer: Any) -> 
     return None
 
 
+OPENAI_ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
                   "function_call": "assistant", "observation": "tool", "tool": "tool"}
 
@@ -199,6 +200,11 @@ def turns_of(turns: Any, column: str, field: str = "messages") -> list[dict[str,
             role = turn.get("role")
             if not isinstance(role, str):
                 raise BadRow(field, f"turn {i} has no `role`")
+            if role not in OPENAI_ROLES:  # trained on silently, a "human" turn would teach the template's fallback
+                alias = (f'; ShareGPT\'s "{role}" is "{SHAREGPT_ROLES[role]}" here: rename it in the data, or write '
+                         'the turns as ShareGPT ({"from", "value"})' if role in SHAREGPT_ROLES else "")
+                raise BadRow(field, f"turn {i}: unknown role `{role}`; expected one of {', '.join(OPENAI_ROLES)}"
+                             + alias)
             content = _content_text(turn.get("content"), f"turn {i}")
             if turn.get("tool_calls"):
                 content = (content + "\n" if content else "") + json.dumps(turn["tool_calls"], ensure_ascii=False)

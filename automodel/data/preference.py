@@ -30,7 +30,7 @@ from automodel.data.formats import BadRow, FormatOptions, render_chat_template, 
 from automodel.data.sources import load_rows
 from automodel.data.store import Rows, concat
 from automodel.data import store
-from automodel.data.tokenize import _source_identity, _tokenizer_identity, cache_root, carved, split_plan
+from automodel.data.tokenize import _source_identity, _tokenizer_identity, cache_root, carved, row_where, split_plan
 from automodel.loss import IGNORE_INDEX
 
 CACHE_VERSION = 1
@@ -202,8 +202,8 @@ def _row(prompt: list[int], completion: list[int]) -> tuple[list[int], list[int]
 def tokenize_rows(rows: Any, src: DataSourceConfig, data_cfg: DataConfig, tokenizer: Any, options: FormatOptions,
                   name: str, kto: bool, where: Any = None) -> PreferenceSet:
     """The source's rows as a PreferenceSet (bad rows: an error naming file, row and field, or skipped). `where(i)`
-    names row i in errors (default "row i"; a stream's window says its row in the rank's share and the pass)."""
-    where = where or (lambda i: f"row {i}")
+    names row i in errors (default: tokenize.row_where, "line N" of a .jsonl file; a stream's window says its row in the rank's share and the pass)."""
+    where = where or (lambda i: row_where(src, i))
     encode = None
     ids_rows, label_rows, desirable = [], [], []
     completions: list[list[int]] = []  # KTO: each kept example's completion, for the mismatched rows

@@ -273,7 +273,7 @@ def preflight(data_cfg: DataConfig, options: FormatOptions) -> list[str]:
             pairs.tokenize_rows(first, src, data_cfg, options.tokenizer, options, "train", kto=src.format == "kto")
         else:
             for i, row in enumerate(first):
-                format_row(src, options, row, f"row {i}", data_cfg.on_bad_row)
+                format_row(src, options, row, i, data_cfg.on_bad_row)
         label = "train" if len(sources) == 1 else f"train/{source_label(src)}"
         mix = f"; {100 * share:.1f}% of the rows" if len(sources) > 1 else ""
         lines.append(f"{label}: {src.format} rows streamed from {src.source} (split `{src.split}`"

@@ -55,9 +55,13 @@ class TokenizedSet:
         trained = self.labels.count_trained()
         packed = f" packed into {len(self):,} rows" if self.position_ids is not None else ""
         skipped = f", {self.skipped:,} bad rows skipped" if self.skipped else ""
+        warning = ""
+        if self.dropped > 0.01 * self.rows_read:  # more than 1%: say so where it is read, with the key to change
+            warning = (f"; warning: {100 * self.dropped / self.rows_read:.1f}% of the rows were dropped (longer than "
+                       "data.seq_len, or nothing left to train): raise data.seq_len, or set data.truncate = \"right\"")
         return (f"{self.name}: {self.samples or len(self):,} samples{packed} from {self.rows_read:,} rows "
                 f"({self.dropped:,} dropped, {self.truncated:,} truncated{skipped}), {tokens:,} tokens, "
-                f"{trained:,} trained")
+                f"{trained:,} trained{warning}")
 
 
 def tokenize_examples(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, seq_len: int,
@@ -163,9 +167,9 @@ def load_examples(src: DataSourceConfig, options: FormatOptions, rows: Optional[
         try:
             row = rows[i]
         except UnicodeDecodeError as e:  # datasets decodes text lazily, row by row
-            raise ConfigError(f"{src.source}: row {i} (split `{src.split}`) is not UTF-8 text ({e.reason} at byte "
-                              f"{e.start}); re-encode the file as UTF-8") from None
-        example = format_row(src, options, row, f"row {i}", on_bad_row)
+            raise ConfigError(f"{src.source}: {row_where(src, i)} (split `{src.split}`) is not UTF-8 text ({e.reason} "
+                              f"at byte {e.start}); re-encode the file as UTF-8") from None
+        example = format_row(src, options, row, i, on_bad_row)
         if example is None:
             skipped += 1
         else:
@@ -173,18 +177,36 @@ def load_examples(src: DataSourceConfig, options: FormatOptions, rows: Optional[
     return examples, skipped
 
 
-def format_row(src: DataSourceConfig, options: FormatOptions, row: dict, where: str,
+def row_where(src: DataSourceConfig, index: int) -> str:
+    """Where row `index` (0-based, of its split) is, as a person finds it: "line N" (1-based, as an editor shows) in a
+    whole local .jsonl or .txt file, else "row N" (0-based, as the file's list or the split's slice counts)."""
+    path = Path(src.source)
+    if src.split == "train" and path.suffix in (".jsonl", ".txt") and path.is_file():
+        with open(path, "rb") as f:
+            if path.suffix == ".txt":  # every line is a row
+                return f"line {index + 1}"
+            seen = -1
+            for number, line in enumerate(f, start=1):  # JSON Lines skips blank lines
+                seen += bool(line.strip())
+                if seen == index:
+                    return f"line {number}"
+    return f"row {index}"
+
+
+def format_row(src: DataSourceConfig, options: FormatOptions, row: dict, where: Any,
                on_bad_row: str = "error") -> Optional[Example]:
     """`row` as its format's Example; None for a bad row with on_bad_row = "skip", else an error naming the source,
-    `where` (e.g. "row 12") and the field."""
+    `where` (a row index, or a phrase such as "row 12 of the stream") and the field."""
     try:
         return FORMATS[src.format](row, src.columns, options)
     except BadRow as e:
         if on_bad_row == "skip":
             return None
+        where = row_where(src, where) if isinstance(where, int) else where
         raise ConfigError(f"{src.source}: {where} (split `{src.split}`), field `{e.field}`: {e}; fix the row or "
                           f"set data.on_bad_row = \"skip\"") from None
     except TemplateTimeout as e:
+        where = row_where(src, where) if isinstance(where, int) else where
         raise ConfigError(f"data.chat_template: {src.source} {where}: {e}; the template loops without end, or "
                           "nearly: fix it, or use \"chatml\"") from None
 

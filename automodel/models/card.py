@@ -12,6 +12,16 @@ def _is_local(path: str) -> bool:
     return Path(path).expanduser().exists() or path.startswith((".", "/", "~"))
 
 
+def duration(seconds: float) -> str:
+    """65.3 -> "1 min 5 s"; 7384 -> "2 h 3 min"."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
 def model_card(cfg: Any, config_toml: str, metrics: dict[str, Any], data_lines: list[str], base_path: str,
                adapter: bool, final_dir: Path) -> str:
     """README.md text: YAML front matter (huggingface_hub's ModelCard reads it) and a body a person reads."""
@@ -51,7 +61,11 @@ def model_card(cfg: Any, config_toml: str, metrics: dict[str, Any], data_lines: 
     for src_name in ("train", "validation"):
         for src in getattr(cfg.data, src_name):
             weight = f", weight {src.weight:g}" if src.weight is not None else ""
-            lines.append(f"- {src_name}: `{src.source}` (format `{src.format}`, split `{src.split}`"
+            # A local file has no splits: "train" (datasets' name for a whole file) is left out, a slice is shown.
+            split = ((f", rows `{src.split}`" if src.split != "train" else "") if _is_local(src.source)
+                     else f", split `{src.split}`")
+            kind = "file" if _is_local(src.source) else "dataset"
+            lines.append(f"- {src_name}: {kind} `{src.source}` (format `{src.format}`{split}"
                          + (f", first {src.limit} rows" if src.limit else "") + weight + ")")
     lines += [f"- {line}" for line in data_lines]
     lines += ["", "## Results", "", "| metric | value |", "|---|---|"]
@@ -59,9 +73,9 @@ def model_card(cfg: Any, config_toml: str, metrics: dict[str, Any], data_lines: 
                 "best_step", "stopped_early", "wall_s"):
         if metrics.get(key) is not None:
             value = metrics[key]
-            text = (f"{100 * value:.1f}%" if key.startswith("exact_match") else
-                    f"{value:.4f}" if isinstance(value, float) else str(value))
-            lines.append(f"| {key} | {text} |")
+            text = (f"{100 * value:.1f}%" if key.startswith("exact_match") else duration(value) if key == "wall_s"
+                    else f"{value:.4f}" if isinstance(value, float) else str(value))
+            lines.append(f"| {'wall time' if key == 'wall_s' else key} | {text} |")
     lines += ["", "## How to load it", "", "```python"]
     if adapter:
         lines += ["from peft import AutoPeftModelForCausalLM" if cfg.recipe != "vlm_finetune"

@@ -316,7 +316,7 @@ def test_a_chat_template_that_loops_for_ever_is_stopped_naming_the_key(tmp_path,
                "{% endfor %}{% endfor %}{% endfor %}")
     options = FormatOptions(chat_template=endless, tokenizer=byte_level_tokenizer(["hi yo"]))
     t0 = time.perf_counter()
-    with pytest.raises(ConfigError, match=r"data.chat_template: .*chat.jsonl row 0: rendering one conversation took "
+    with pytest.raises(ConfigError, match=r"data.chat_template: .*chat.jsonl line 1: rendering one conversation took "
                                           r"more than 0.5 s"):
         load_examples(DataSourceConfig(source=str(rows), format="chat"), options)
     assert time.perf_counter() - t0 < 5
@@ -356,7 +356,7 @@ def test_empty_and_non_utf8_data_files_are_one_line_errors(tmp_path):
         load_examples(DataSourceConfig(source=str(empty), format="instruction"), FormatOptions())
     latin = tmp_path / "latin.jsonl"
     latin.write_bytes(b'{"instruction": "ok", "output": "fine"}\n{"instruction": "caf\xe9", "output": "x"}\n')
-    with pytest.raises(ConfigError, match=r"latin.jsonl: row 1 \(split `train`\) is not UTF-8 text .* re-encode"):
+    with pytest.raises(ConfigError, match=r"latin.jsonl: line 2 \(split `train`\) is not UTF-8 text .* re-encode"):
         load_examples(DataSourceConfig(source=str(latin), format="instruction"), FormatOptions())
 
 

@@ -63,15 +63,15 @@ def test_instruction_format_with_alpaca_template_and_column_mapping(gpt2, tmp_pa
 def test_bad_rows_name_the_file_row_and_field(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": ""}\n')
-    with pytest.raises(ConfigError, match=r"bad.jsonl: row 1 \(split `train`\), field `output`: column `output` is empty; "
+    with pytest.raises(ConfigError, match=r"bad.jsonl: line 2 \(split `train`\), field `output`: column `output` is empty; "
                                           r"fix the row or set data.on_bad_row = \"skip\""):
         load_examples(DataSourceConfig(source=str(path), format="instruction"), FormatOptions())
     path.write_text('{"prompt": "a", "output": "b"}\n')
-    with pytest.raises(ConfigError, match=r"row 0 .*field `instruction`: missing column `instruction` \(columns "
+    with pytest.raises(ConfigError, match=r"line 1 .*field `instruction`: missing column `instruction` \(columns "
                                           r"here: prompt, output\); map it with data.<split>.columns.instruction"):
         load_examples(DataSourceConfig(source=str(path), format="instruction"), FormatOptions())
     path.write_text('{"context": "c", "question": "q", "answers": {"text": []}}\n')
-    with pytest.raises(ConfigError, match=r"row 0 .*field `answers`.*at least one answer"):
+    with pytest.raises(ConfigError, match=r"line 1 .*field `answers`.*at least one answer"):
         load_examples(DataSourceConfig(source=str(path), format="squad"), FormatOptions())
 
 
@@ -88,6 +88,11 @@ def test_too_long_samples_are_dropped_or_truncated_and_counted(gpt2):
     assert max(map(len, cut.input_ids)) == 160
     # Truncation that leaves no answer token drops the sample instead (nothing to train on).
     assert cut.truncated + cut.dropped == too_long and len(cut) + cut.dropped == 200
+    # More than 1% dropped: the data line says the share and the keys to change; 1% or less: it does not.
+    share = 100 * too_long / 200
+    assert f"warning: {share:.1f}% of the rows were dropped" in dropped.summary()
+    assert 'raise data.seq_len, or set data.truncate = "right"' in dropped.summary()
+    assert "warning" not in tokenize_examples(examples, gpt2, 4096, "drop", "train").summary()
 
 
 def test_build_reports_an_empty_split_clearly(gpt2):
@@ -123,3 +128,30 @@ def test_collate_pads_right_and_masks_padding(gpt2):
     assert batch["attention_mask"].sum(1).tolist() == lengths
     assert torch.all(batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX)
     assert eval_batches(tset, 3) == [[0, 1, 2], [3]] and eval_batches(tset, 3, max_batches=1) == [[0, 1, 2]]
+
+
+def test_rows_are_named_by_the_line_an_editor_shows(tmp_path):
+    """1-based lines of a .jsonl file, blank lines counted as an editor counts them; a slice of a split, or a JSON
+    array, keeps its 0-based row."""
+    path = tmp_path / "gaps.jsonl"
+    path.write_text('{"instruction": "a", "output": "b"}\n\n\n{"instruction": "c", "output": ""}\n')
+    with pytest.raises(ConfigError, match=r"gaps.jsonl: line 4 \(split `train`\), field `output`"):
+        load_examples(DataSourceConfig(source=str(path), format="instruction"), FormatOptions())
+    with pytest.raises(ConfigError, match=r"gaps.jsonl: row 0 \(split `train\[1:\]`\), field `output`"):
+        load_examples(DataSourceConfig(source=str(path), format="instruction", split="train[1:]"), FormatOptions())
+    array = tmp_path / "rows.json"
+    array.write_text(json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "c", "output": ""}]))
+    with pytest.raises(ConfigError, match=r"rows.json: row 1 \(split `train`\), field `output`"):
+        load_examples(DataSourceConfig(source=str(array), format="instruction"), FormatOptions())
+
+
+def test_an_unknown_role_in_openai_messages_is_an_error_naming_the_row(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "human", "content": "hi"},
+                                             {"role": "assistant", "content": "hello"}]}) + "\n")
+    with pytest.raises(ConfigError, match=r"chat.jsonl: line 1 .*turn 0: unknown role `human`; expected one of system, "
+                                          r"developer, user, assistant, .*ShareGPT's \"human\" is \"user\" here"):
+        load_examples(DataSourceConfig(source=str(path), format="chat"), FormatOptions())
+    path.write_text(json.dumps({"messages": [{"role": "narrator", "content": "hi"}]}) + "\n")
+    with pytest.raises(ConfigError, match=r"unknown role `narrator`; expected one of [a-z, ]*ipython; fix the row"):
+        load_examples(DataSourceConfig(source=str(path), format="chat"), FormatOptions())

@@ -250,7 +250,7 @@ def test_a_bad_row_in_a_worker_names_its_row_in_the_file(gpt2, tmp_path, monkeyp
     rows[47] = {"instruction": "q47"}
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = DataConfig(seq_len=64, num_proc=3, train=DataSourceConfig(source=str(path), format="instruction"))
-    with pytest.raises(ConfigError, match=r"rows.jsonl: row 47 \(split `train`\), field `output`"):
+    with pytest.raises(ConfigError, match=r"rows.jsonl: line 48 \(split `train`\), field `output`"):
         build(cfg, gpt2, use_cache=False)
 
 
@@ -346,6 +346,6 @@ def test_every_source_is_opened_and_its_first_rows_checked_before_any_is_tokenis
     lines = []
     cfg = DataConfig(seq_len=64, train=[DataSourceConfig(source=str(good), format="instruction"),
                                         DataSourceConfig(source=str(bad), format="instruction")])
-    with pytest.raises(ConfigError, match=r"bad.jsonl: row 0 \(split `train`\), field `output`"):
+    with pytest.raises(ConfigError, match=r"bad.jsonl: line 1 \(split `train`\), field `output`"):
         build(cfg, gpt2, use_cache=False, log=lines.append)
     assert not any("tokenised" in line for line in lines)  # the first source was not tokenised first

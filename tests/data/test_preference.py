@@ -80,8 +80,8 @@ def test_truncation_keeps_the_prompts_end_and_the_completions_start_and_counts_i
 
 
 @pytest.mark.parametrize("row, message", [
-    ({"prompt": "p", "chosen": "a"}, "row 1 (split `train`), field `rejected`: missing column `rejected`"),
-    ({"prompt": "p", "chosen": "same", "rejected": "same"}, "row 1 (split `train`), field `chosen`: chosen and rejected "
+    ({"prompt": "p", "chosen": "a"}, "line 2 (split `train`), field `rejected`: missing column `rejected`"),
+    ({"prompt": "p", "chosen": "same", "rejected": "same"}, "line 2 (split `train`), field `chosen`: chosen and rejected "
                                                             "are the same"),
     ({"prompt": "p", "chosen": "  ", "rejected": "b"}, "field `chosen`: the chosen completion is empty"),
     ({"prompt": [{"role": "user", "content": "p"}], "chosen": "a", "rejected": "b"}, "the prompt is messages and "
@@ -101,7 +101,7 @@ def test_a_bad_pair_is_one_line_naming_the_file_row_and_field(tmp_path, row, mes
 def test_a_kto_label_that_is_not_a_boolean_is_an_error(tmp_path):
     path = write_jsonl(tmp_path / "kto.jsonl", [{"prompt": "p", "completion": "c", "label": "yes"}])
     cfg = DataConfig(train=DataSourceConfig(source=str(path), format="kto"))
-    with pytest.raises(ConfigError, match=r"row 0 .*field `label`: column `label` should be true or false"):
+    with pytest.raises(ConfigError, match=r"line 1 .*field `label`: column `label` should be true or false"):
         pairs.build_sources(cfg, tokenizer(), FormatOptions(tokenizer=tokenizer()), use_cache=False)
 
 

@@ -189,7 +189,7 @@ def test_a_bad_row_names_the_source_row_and_pass(tmp_path, tokenizer):
     src = DataSourceConfig(source=str(write_jsonl(tmp_path / "bad.jsonl", rows)), format="instruction",
                            streaming=True)
     data_cfg = DataConfig(seq_len=32, train=src)
-    with pytest.raises(ConfigError, match=r"bad\.jsonl: row 5 \(split `train`\), field `output`"):
+    with pytest.raises(ConfigError, match=r"bad\.jsonl: line 6 \(split `train`\), field `output`"):
         preflight(data_cfg, format_options(data_cfg, tokenizer))  # before the model loads
     with pytest.raises(ConfigError, match=r"bad\.jsonl: row 2 of rank 1's share of the rows, pass 1 .*`output`"):
         stream_of(data_cfg, tokenizer, BatchShape(2, 1, world_size=2), rank=1).next_step()
