@@ -16,6 +16,7 @@
 """
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--adapter", required=True, help="adapter directory (adapter_config.json + weights)")
     merge.add_argument("--out", required=True, help="output directory for the merged HF model")
     merge.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    _add_verbose(merge)
     _add_launch_parser(sub)
     sweep = sub.add_parser("sweep", help="inspect sweeps")
     sweep_sub = sweep.add_subparsers(dest="sweep_command", required=True)
@@ -63,17 +65,23 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", default=None, help="the PNG to write (default: loss.png in the current directory, or "
                       "RUN_DIR/plots/loss.png for a single run)")
     plot.add_argument("--title", default=None)
+    _add_verbose(plot)
     for name, text in (("chat", "a terminal chat with a saved model or adapter"),
                        ("generate", "generate one answer to --prompt")):
         p = sub.add_parser(name, help=text)
         p.add_argument("model_dir", metavar="MODEL_DIR", help="a run's final/ (or final_merged/), any saved causal "
                        "LM directory, or a LoRA adapter directory")
         _add_generation_args(p)
+        _add_verbose(p)
         if name == "generate":
             p.add_argument("--prompt", required=True, help="the user's message (or, with --raw, the text to continue)")
             p.add_argument("--raw", action="store_true", help="continue --prompt as plain text, without the chat "
                            "template")
     return parser
+
+
+def _add_verbose(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", action="store_true", help="show the libraries' warnings, log lines and progress bars")
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -168,23 +176,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return run_command(args.config, args.overrides)
     if args.command in ("launch", "sweep"):
         return _launch_or_sweep(args)
-    if args.command in ("chat", "generate", "plot"):
-        try:
-            return _plot(args) if args.command == "plot" else _talk(args)
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return EXIT_CONFIG_ERROR
-    if args.command == "merge":
-        from automodel.models import DTYPES
-        from automodel.peft import merge
+    if args.command in ("chat", "generate", "plot", "merge"):
+        from automodel.loggers.quiet import libraries_silenced
 
-        try:
-            out = merge(args.base, args.adapter, args.out, DTYPES[args.dtype])
+        try:  # the libraries' warnings and bars would interleave with the command's output (--verbose keeps them)
+            with contextlib.nullcontext() if args.verbose else libraries_silenced():
+                return {"plot": _plot, "merge": _merge}.get(args.command, _talk)(args)
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_CONFIG_ERROR
-        print(f"merged model saved to {out}")
-        return 0
     if args.config_command == "docs":
         from automodel.config.docs import config_reference
 
@@ -215,6 +215,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+def _merge(args: argparse.Namespace) -> int:
+    from automodel.models import DTYPES
+    from automodel.peft import merge
+
+    out = merge(args.base, args.adapter, args.out, DTYPES[args.dtype])
+    print(f"merged model saved to {out}")
+    return 0
+
+
 def _plot(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -234,7 +243,7 @@ def _talk(args: argparse.Namespace) -> int:
 
     from automodel import chat
 
-    hf_logging.disable_progress_bar()  # "Loading weights" bars would interleave with the conversation
+    hf_logging.disable_progress_bar()  # "Loading weights" bars would interleave with the conversation (--verbose too)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = chat.load(args.model_dir, args.dtype, device, args.chat_template)

@@ -101,3 +101,23 @@ def test_talking_to_a_model_without_a_chat_template_says_what_to_do(tmp_path, ca
                                                               skip_special_tokens=True).strip()
     assert main(["chat", str(tmp_path / "nowhere")]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # processes of their own: what a library prints at import shows only in a fresh one
+def test_commands_outside_training_print_only_their_own_output(tmp_path):
+    """merge and generate in a fresh process: no FutureWarning, no DeepSpeed accelerator line, no progress bars on
+    either stream; --verbose brings the libraries' output back."""
+    from peft import LoraConfig, get_peft_model
+
+    saved_chat_model(tmp_path / "base")
+    adapted = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), LoraConfig(r=4))
+    adapted.save_pretrained(tmp_path / "adapter")
+    merged = automodel_command("merge", "--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
+                               "--out", str(tmp_path / "merged"))
+    assert merged.returncode == 0, merged.stderr
+    assert merged.stdout.strip() == f"merged model saved to {tmp_path / 'merged'}" and merged.stderr == ""
+    said = automodel_command("generate", str(tmp_path / "merged"), "--prompt", "hello", "--max-new-tokens", "3")
+    assert said.returncode == 0 and said.stderr == "", said.stderr
+    verbose = automodel_command("merge", "--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
+                                "--out", str(tmp_path / "merged2"), "--verbose")
+    assert verbose.returncode == 0 and verbose.stderr != ""

@@ -34,29 +34,49 @@ def libraries_to_file(output_dir: Path, rank: int, preload: Sequence[str] = ()) 
     """While open, the libraries' log records and Python warnings go to <output_dir>/logs/debug.log (rank r > 0:
     debug_rank<r>.log) and their progress bars are off; everything is put back on exit (a Python user may train
     again). `preload`: modules imported first, so the console handlers they attach at import are set aside too."""
-    for module in preload:
-        importlib.import_module(module)
     path = debug_log_path(output_dir, rank)
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    try:
+        with _libraries_to(handler, preload):
+            yield path
+    finally:
+        handler.close()
+
+
+@contextlib.contextmanager
+def libraries_silenced(preload: Sequence[str] = ("deepspeed",)) -> Iterator[None]:
+    """For a command with no run directory to log into (merge, chat, generate, plot): the libraries' records,
+    warnings and progress bars are dropped, so the console shows the command's own output (--verbose keeps them).
+    DeepSpeed is imported inside (peft and transformers import it where installed) so its import-time lines go too."""
+    with _libraries_to(logging.NullHandler(), preload):
+        yield
+
+
+@contextlib.contextmanager
+def _libraries_to(handler: logging.Handler, preload: Sequence[str]) -> Iterator[None]:
     to_file = _ToFile(handler)
     saved_filters = list(warnings.filters)
     logging.captureWarnings(True)
     warnings.simplefilter("default")  # each distinct warning once per place, into the file
-    before = {}
+    before: dict[str, tuple[list[logging.Handler], bool]] = {}
     for name in LIBRARIES:
         logger = logging.getLogger(name)
-        consoles = [h for h in logger.handlers if type(h) is logging.StreamHandler]
-        before[name] = (consoles, logger.propagate)
-        for console in consoles:
-            logger.removeHandler(console)
+        before[name] = ([], logger.propagate)
         logger.addHandler(handler)  # records of its child loggers, which propagate here
         logger.addFilter(to_file)  # its own records
         logger.propagate = False
+    _set_aside_consoles(before)
     bars = _progress_bars(False)
     try:
-        yield path
+        for module in preload:  # imported inside: what a module says as it is imported is caught too
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                pass
+        _set_aside_consoles(before)  # and the console handlers it attached are set aside
+        yield
     finally:
         _progress_bars(True, bars)
         for name, (consoles, propagate) in before.items():
@@ -68,7 +88,16 @@ def libraries_to_file(output_dir: Path, rank: int, preload: Sequence[str] = ()) 
             logger.propagate = propagate
         logging.captureWarnings(False)
         warnings.filters[:] = saved_filters
-        handler.close()
+
+
+def _set_aside_consoles(before: dict[str, tuple[list[logging.Handler], bool]]) -> None:
+    """Takes the libraries' console handlers off their loggers (they go back on exit): a child logger's record
+    reaches its parent's handlers, past the parent's filter."""
+    for name, (consoles, _) in before.items():
+        logger = logging.getLogger(name)
+        for console in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
+            logger.removeHandler(console)
+            consoles.append(console)
 
 
 def _progress_bars(on: bool, which: Sequence[str] = ("transformers", "datasets", "huggingface_hub")) -> list[str]:
