@@ -5,13 +5,27 @@
     result.output_dir, result.metrics["eval_loss"]
 """
 
+from typing import TYPE_CHECKING, Any
+
 from automodel.config import ConfigError, TrainConfig, load_config, validate
-from automodel.training.loop import TrainResult
+
+if TYPE_CHECKING:
+    from automodel.training.loop import TrainResult
 
 __version__ = "0.1.0"
 
 
-def train(cfg: TrainConfig) -> TrainResult:
+def __getattr__(name: str) -> Any:
+    # torch and the training loop load when first needed, not when the `automodel` command starts (--help, config,
+    # launch and plot need neither).
+    if name == "TrainResult":
+        from automodel.training.loop import TrainResult
+
+        return TrainResult
+    raise AttributeError(f"module 'automodel' has no attribute {name!r}")
+
+
+def train(cfg: TrainConfig) -> "TrainResult":
     """Runs the recipe the config names. Accepts a loaded config, one built in code, or an attrs.evolve
     variant; it is validated again here, since code-built configs skip the loader."""
     from automodel import distributed

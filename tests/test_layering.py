@@ -54,3 +54,20 @@ def test_every_import_goes_down_the_layers():
             if RANK.get(target, len(LAYERS)) >= RANK[here]:
                 wrong.append(f"{path.relative_to(REPO)} imports automodel.{target}")
     assert not wrong, "\n".join(sorted(wrong))
+
+
+def test_commands_that_need_no_model_start_without_torch():
+    """`automodel --help`, `config show` and `launch --slurm --dry-run` answer in a fraction of a second: neither
+    torch nor transformers is imported (they cost 3-4 s on 2 cores)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, contextlib, io\n"
+            "from automodel.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    assert main(['config', 'show', '--config', 'configs_toml/quickstart.toml']) == 0\n"
+            "    assert main(['launch', '--config', 'configs_toml/llm.toml', '--slurm', '--dry-run']) == 0\n"
+            "heavy = sorted(m for m in ('torch', 'transformers', 'datasets', 'deepspeed') if m in sys.modules)\n"
+            "assert not heavy, heavy\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

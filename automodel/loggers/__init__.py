@@ -10,7 +10,7 @@ from typing import Any, Optional, Sequence
 from tqdm.auto import tqdm
 
 from automodel.loggers.metrics import read_rows
-from automodel.loggers.plot import plot_runs
+from automodel.loggers.plot import LrCurve, lr_curve, plot_runs
 from automodel.loggers.trackers import Tracker, scalars
 
 
@@ -51,11 +51,13 @@ class RunLogger:
     """One per run; only rank 0 writes. `row(...)` prints a line and appends it to metrics.jsonl."""
 
     def __init__(self, output_dir: Path, max_steps: int, progress_bar: str, enabled: bool = True,
-                 start_step: int = 0, trackers: Sequence[Tracker] = (), plot: bool = False, redo_eval: bool = False):
+                 start_step: int = 0, trackers: Sequence[Tracker] = (), plot: bool = False, redo_eval: bool = False,
+                 lr: Optional[LrCurve] = None):
         self.enabled = enabled
         self.max_steps = max_steps
         self.trackers = list(trackers)
         self.plot_path: Optional[Path] = output_dir / "plots" / "loss.png" if plot and enabled else None
+        self.lr = lr  # the schedule step by step, for the plot
         self._output_dir = output_dir
         # A run from step 0 starts the file afresh; a resumed one continues it, without the rows of the
         # steps it is about to redo (logged after its checkpoint by the run that stopped).
@@ -109,7 +111,7 @@ class RunLogger:
         if self.plot_path is None:
             return
         try:
-            plot_runs([(self._output_dir.resolve().name, self._output_dir)], self.plot_path)
+            plot_runs([(self._output_dir.resolve().name, self._output_dir)], self.plot_path, lr=self.lr)
         except Exception as e:  # noqa: BLE001 - a picture is not worth a run
             self.info(f"plots: could not draw {self.plot_path} ({type(e).__name__}: {e}); no more plots this run")
             self.plot_path = None

@@ -27,6 +27,7 @@ from automodel.backends import Backend, build_backend, model_init_context
 from automodel.backends.deepspeed_config import deepspeed_config
 from automodel.config import BatchShape, ConfigError, ModelConfig, PeftConfig, TrainConfig, save_config, to_dict, to_toml
 from automodel.loggers import RunLogger
+from automodel.loggers.plot import lr_curve
 from automodel.training.distill import Teacher
 from automodel.training.early_stopping import EvalWatch
 from automodel.training.evaluate import eval_loss
@@ -190,7 +191,8 @@ def run(cfg: TrainConfig, parts_of: Callable[[Run], Parts]) -> TrainResult:
 
         logger = RunLogger(out, max_steps, cfg.logging.progress_bar, enabled=setup.is_main, start_step=state.step,
                            trackers=trackers.open_trackers(cfg.logging, out, to_dict(cfg), to_toml(cfg), state.step)
-                           if setup.is_main else (), plot=cfg.logging.plot, redo_eval=watch.should_stop)
+                           if setup.is_main else (), plot=cfg.logging.plot, redo_eval=watch.should_stop,
+                           lr=lr_curve(lambda s: optim.lr_at(s, cfg.schedule, cfg.optim.lr, max_steps), max_steps))
         if debug_log is not None:
             logger.info(f"logs: libraries' messages and warnings go to {debug_log} (logging.verbose = true shows "
                         "them here)")

@@ -63,3 +63,60 @@ def test_automodel_plot_overlays_runs_and_labels_sweep_tasks_by_their_overrides(
     assert main(["plot", str(a)]) == 0 and drawn(a / "plots" / "loss.png") is not None
     with pytest.raises(ConfigError, match="neither a run directory"):
         runs_of([tmp_path])
+
+
+def overlapping_labels(fig) -> list[tuple[str, str]]:
+    """Pairs of tick labels on one axis whose boxes overlap, as drawn."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    pairs = []
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            labels = [t for t in axis.get_ticklabels(which="both") if t.get_visible() and t.get_text()]
+            boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in labels]
+            pairs += [(a, b) for i, (a, box_a) in enumerate(boxes) for b, box_b in boxes[i + 1:]
+                      if box_a.overlaps(box_b)]
+    return pairs
+
+
+def test_a_run_with_several_validation_sets_draws_every_set_exact_match_the_schedule_and_the_kept_step(tmp_path):
+    from automodel.config import ScheduleConfig
+    from automodel.loggers.plot import draw, lr_curve
+    from automodel.optim import lr_at
+
+    max_steps = 500
+    rows = [{"step": s, "loss": 5.0 * 0.99 ** s + 0.01, "lr": 0.0, "grad_norm": 1.0, "tokens_per_s": 1.0,
+             "ms_per_step": 1.0, "padding": 0.0} for s in range(50, max_steps + 1, 50)]
+    for s in range(0, max_steps + 1, 100):
+        rows.append({"step": s, "eval_loss": 5.0 * 0.99 ** s + 0.02, "eval_loss/short": 4.0 * 0.99 ** s + 0.01,
+                     "eval_loss/long": 6.0 * 0.99 ** s + 0.03, "exact_match": min(1.0, s / 300), "eval_tokens": 1})
+    run = tmp_path / "run"
+    run.mkdir()
+    write_jsonl(run / "metrics.jsonl", rows)
+    (run / "summary.json").write_text(json.dumps({"best_step": 300}))
+    sched = ScheduleConfig(kind="cosine", warmup_steps=50, min_lr=1e-4)
+    curve = lr_curve(lambda s: lr_at(s, sched, 3e-3, max_steps), max_steps)
+    fig = draw([("run", run)], lr=curve)
+    losses, below, match = fig.axes
+    assert [t.get_text() for t in losses.get_legend().get_texts()] == [
+        "train loss", "eval loss (all sets)", "eval loss (long)", "eval loss (short)", "kept: best step 300"]
+    assert [t.get_text() for t in below.get_legend().get_texts()] == ["learning rate", "exact match"]
+    steps, lrs = below.lines[0].get_data()
+    assert len(steps) == max_steps and lrs[0] == 3e-3 / 50 and max(lrs) == 3e-3  # the warmup shows, step by step
+    assert losses.get_yscale() == "log" and not overlapping_labels(fig)
+    # The run logger hands the plot its schedule.
+    logger = RunLogger(run, max_steps, "off", plot=True, start_step=max_steps, lr=curve)
+    logger.close()
+    drawn(run / "plots" / "loss.png")
+
+
+def test_tick_labels_do_not_overlap_on_a_log_axis_of_any_span(tmp_path):
+    from automodel.loggers.plot import draw
+
+    for low in (0.9, 0.3, 1e-3):  # within a decade, across one, across several
+        run = tmp_path / f"run{low}"
+        run.mkdir()
+        write_jsonl(run / "metrics.jsonl", [{"step": s, "loss": 3.0 * (low / 3.0) ** (s / 100), "lr": 1e-3}
+                                            for s in range(1, 101)])
+        fig = draw([("run", run)])
+        assert not overlapping_labels(fig), low
