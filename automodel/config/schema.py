@@ -159,7 +159,8 @@ class DataConfig:
         "error", "A row that does not fit its format: stop with its file, row and field, or skip and count it."
     )
     validation_fraction: float = field(
-        0.0, "Without [data.validation]: hold out this fraction of the training rows (seeded) as validation."
+        0.0, "Without [data.validation]: hold out this fraction of each training source's rows (seeded) as validation; "
+        "with several sources, each held-out part is a validation set of its own (eval_loss/<label>)."
     )
     shuffle_window: int = field(
         0, "Streamed sources: read rows in windows of this many (per rank) and train on each window's samples in a "

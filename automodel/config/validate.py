@@ -121,9 +121,6 @@ def _data_problems(cfg: TrainConfig) -> list[str]:
         problems.append(f"data.validation_fraction must be in [0, 1) (got {d.validation_fraction})")
     if d.validation_fraction > 0 and d.validation:
         problems.append("data.validation_fraction and [data.validation] both define a validation set; keep one")
-    if d.validation_fraction > 0 and len(d.train) > 1:
-        problems.append("data.validation_fraction carves one training source; with several, give [[data.validation]] "
-                        "sets")
     if d.shuffle_window < 0:
         problems.append(f"data.shuffle_window must be >= 0 (got {d.shuffle_window}); 0 keeps the stream's order")
     if d.shuffle_window and not any(src.streaming for src in d.train):

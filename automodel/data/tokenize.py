@@ -306,16 +306,27 @@ def build_sources(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed
 def split_plan(data_cfg: DataConfig, seed: int) -> list[tuple[str, DataSourceConfig, Any]]:
     """(name, source, carve) of each set to build from [data], in config order: a lone source is "train" (or
     "validation"), several "train/<label>"; streamed training sources are left out (data/stream.py reads them);
-    with data.validation_fraction both sets carve the one training source (`carved`)."""
-    def named(kind: str, sources: list[DataSourceConfig]) -> list[tuple[str, DataSourceConfig, Any]]:
-        return [(kind if len(sources) == 1 else f"{kind}/{source_label(src)}", src, None) for src in sources]
+    with data.validation_fraction each training source is carved into its training and its validation set
+    (`carved`)."""
+    def named(kind: str, sources: list[DataSourceConfig], carve: Any = None) -> list[tuple[str, DataSourceConfig, Any]]:
+        return [(kind if len(sources) == 1 else f"{kind}/{source_label(src)}", src, carve) for src in sources]
 
     if not data_cfg.validation and data_cfg.validation_fraction > 0:
-        src = data_cfg.train[0]
-        return [("train", src, ("train", data_cfg.validation_fraction, seed)),
-                ("validation", src, ("test", data_cfg.validation_fraction, seed))]
+        fraction = data_cfg.validation_fraction
+        return (named("train", data_cfg.train, ("train", fraction, seed))
+                + named("validation", data_cfg.train, ("test", fraction, seed)))
     streamed = any(src.streaming for src in data_cfg.train)
     return named("train", [] if streamed else data_cfg.train) + named("validation", data_cfg.validation)
+
+
+def validation_names(data_cfg: DataConfig) -> list[str]:
+    """What each validation set's metrics are called (eval_loss/<name>), in split_plan's order; "" for a lone set.
+    Sets carved by data.validation_fraction from several training sources take their sources' labels."""
+    if not data_cfg.validation and data_cfg.validation_fraction > 0:
+        sources = data_cfg.train
+        return [source_label(src) for src in sources] if len(sources) > 1 else [""]
+    sets = data_cfg.validation
+    return [src.name for src in sets] if len(sets) > 1 else [""] * len(sets)
 
 
 def carved(rows: datasets.Dataset, carve: Any) -> datasets.Dataset:

@@ -97,7 +97,7 @@ def parts(run: Run) -> Parts:
                                              run.ranks.rank, position,
                                              collate=lambda samples: pairs.collate_samples(samples, pad, nll))
 
-    names = [src.name for src in cfg.data.validation] if len(val_sets) > 1 else [""] * len(val_sets)
+    names = data.validation_names(cfg.data)
     unit = "pairs" if pref.loss != "kto" else "examples"
     return Parts(
         model=model, saver=tokenizer, base_path=base_path, num_train=len(train_set or ()), mixture=mixture,

@@ -71,7 +71,7 @@ def parts(run: Run) -> Parts:
                                              BatchShape.of(cfg.train, run.ranks.world_size), cfg.seed,
                                              run.ranks.rank, position)
 
-    names = [src.name for src in cfg.data.validation] if len(val_sets) > 1 else [""] * len(val_sets)
+    names = data.validation_names(cfg.data)
     return Parts(
         model=model, saver=tokenizer, base_path=base_path, num_train=len(train_set or ()), mixture=mixture,
         collate=(lambda idx: data.collate(train_set, idx, pad)) if train_set is not None else None,

@@ -208,3 +208,31 @@ def test_streamed_sources_train_and_resume_exactly(tmp_path, capsys):
     losses = lambda d: {r["step"]: r["loss"] for r in read_rows(d / "metrics.jsonl") if "loss" in r}  # noqa: E731
     assert losses(resumed.output_dir) == losses(whole.output_dir) and len(losses(whole.output_dir)) == 6
     assert resumed.metrics["eval_loss"] == whole.metrics["eval_loss"]
+
+
+def test_validation_fraction_carves_each_training_source(tmp_path, capsys):
+    """data.validation_fraction with two training sources: each is carved (seeded) into its training rows and a
+    validation set of its own, eval rows hold eval_loss/<label> for each, and no validation row is trained on."""
+    long = ASSETS / "long_train.jsonl"
+    sources = f"data.train=[{{source = {json.dumps(str(ASSETS / 'train.jsonl'))}, format = \"instruction\", " \
+              f"limit = 200}}, {{source = {json.dumps(str(long))}, format = \"instruction\", limit = 100}}]"
+    result = automodel.train(quickstart(tmp_path, sources, "data.validation=[]", "data.validation_fraction=0.1",
+                                        "data.seq_len=48", "train.max_steps=2", "train.global_batch_size=16", "train.micro_batch_size=8",
+                                        "eval.generate_samples=0", "eval.at_start=false"))
+    printed = capsys.readouterr().out
+    assert "data: train/train: 180 samples" in printed and "data: train/long_train: 90 samples" in printed
+    assert "validation/train: 20 samples" in printed and "validation/long_train: 10 samples" in printed
+    final = [r for r in read_rows(result.output_dir / "metrics.jsonl") if "eval_loss" in r][-1]
+    assert {"eval_loss/train", "eval_loss/long_train"} <= set(final)
+    from automodel import data
+    from automodel.data.tokenize import carved, split_plan
+
+    cfg = quickstart(tmp_path, sources, "data.validation=[]", "data.validation_fraction=0.1", "eval.generate_samples=0")
+    plan = split_plan(cfg.data, cfg.seed)
+    assert [name for name, _, _ in plan] == ["train/train", "train/long_train", "validation/train",
+                                             "validation/long_train"]
+    for k in range(2):
+        rows = data.load_rows(plan[k][1])
+        trained = {r["instruction"] for r in carved(rows, plan[k][2])}
+        held_out = {r["instruction"] for r in carved(rows, plan[k + 2][2])}
+        assert trained and held_out and not trained & held_out
