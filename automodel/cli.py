@@ -180,7 +180,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from automodel.loggers.quiet import libraries_silenced
 
         try:  # the libraries' warnings and bars would interleave with the command's output (--verbose keeps them)
-            with contextlib.nullcontext() if args.verbose else libraries_silenced():
+            # (plot loads no model: neither DeepSpeed, whose import-time lines the others set aside, nor the libraries
+            # whose progress bars they turn off are imported for it)
+            quiet = (libraries_silenced(preload=(), bars=()) if args.command == "plot" else libraries_silenced())
+            with contextlib.nullcontext() if args.verbose else quiet:
                 return {"plot": _plot, "merge": _merge}.get(args.command, _talk)(args)
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)

@@ -56,17 +56,23 @@ def test_every_import_goes_down_the_layers():
     assert not wrong, "\n".join(sorted(wrong))
 
 
-def test_commands_that_need_no_model_start_without_torch():
-    """`automodel --help`, `config show` and `launch --slurm --dry-run` answer in a fraction of a second: neither
-    torch nor transformers is imported (they cost 3-4 s on 2 cores)."""
+def test_commands_that_need_no_model_start_without_torch(tmp_path):
+    """`automodel --help`, `config show`, `launch --slurm --dry-run` and `plot` answer in about a second at most:
+    neither torch nor transformers is imported (they cost 3-4 s on 2 cores)."""
+    import json
     import subprocess
     import sys
 
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / s, "lr": 1e-3}) + "\n"
+                                               for s in range(1, 5)))
     code = ("import sys, contextlib, io\n"
             "from automodel.cli import main\n"
             "with contextlib.redirect_stdout(io.StringIO()):\n"
             "    assert main(['config', 'show', '--config', 'configs_toml/quickstart.toml']) == 0\n"
             "    assert main(['launch', '--config', 'configs_toml/llm.toml', '--slurm', '--dry-run']) == 0\n"
+            f"    assert main(['plot', {str(run)!r}]) == 0\n"
             "heavy = sorted(m for m in ('torch', 'transformers', 'datasets', 'deepspeed') if m in sys.modules)\n"
             "assert not heavy, heavy\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -12,6 +12,10 @@ from typing import Iterator, Sequence
 LIBRARIES = ("transformers", "datasets", "huggingface_hub", "peft", "accelerate", "torch", "DeepSpeed", "deepspeed",
              "mlflow", "alembic", "sqlalchemy", "wandb", "matplotlib", "PIL", "filelock", "urllib3", "py.warnings")
 
+# Libraries whose progress bars are turned off (importing them to do so costs ~1 s: `automodel plot` skips it).
+BARS = ("transformers", "datasets", "huggingface_hub")
+
+
 class _ToFile(logging.Filter):
     """On a library's logger: its own records go to the file and no further, whatever console handler the library
     attaches later (DeepSpeed and MLflow attach one when first imported)."""
@@ -46,16 +50,16 @@ def libraries_to_file(output_dir: Path, rank: int, preload: Sequence[str] = ()) 
 
 
 @contextlib.contextmanager
-def libraries_silenced(preload: Sequence[str] = ("deepspeed",)) -> Iterator[None]:
+def libraries_silenced(preload: Sequence[str] = ("deepspeed",), bars: Sequence[str] = BARS) -> Iterator[None]:
     """For a command with no run directory to log into (merge, chat, generate, plot): the libraries' records,
     warnings and progress bars are dropped, so the console shows the command's own output (--verbose keeps them).
     DeepSpeed is imported inside (peft and transformers import it where installed) so its import-time lines go too."""
-    with _libraries_to(logging.NullHandler(), preload):
+    with _libraries_to(logging.NullHandler(), preload, bars):
         yield
 
 
 @contextlib.contextmanager
-def _libraries_to(handler: logging.Handler, preload: Sequence[str]) -> Iterator[None]:
+def _libraries_to(handler: logging.Handler, preload: Sequence[str], bars: Sequence[str] = BARS) -> Iterator[None]:
     to_file = _ToFile(handler)
     saved_filters = list(warnings.filters)
     logging.captureWarnings(True)
@@ -68,7 +72,7 @@ def _libraries_to(handler: logging.Handler, preload: Sequence[str]) -> Iterator[
         logger.addFilter(to_file)  # its own records
         logger.propagate = False
     _set_aside_consoles(before)
-    bars = _progress_bars(False)
+    bars = _progress_bars(False, bars)
     try:
         for module in preload:  # imported inside: what a module says as it is imported is caught too
             try:
@@ -100,7 +104,7 @@ def _set_aside_consoles(before: dict[str, tuple[list[logging.Handler], bool]]) -
             consoles.append(console)
 
 
-def _progress_bars(on: bool, which: Sequence[str] = ("transformers", "datasets", "huggingface_hub")) -> list[str]:
+def _progress_bars(on: bool, which: Sequence[str] = BARS) -> list[str]:
     """Turns the libraries' progress bars (and transformers' console handler) off, or back on; returns the libraries
     whose bars were on and are now off."""
     switched = []
