@@ -40,6 +40,8 @@ def read_toml(path: Union[str, os.PathLike]) -> dict[str, Any]:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except RecursionError:  # tomllib recurses once per level of nesting
+        raise ConfigError(f"{path}: not valid TOML for a config: arrays or tables nested too deeply") from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -6,6 +6,7 @@ Each problem is a line naming the key and what to do; all of them are reported a
 import difflib
 import importlib.util
 import re
+from pathlib import Path
 from typing import Any
 
 from automodel.config.batch import BatchShape
@@ -91,7 +92,7 @@ def _schedule_problems(cfg: TrainConfig, world_size: int) -> list[str]:
 
 
 def _model_problems(cfg: TrainConfig) -> list[str]:
-    problems = []
+    problems = _output_dir_problems(cfg.output_dir)
     if cfg.model.init == "pretrained" and not cfg.model.name_or_path:
         problems.append('model.name_or_path is required with model.init = "pretrained" (a hub id or local dir)')
     if cfg.model.init == "random":
@@ -110,6 +111,20 @@ def _model_problems(cfg: TrainConfig) -> list[str]:
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep_last < 1:
         problems.append("checkpoint.every must be >= 0 and checkpoint.keep_last >= 1")
     return problems
+
+
+def _output_dir_problems(output_dir: str) -> list[str]:
+    """A run writes checkpoints, logs and final/ into output_dir and prunes old checkpoints there: never into the
+    working directory as a whole, the filesystem root or a home directory."""
+    if not output_dir.strip():
+        return ['output_dir is empty; give the run a directory of its own, e.g. output_dir = "runs/my_run"']
+    where = Path(output_dir).expanduser().resolve()
+    what = ("the filesystem root" if where == Path(where.anchor) else
+            "a home directory" if where == Path.home().resolve() else None)
+    if what:
+        return [f"output_dir = {output_dir!r} is {what}; a run writes and prunes its files there: give it a "
+                'directory of its own, e.g. output_dir = "runs/my_run"']
+    return []
 
 
 def _data_problems(cfg: TrainConfig) -> list[str]:

@@ -1,5 +1,6 @@
 """Strict configs: errors that name the file and key and suggest a fix; overrides; round trips."""
 
+import json
 import subprocess
 import sys
 
@@ -278,3 +279,19 @@ def test_cli_config_deepspeed_plans_for_the_ranks_the_config_launches(monkeypatc
     assert "planning for 8 rank(s)" in out.err
     assert main(["config", "deepspeed", "--config", "configs_toml/llm.toml", "--world-size", "2"]) == 0
     assert json.loads(capsys.readouterr().out)["gradient_accumulation_steps"] == 4
+
+
+@pytest.mark.parametrize("output_dir, expected", [
+    ("", "output_dir is empty"), ("/", "output_dir = '/' is the filesystem root"),
+    ("~", "output_dir = '~' is a home directory"), ("/tmp/../", "is the filesystem root"),
+])
+def test_an_output_dir_a_run_must_not_write_and_prune_in_is_refused(tmp_path, output_dir, expected):
+    with pytest.raises(ConfigError, match=expected + ".*give it a directory of its own|" + expected):
+        load_config(write(tmp_path, MINIMAL), [f"output_dir={json.dumps(output_dir)}"])
+
+
+def test_a_config_nested_too_deeply_is_one_line(tmp_path):
+    path = tmp_path / "deep.toml"
+    path.write_text("x = " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match=r"deep.toml: not valid TOML for a config: arrays or tables nested too deeply"):
+        load_config(path)
