@@ -120,6 +120,9 @@ def _add_launch_parser(sub) -> None:
 
 
 def run_command(config: str, overrides: Sequence[str]) -> int:
+    from automodel.status import catch_signals_early
+
+    catch_signals_early()  # a cluster's signal during the seconds of imports below is acted on, not fatal
     import automodel
     from automodel import distributed
     from automodel.training.loop import NonFiniteLoss

@@ -11,6 +11,7 @@ import sys
 from typing import Optional
 
 from automodel.distributed import any_rank
+from automodel import status
 from automodel.status import EXIT_PREEMPTED
 
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
@@ -43,9 +44,14 @@ class StopRequest:
     def __enter__(self) -> "StopRequest":
         for sig in SIGNALS:
             try:
-                self._previous[sig] = signal.signal(sig, self._handle)
+                previous = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread: signals cannot be handled here
-                pass
+                continue
+            # The entry point's early catcher stands for the default action once the run is over.
+            self._previous[sig] = signal.SIG_DFL if status.is_early_handler(previous) else previous
+        if status.early_received:  # arrived while the process was starting: acted on like any other
+            self.received = status.early_received[0]
+            status.early_received.clear()
         return self
 
     def __exit__(self, *exc) -> None:

@@ -80,3 +80,17 @@ def test_ranks_agree_to_stop_at_the_same_step(tmp_path):
     assert (ckpt / "COMPLETE").is_file()
     assert sorted(p.name for p in (ckpt / "rng").iterdir()) == ["rank_00000.pt", "rank_00001.pt"]
     assert f"stopped at step {step} on a signal on another rank" in log
+
+
+@pytest.mark.parametrize("sig, after", [(signal.SIGTERM, 1.0), (signal.SIGUSR1, 0.6)])
+def test_a_signal_in_the_first_second_is_acted_on_not_fatal(tmp_path, sig, after):
+    """SIGTERM/SIGUSR1 while the entry point is still importing torch: remembered from its first lines, the run
+    exits with the resume status (75) before training, not killed by the signal (-15, -10)."""
+    out = tmp_path / "early"
+    proc = start([sys.executable], out, "train.max_steps=100000")
+    time.sleep(after)
+    assert proc.poll() is None
+    proc.send_signal(sig)
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 75, log[-3000:]
+    assert f"stopped before training (step 0) on {signal.Signals(sig).name}; nothing new to save" in log
