@@ -4,6 +4,7 @@ trackers (trackers.py) and plots/loss.png (plot.py)."""
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -74,6 +75,11 @@ class RunLogger:
             tmp = path.with_name(path.name + ".partial")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
             os.replace(tmp, path)
+        kept_as = None
+        if enabled and start_step == 0 and path.exists() and path.stat().st_size:
+            # A run that starts afresh where another ran (train.resume = "never") keeps the old rows beside it.
+            kept_as = path.with_name(f"metrics-before-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+            os.replace(path, kept_as)
         self._file = open(path, "a" if start_step > 0 else "w") if enabled else None
         self._summary = output_dir / "summary.json"
         if enabled:  # written again when this run finishes; until then the run is not done
@@ -81,6 +87,8 @@ class RunLogger:
         show = progress_bar == "on" or (progress_bar == "auto" and sys.stderr.isatty())
         self._bar: Optional[tqdm] = (tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True)
                                      if enabled and show else None)
+        if kept_as is not None:
+            self.info(f"metrics.jsonl: the rows of the run that was here before are kept in {kept_as}")
         if dropped:
             self.info(f"metrics.jsonl: dropped {dropped} unreadable line(s) (a write cut short: a full disk or a "
                       "killed process)")

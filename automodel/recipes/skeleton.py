@@ -381,7 +381,13 @@ def resume(cfg: TrainConfig, backend: Backend, out: Path, rank: int, world_size:
             "world_size": world_size}
     log = print if rank == 0 else (lambda _: None)
     explicit = cfg.train.resume not in ("auto", "never")
-    path = checkpoint.choose(checkpoint.store.candidates(out, cfg.train.resume), rank, world_size, explicit, log)
+    candidates = checkpoint.store.candidates(out, cfg.train.resume)
+    path = checkpoint.choose(candidates, rank, world_size, explicit, log)
+    if path is None and candidates:  # never a silent start from step 0 over a run that had checkpoints
+        raise ConfigError(f"train.resume = \"auto\": none of the {len(candidates)} checkpoint(s) in "
+                          f"{out / 'checkpoints'} passes its check (each is moved aside as *.broken, the reasons are "
+                          "above); nothing was trained. To start afresh here: train.resume = \"never\" (metrics.jsonl "
+                          "is kept beside the new one)")
     if path is None:
         return backend.state, meta, None, [], {}
     state, changes = checkpoint.restore(backend.load, backend.state, path, rank, device, meta, to_dict(cfg),

@@ -369,3 +369,23 @@ def test_a_checkpoint_from_before_source_arrays_resumes_with_the_same_config():
     assert compare(old, new) == ([], [])
     changed = {"seed": 1, "data": {"seq_len": 64, "train": [dict(source, limit=5)]}}
     assert compare(old, changed)[0]  # a changed source is still refused
+
+
+@pytest.mark.slow
+def test_when_every_checkpoint_fails_the_run_refuses_and_no_metrics_are_lost(tmp_path, four_steps):
+    """Both checkpoints damaged: each is set aside, the run refuses in one line (exit 2) instead of starting over
+    from step 0, and metrics.jsonl is untouched; train.resume = "never" then starts afresh and keeps the old rows."""
+    run, _ = four_steps
+    out = corrupted_copy(tmp_path, run, garble)
+    garble(out / "checkpoints" / "step_000002")
+    before = (out / "metrics.jsonl").read_text()
+    proc = cli(out, "train.max_steps=6")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert re.search(r"none of the 2 checkpoint\(s\) in .* passes its check .*nothing was trained", proc.stderr)
+    assert (out / "metrics.jsonl").read_text() == before
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.endswith(".broken")) == [
+        "step_000002.broken", "step_000004.broken"]
+    fresh = cli(out, "train.max_steps=2", 'train.resume="never"')
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    kept = list(out.glob("metrics-before-*.jsonl"))
+    assert len(kept) == 1 and kept[0].read_text() == before and max(losses(out)) == 2
