@@ -12,10 +12,13 @@ from typing import Any, Optional, TextIO
 
 import attrs
 import torch
+from jinja2 import TemplateError
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
 
 from automodel.config import ConfigError
 from automodel.data import CHAT_TEMPLATES
+from automodel.data.formats import RENDER_SECONDS, TemplateTimeout, time_limit
 from automodel.models import DTYPES
 
 HELP = "/reset starts a new conversation, /exit (or Ctrl-D) quits"
@@ -41,6 +44,17 @@ class GenerationSettings:
         return out
 
 
+# What a truncated, garbled or half-written model directory raises while it loads (safetensors' and tokenizers'
+# errors are RuntimeError/Exception subclasses of their own; a bad config.json is a ValueError).
+DAMAGE = (ValueError, RuntimeError, KeyError, EOFError, SafetensorError)
+
+
+def _damaged(model_dir: str, what: str, error: BaseException) -> str:
+    cause = " ".join(str(error).split())[:300] or type(error).__name__
+    return (f"{model_dir}: {what} cannot be loaded, the directory looks damaged or incomplete ({type(error).__name__}: "
+            f"{cause}); export it again, or give another saved model")
+
+
 def load(model_dir: str, dtype: str = "float32", device: str = "cpu", chat_template: str = "") -> tuple[Any, Any]:
     """(model in eval mode on `device`, tokenizer) from a saved model or LoRA adapter directory."""
     path = Path(model_dir)
@@ -62,9 +76,17 @@ def load(model_dir: str, dtype: str = "float32", device: str = "cpu", chat_templ
             model = AutoPeftModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
         except OSError as e:
             raise ConfigError(f"{model_dir}: the adapter's base model `{base}` cannot be loaded ({e})") from None
+        except DAMAGE as e:
+            raise ConfigError(_damaged(model_dir, "the adapter", e)) from None
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
+        except (OSError, *DAMAGE) as e:
+            raise ConfigError(_damaged(model_dir, "the model", e)) from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, *DAMAGE) as e:
+        raise ConfigError(_damaged(model_dir, "the tokenizer", e)) from None
     if chat_template:
         tokenizer.chat_template = CHAT_TEMPLATES.get(chat_template, chat_template)
     return model.to(device).eval(), tokenizer
@@ -106,8 +128,16 @@ def reply(model: Any, tokenizer: Any, messages: Optional[list[dict]], settings: 
     """Generates one answer to `messages` (with the chat template) or to the raw `prompt`, streaming it to `out`;
     returns its text."""
     if messages is not None:
-        enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                            return_dict=True)
+        try:
+            with time_limit(RENDER_SECONDS):  # a template that loops would hang the chat for ever
+                enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                    return_dict=True)
+        except TemplateTimeout as e:
+            raise ConfigError(f"the tokenizer's chat template: {e} (a loop without end?); fix it, or give "
+                              "--chat-template chatml") from None
+        except (TemplateError, OverflowError) as e:
+            raise ConfigError(f"the tokenizer's chat template fails: {type(e).__name__}: {e}; fix it, or give "
+                              "--chat-template chatml") from None
     else:
         enc = tokenizer(prompt, return_tensors="pt")
     enc = {k: v.to(model.device) for k, v in enc.items()}

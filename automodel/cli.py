@@ -249,6 +249,14 @@ def _talk(args: argparse.Namespace) -> int:
 
     from automodel import chat
 
+    bad = [f"{flag} must be {rule} (got {value})" for flag, value, ok, rule in (
+        ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, ">= 1"),
+        ("--temperature", args.temperature, args.temperature >= 0, ">= 0 (0 decodes greedily)"),
+        ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]"),
+        ("--top-k", args.top_k, args.top_k >= 0, ">= 0 (0: off)"),
+        ("--repetition-penalty", args.repetition_penalty, args.repetition_penalty > 0, "> 0")) if not ok]
+    if bad:
+        raise ConfigError("; ".join(bad))
     hf_logging.disable_progress_bar()  # "Loading weights" bars would interleave with the conversation (--verbose too)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -121,3 +121,43 @@ def test_commands_outside_training_print_only_their_own_output(tmp_path):
     verbose = automodel_command("merge", "--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
                                 "--out", str(tmp_path / "merged2"), "--verbose")
     assert verbose.returncode == 0 and verbose.stderr != ""
+
+
+def test_a_damaged_model_directory_or_a_bad_flag_is_one_line(tmp_path, capsys):
+    """Truncated weights, a garbled config.json, missing tokenizer files and a negative --max-new-tokens: exit 2 and
+    one line naming the directory, never a traceback."""
+    good = tmp_path / "good"
+    saved_chat_model(good)
+
+    def damaged(name, damage):
+        path = tmp_path / name
+        shutil.copytree(good, path)
+        damage(path)
+        return path
+
+    def truncate(path):
+        with open(path / "model.safetensors", "r+b") as f:
+            f.truncate(1000)
+
+    cases = {
+        damaged("truncated", truncate): "the model cannot be loaded, the directory looks damaged",
+        damaged("config", lambda p: (p / "config.json").write_text("{not json")): "the model cannot be loaded",
+        damaged("tokenizer", lambda p: [(p / n).unlink() for n in ("tokenizer.json", "tokenizer_config.json")]):
+            "the tokenizer cannot be loaded",
+    }
+    for path, expected in cases.items():
+        capsys.readouterr()
+        assert main(["generate", str(path), "--prompt", "hi", "--max-new-tokens", "2"]) == 2, path.name
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {path}: {expected}") and "\n" not in err, err
+    assert main(["generate", str(good), "--prompt", "hi", "--max-new-tokens", "-5"]) == 2
+    assert "--max-new-tokens must be >= 1 (got -5)" in capsys.readouterr().err
+
+
+def test_a_chat_template_that_loops_is_stopped_in_generate(tmp_path, capsys):
+    model_dir = tmp_path / "loops"
+    _, tokenizer = saved_chat_model(model_dir)
+    loop = "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}"
+    capsys.readouterr()
+    assert main(["generate", str(model_dir), "--prompt", "hi", "--chat-template", loop]) == 2
+    assert "the tokenizer's chat template: rendering one conversation took more than 5 s" in capsys.readouterr().err

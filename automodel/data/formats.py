@@ -220,7 +220,7 @@ RENDER_SECONDS = 5.0
 
 
 @contextlib.contextmanager
-def _time_limit(seconds: float) -> Iterator[None]:
+def time_limit(seconds: float) -> Iterator[None]:
     """Raises TemplateTimeout in the body after `seconds` (a real-time timer: on the main thread only; elsewhere the
     body runs unbounded). Jinja's sandbox stops a template from reaching out, not from looping for ever."""
     if threading.current_thread() is not threading.main_thread():
@@ -250,7 +250,7 @@ def render_chat_template(tokenizer: Any, template: str) -> Callable[[list[dict],
                           "to a Jinja template")
 
     def render(messages: list[dict], add_generation_prompt: bool) -> str:
-        with _time_limit(RENDER_SECONDS):
+        with time_limit(RENDER_SECONDS):
             return tokenizer.apply_chat_template(messages, chat_template=chosen, tokenize=False,
                                              add_generation_prompt=add_generation_prompt)
 
