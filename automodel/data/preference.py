@@ -287,7 +287,7 @@ def build_sources(data_cfg: DataConfig, tokenizer: Any, options: FormatOptions, 
         path = cache_root(data_cfg) / f"{name.replace('/', '--')}-{key}"
         if not use_cache or (rank == 0 and not (path / "meta.json").is_file()):
             started = time.perf_counter()
-            rows = carved(load_rows(src), carve)
+            rows = carved(load_rows(src, data_cfg.on_bad_row), carve)
             pset = tokenize_rows(rows, src, data_cfg, tokenizer, options, name, kto=src.format == "kto")
             if log is not None:
                 log(f"data: rank {rank} tokenised {name} ({len(rows):,} rows) in {time.perf_counter() - started:.1f}s")

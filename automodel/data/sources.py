@@ -13,17 +13,57 @@ from automodel.config import ConfigError, DataSourceConfig
 BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
 
-def load_rows(src: DataSourceConfig) -> datasets.Dataset:
-    """The rows of `src.split` (datasets slicing syntax works), cut to `src.limit`."""
+def load_rows(src: DataSourceConfig, on_bad_row: str = "error") -> datasets.Dataset:
+    """The rows of `src.split` (datasets slicing syntax works), cut to `src.limit`. A .jsonl line that is not JSON
+    is an error naming its line, or with on_bad_row = "skip" is left out."""
     path = _checked_path(src)
     squad_rows = _nested_squad_rows(path) if path.is_file() else None
     if squad_rows is not None:
         ds = _slice(datasets.Dataset.from_list(squad_rows), src.split, src.source)
     else:
-        ds = _load(src, *_builder(src, path))
+        try:
+            ds = _load(src, *_builder(src, path))
+        except ConfigError:
+            # pyarrow parses blocks ahead and names neither the file nor the line: find the line
+            bad = _first_bad_json_line(path) if path.is_file() and path.suffix.lower() == ".jsonl" else None
+            if bad is None:
+                raise
+            if on_bad_row != "skip":
+                raise ConfigError(f"{src.source}: line {bad[0]} is not valid JSON ({bad[1]}); fix the line or set "
+                                  "data.on_bad_row = \"skip\"") from None
+            ds = _slice(datasets.Dataset.from_list(_json_objects(path)), src.split, src.source)
     if src.limit is not None:
         ds = ds.select(range(min(src.limit, len(ds))))
     return ds
+
+
+def _first_bad_json_line(path: Path) -> Optional[tuple[int, str]]:
+    """(1-based line number, why) of the first non-blank line of a JSON Lines file that is not a JSON object."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                return number, e.msg
+            if not isinstance(row, dict):
+                return number, f"a {type(row).__name__}, not an object"
+    return None
+
+
+def _json_objects(path: Path) -> list[dict]:
+    """The lines of a JSON Lines file that are JSON objects (data.on_bad_row = "skip")."""
+    rows = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                row = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+    return rows
 
 
 def _checked_path(src: DataSourceConfig) -> Path:

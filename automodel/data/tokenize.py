@@ -161,7 +161,7 @@ def load_examples(src: DataSourceConfig, options: FormatOptions, rows: Optional[
                   on_bad_row: str = "error", span: Optional[tuple[int, int]] = None) -> tuple[list[Example], int]:
     """(examples, bad rows skipped), of rows [start, stop) with `span`. A bad row is an error naming the file, row
     and field, unless skipped."""
-    rows = load_rows(src) if rows is None else rows
+    rows = load_rows(src, on_bad_row) if rows is None else rows
     examples, skipped = [], 0
     for i in range(*(span or (0, len(rows)))):
         try:
@@ -348,7 +348,7 @@ def format_options(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> 
 def _preflight(src: DataSourceConfig, data_cfg: DataConfig, options: FormatOptions) -> datasets.Dataset:
     """`src`'s rows, its first ones formatted: a missing file, an unknown column or a malformed row is reported
     before hours go into tokenising another source (or loading weights)."""
-    rows = load_rows(src)
+    rows = load_rows(src, data_cfg.on_bad_row)
     load_examples(src, options, rows, data_cfg.on_bad_row, span=(0, min(len(rows), PREFLIGHT_ROWS)))
     return rows
 
@@ -367,7 +367,7 @@ def _tokenize_split(name: str, src: DataSourceConfig, carve: Any, data_cfg: Data
                     rows: Optional[datasets.Dataset] = None) -> TokenizedSet:
     """`rows`: the source as already opened (else it is opened here)."""
     started = time.perf_counter()
-    rows = carved(load_rows(src) if rows is None else rows, carve)
+    rows = carved(load_rows(src, data_cfg.on_bad_row) if rows is None else rows, carve)
     text = src.format == "text"
     job = _Job(src, rows, options, data_cfg, tokenizer, text)
     workers = min(num_proc(data_cfg), max(1, len(rows) // ROWS_PER_CHUNK))

@@ -155,3 +155,22 @@ def test_an_unknown_role_in_openai_messages_is_an_error_naming_the_row(tmp_path)
     path.write_text(json.dumps({"messages": [{"role": "narrator", "content": "hi"}]}) + "\n")
     with pytest.raises(ConfigError, match=r"unknown role `narrator`; expected one of [a-z, ]*ipython; fix the row"):
         load_examples(DataSourceConfig(source=str(path), format="chat"), FormatOptions())
+
+
+def test_a_line_that_is_not_json_names_the_file_and_line_or_is_skipped(tmp_path):
+    """pyarrow parses JSON Lines in blocks and names neither file nor line; the error names both (1-based), and
+    data.on_bad_row = "skip" leaves such lines out."""
+    from automodel.data import load_rows
+
+    good = {"instruction": "a", "output": "b"}
+    path = tmp_path / "broken.jsonl"
+    path.write_text("".join(json.dumps(good) + "\n" for _ in range(5000)) + '{"instruction": "c", "output": \n'
+                    + json.dumps({"instruction": "d", "output": "e"}) + "\n")
+    src = DataSourceConfig(source=str(path), format="instruction")
+    with pytest.raises(ConfigError, match=r"broken.jsonl: line 5001 is not valid JSON \(.*\); fix the line or set "
+                                          r"data.on_bad_row = \"skip\""):
+        load_rows(src)
+    rows = load_rows(src, on_bad_row="skip")
+    assert len(rows) == 5001 and rows[5000] == {"instruction": "d", "output": "e"}
+    examples, _ = load_examples(src, FormatOptions(), on_bad_row="skip")
+    assert len(examples) == 5001
