@@ -20,6 +20,9 @@ from automodel.training.state import TrainState, initial_rng
 # train_state.json fields that must match the run being resumed.
 MUST_MATCH = ("backend", "global_batch_size", "seed")
 TRAIN_STATE_KEYS = ("step", "data_position") + MUST_MATCH
+# Written into train_state.json from the version that writes manifests: a checkpoint that says so and has no
+# manifest.json lost it (an interrupted copy, a deletion), and is damaged, not old.
+FORMAT = 2
 
 
 def save(save_fn: Callable[[TrainState, Path], None], state: TrainState, output_dir: Path, rank: int, world_size: int,
@@ -38,7 +41,7 @@ def save(save_fn: Callable[[TrainState, Path], None], state: TrainState, output_
     barrier()
     if rank == 0:
         store.write_train_state(tmp, {"step": state.step, "data_position": state.data_position, **meta,
-                                      **(extra or {})})
+                                      "checkpoint_format": FORMAT, **(extra or {})})
     barrier()
     files: dict[str, dict] = {}
     for share in gather_objects(manifest.hash_share(tmp, rank, world_size, sync=True)):
@@ -60,6 +63,8 @@ def problems_of(path: Path, rank: int, world_size: int) -> list[str]:
         found, listed = [f"{type(e).__name__}: {e}"], None
     if listed is not None:
         found += manifest.check_share(path, listed, rank, world_size)
+    elif not found and saved.get("checkpoint_format", 1) >= FORMAT:
+        found.append("manifest.json is missing, though train_state.json says one was written")
     return sorted({p for share in gather_objects(found) for p in share})
 
 

@@ -183,8 +183,9 @@ def wrong_step(path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("damage", [garble, truncate, wrong_step, lambda p: (p / "params.safetensors").unlink()],
-                         ids=["garbled", "truncated", "wrong-step", "missing-file"])
+@pytest.mark.parametrize("damage", [garble, truncate, wrong_step, lambda p: (p / "params.safetensors").unlink(),
+                                    lambda p: (p / "manifest.json").unlink()],
+                         ids=["garbled", "truncated", "wrong-step", "missing-file", "missing-manifest"])
 def test_a_damaged_checkpoint_is_reported_set_aside_and_the_one_before_it_resumes(tmp_path, four_steps, damage):
     run, whole = four_steps
     out = corrupted_copy(tmp_path, run, damage)
