@@ -54,20 +54,29 @@ def plot_runs(runs: Sequence[tuple[str, Path]], out: Path, title: Optional[str] 
 
 
 def draw(runs: Sequence[tuple[str, Path]], title: Optional[str] = None, lr: Optional[LrCurve] = None) -> Any:
-    """The figure plot_runs saves: axes[0] the losses, axes[1] exact match and the learning rate."""
+    """The figure plot_runs saves: axes[0] the losses, axes[1] exact match and the learning rate (a panel drawn only
+    when there is one of them to show: several runs without exact match have none)."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    fig, (ax, below) = plt.subplots(2, 1, figsize=(9, 6.5), dpi=110, sharex=True,
-                                    gridspec_kw={"height_ratios": [3, 1.3]})
-    match_axis = below.twinx() if len(runs) == 1 else below
-    log_scale = True
     single = len(runs) == 1
-    for i, (label, run_dir) in enumerate(runs):
+    all_rows = []
+    for _, run_dir in runs:
         metrics = Path(run_dir) / "metrics.jsonl"
-        rows = read_rows(metrics)[0] if metrics.is_file() else []
+        all_rows.append(read_rows(metrics)[0] if metrics.is_file() else [])
+    lower = (single and (bool(lr) or bool(_series(all_rows[0], "lr")))) or any(
+        _series(rows, "exact_match") for rows in all_rows)
+    if lower:
+        fig, (ax, below) = plt.subplots(2, 1, figsize=(9, 6.5), dpi=110, sharex=True,
+                                        gridspec_kw={"height_ratios": [3, 1.3]})
+        match_axis = below.twinx() if single else below
+    else:
+        fig, ax = plt.subplots(figsize=(9, 5), dpi=110)
+        below = match_axis = None
+    log_scale = True
+    for i, ((label, run_dir), rows) in enumerate(zip(runs, all_rows)):
         color = f"C{i % 10}"
         name = "" if single else label
         train = _series(rows, "loss")
@@ -103,6 +112,10 @@ def draw(runs: Sequence[tuple[str, Path]], title: Optional[str] = None, lr: Opti
     ax.set_title(title if title is not None else (runs[0][0] if single else f"{len(runs)} runs"))
     if ax.lines:
         ax.legend(fontsize=8, loc="upper right")
+    if below is None:
+        ax.set_xlabel("step")
+        fig.tight_layout()
+        return fig
     match_axis.set_ylabel("exact match (%)")
     if match_axis.lines:
         match_axis.set_ylim(-3, 103)

@@ -120,3 +120,11 @@ def test_tick_labels_do_not_overlap_on_a_log_axis_of_any_span(tmp_path):
                                             for s in range(1, 101)])
         fig = draw([("run", run)])
         assert not overlapping_labels(fig), low
+
+
+def test_runs_overlaid_without_exact_match_get_no_empty_lower_panel(tmp_path):
+    from automodel.loggers.plot import draw
+
+    fig = draw([("a", fake_run(tmp_path / "a", 1.0)), ("b", fake_run(tmp_path / "b", 0.5))])
+    assert len(fig.axes) == 1 and fig.axes[0].get_xlabel() == "step"
+    assert len(draw([("a", tmp_path / "a")]).axes) == 3  # one run: its learning rate below (and a twin axis)
