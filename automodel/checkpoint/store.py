@@ -25,6 +25,7 @@ from automodel.config import ConfigError
 
 COMPLETE = "COMPLETE"
 BROKEN = ".broken"
+PRUNING = ".pruning"  # a checkpoint being deleted
 _NAME = re.compile(r"^step_(\d{6,})$")
 
 
@@ -134,7 +135,13 @@ def commit(output_dir: Path, step: int, keep_last: int, keep: Optional[int] = No
     protected = {final} | ({final_dir(output_dir, keep)} if keep is not None else set())
     for old in complete_checkpoints(output_dir)[:-keep_last]:
         if old not in protected:
-            shutil.rmtree(old, ignore_errors=True)
+            # Renamed first (atomic), then deleted: a kill half-way leaves a *.pruning folder, never a checkpoint
+            # missing some files; whatever a killed run left is deleted here, at the next prune.
+            doomed = old.with_name(old.name + PRUNING)
+            shutil.rmtree(doomed, ignore_errors=True)
+            os.replace(old, doomed)
+    for doomed in checkpoints_dir(output_dir).glob(f"*{PRUNING}"):
+        shutil.rmtree(doomed, ignore_errors=True)
     return final
 
 
