@@ -286,6 +286,10 @@ class TrainingConfig:
         "it; the newest stays the last good one), or \"skip\" its update and count it (functional backend; "
         "one device sync per step)."
     )
+    max_skipped_steps: Optional[int] = field(
+        None, "With on_nonfinite = \"skip\": stop as \"stop\" does once more steps than this were skipped in one "
+        "process (a run that skips most of its steps is not training); unset: 5% of the run's steps, at least 1."
+    )
     early_stopping_patience: int = field(
         0, "End the run after this many evaluations in a row without an improvement of train.best_metric of at "
         "least early_stopping_min_delta (checkpointed; summary.json says why); 0 turns it off. Needs validation data "

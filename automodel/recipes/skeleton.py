@@ -260,6 +260,8 @@ def run(cfg: TrainConfig, parts_of: Callable[[Run], Parts]) -> TrainResult:
                 flops=parts.flops, peak_flops=peak_flops(device, cfg.logging.peak_tflops),
                 checkpoint_every=cfg.checkpoint.every, save_checkpoint=save_checkpoint, stop=stop, watch=watch,
                 keep_best=cfg.checkpoint.keep_best, profiler=profiler,
+                max_skipped=(None if cfg.train.on_nonfinite != "skip" else cfg.train.max_skipped_steps
+                             if cfg.train.max_skipped_steps is not None else max(1, math.ceil(0.05 * max_steps))),
             )  # ends with the final checkpoint
         except (Preempted, NonFiniteLoss) as e:
             logger.info(str(e))

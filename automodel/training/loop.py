@@ -71,6 +71,7 @@ def run_loop(
     watch: EvalWatch = EvalWatch(),
     keep_best: bool = False,
     profiler: Optional[StepProfiler] = None,
+    max_skipped: Optional[int] = None,
 ) -> tuple[TrainState, dict, EvalWatch]:
     """Steps from state.step to max_steps, or until `watch` says evaluations stopped improving, then writes the final
     checkpoint (if a step ran). Returns the final state, the last logged row and the evaluation record.
@@ -118,6 +119,11 @@ def run_loop(
                 profiler.after_step(state.step)
             if metrics.skipped:
                 skipped += 1
+                if max_skipped is not None and skipped > max_skipped:
+                    raise NonFiniteLoss(
+                        f"{skipped} of the {state.step - start_step} steps this process ran had a non-finite loss or "
+                        f"gradient norm and were skipped (more than train.max_skipped_steps = {max_skipped}): the run "
+                        "is not training; lower optim.lr or check the data. Its checkpoints are the last good ones")
             else:
                 guard.observe(metrics.loss, metrics.grad_norm, state.step)
 

@@ -137,11 +137,16 @@ def test_non_finite_steps_are_never_checkpointed_and_the_run_stops_in_one_line(t
 @pytest.mark.slow
 def test_skip_drops_non_finite_updates_and_counts_them(tmp_path):
     result = automodel.train(quickstart(tmp_path, *COMMON, "optim.lr=1e6", "train.on_nonfinite=\"skip\"",
-                                        "train.max_steps=12", "train.log_every=12"))
+                                        "train.max_steps=12", "train.log_every=12", "train.max_skipped_steps=12"))
     [row] = [r for r in read_rows(result.output_dir / "metrics.jsonl") if "loss" in r]
     assert 0 < row["skipped_steps"] <= 12
     newest = store.complete_checkpoints(result.output_dir)[-1]
     assert all(torch.isfinite(t).all() for t in load_file(newest / "params.safetensors").values())
+    # With the default bound (5% of 12 steps: 1), a run that skips step after step stops in one line, exit 1.
+    again = cli(tmp_path / "bounded", "optim.lr=1e6", "train.on_nonfinite=\"skip\"", "train.max_steps=12")
+    assert again.returncode == 1, again.stderr[-2000:]
+    assert re.search(r"error: 2 of the \d+ steps this process ran .* skipped \(more than train.max_skipped_steps = 1\)",
+                     again.stderr)
 
 
 # ---------------------------------------------------------------------------------------------
