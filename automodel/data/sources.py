@@ -3,7 +3,7 @@
 import csv
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import datasets
 
@@ -25,20 +25,22 @@ def load_rows(src: DataSourceConfig, on_bad_row: str = "error") -> datasets.Data
             ds = _load(src, *_builder(src, path))
         except ConfigError:
             # pyarrow parses blocks ahead and names neither the file nor the line: find the line
-            bad = _first_bad_json_line(path) if path.is_file() and path.suffix.lower() == ".jsonl" else None
+            jsonl = path.is_file() and path.suffix.lower() == ".jsonl"
+            bad = next(((n, why) for n, row, why in _json_lines(path) if row is None), None) if jsonl else None
             if bad is None:
                 raise
             if on_bad_row != "skip":
                 raise ConfigError(f"{src.source}: line {bad[0]} is not valid JSON ({bad[1]}); fix the line or set "
                                   "data.on_bad_row = \"skip\"") from None
-            ds = _slice(datasets.Dataset.from_list(_json_objects(path)), src.split, src.source)
+            rows = [row for _, row, _ in _json_lines(path) if row is not None]
+            ds = _slice(datasets.Dataset.from_list(rows), src.split, src.source)
     if src.limit is not None:
         ds = ds.select(range(min(src.limit, len(ds))))
     return ds
 
 
-def _first_bad_json_line(path: Path) -> Optional[tuple[int, str]]:
-    """(1-based line number, why) of the first non-blank line of a JSON Lines file that is not a JSON object."""
+def _json_lines(path: Path) -> Iterator[tuple[int, Optional[dict], str]]:
+    """(1-based line number, the JSON object or None, why not) of each non-blank line of a JSON Lines file."""
     with open(path, encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
@@ -46,24 +48,10 @@ def _first_bad_json_line(path: Path) -> Optional[tuple[int, str]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                return number, e.msg
-            if not isinstance(row, dict):
-                return number, f"a {type(row).__name__}, not an object"
-    return None
-
-
-def _json_objects(path: Path) -> list[dict]:
-    """The lines of a JSON Lines file that are JSON objects (data.on_bad_row = "skip")."""
-    rows = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                row = json.loads(line) if line.strip() else None
-            except json.JSONDecodeError:
+                yield number, None, e.msg
                 continue
-            if isinstance(row, dict):
-                rows.append(row)
-    return rows
+            why = "" if isinstance(row, dict) else f"a {type(row).__name__}, not an object"
+            yield number, row if not why else None, why
 
 
 def _checked_path(src: DataSourceConfig) -> Path:

@@ -193,6 +193,10 @@ def row_where(src: DataSourceConfig, index: int) -> str:
     return f"row {index}"
 
 
+def _named(src: DataSourceConfig, where: Any) -> str:
+    return row_where(src, where) if isinstance(where, int) else where
+
+
 def format_row(src: DataSourceConfig, options: FormatOptions, row: dict, where: Any,
                on_bad_row: str = "error") -> Optional[Example]:
     """`row` as its format's Example; None for a bad row with on_bad_row = "skip", else an error naming the source,
@@ -202,11 +206,10 @@ def format_row(src: DataSourceConfig, options: FormatOptions, row: dict, where: 
     except BadRow as e:
         if on_bad_row == "skip":
             return None
-        where = row_where(src, where) if isinstance(where, int) else where
-        raise ConfigError(f"{src.source}: {where} (split `{src.split}`), field `{e.field}`: {e}; fix the row or "
-                          f"set data.on_bad_row = \"skip\"") from None
+        raise ConfigError(f"{src.source}: {_named(src, where)} (split `{src.split}`), field `{e.field}`: {e}; fix the "
+                          f"row or set data.on_bad_row = \"skip\"") from None
     except TemplateTimeout as e:
-        where = row_where(src, where) if isinstance(where, int) else where
+        where = _named(src, where)
         raise ConfigError(f"data.chat_template: {src.source} {where}: {e}; the template loops without end, or "
                           "nearly: fix it, or use \"chatml\"") from None
 
@@ -320,13 +323,9 @@ def split_plan(data_cfg: DataConfig, seed: int) -> list[tuple[str, DataSourceCon
 
 
 def validation_names(data_cfg: DataConfig) -> list[str]:
-    """What each validation set's metrics are called (eval_loss/<name>), in split_plan's order; "" for a lone set.
-    Sets carved by data.validation_fraction from several training sources take their sources' labels."""
-    if not data_cfg.validation and data_cfg.validation_fraction > 0:
-        sources = data_cfg.train
-        return [source_label(src) for src in sources] if len(sources) > 1 else [""]
-    sets = data_cfg.validation
-    return [src.name for src in sets] if len(sets) > 1 else [""] * len(sets)
+    """What each validation set's metrics are called (eval_loss/<name>), in split_plan's order: the label after
+    "validation/", or "" for a lone set."""
+    return [name.partition("/")[2] for name, _, _ in split_plan(data_cfg, seed=0) if name.split("/")[0] == "validation"]
 
 
 def carved(rows: datasets.Dataset, carve: Any) -> datasets.Dataset:

@@ -37,7 +37,8 @@ def debug_log_path(output_dir: Path, rank: int) -> Path:
 def libraries_to_file(output_dir: Path, rank: int, preload: Sequence[str] = ()) -> Iterator[Path]:
     """While open, the libraries' log records and Python warnings go to <output_dir>/logs/debug.log (rank r > 0:
     debug_rank<r>.log) and their progress bars are off; everything is put back on exit (a Python user may train
-    again). `preload`: modules imported first, so the console handlers they attach at import are set aside too."""
+    again). `preload`: modules imported inside, so what they say and the console handlers they attach as they are
+    imported are set aside too."""
     path = debug_log_path(output_dir, rank)
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")
@@ -72,7 +73,7 @@ def _libraries_to(handler: logging.Handler, preload: Sequence[str], bars: Sequen
         logger.addFilter(to_file)  # its own records
         logger.propagate = False
     _set_aside_consoles(before)
-    bars = _progress_bars(False, bars)
+    switched = _progress_bars(False, bars)
     try:
         for module in preload:  # imported inside: what a module says as it is imported is caught too
             try:
@@ -82,7 +83,7 @@ def _libraries_to(handler: logging.Handler, preload: Sequence[str], bars: Sequen
         _set_aside_consoles(before)  # and the console handlers it attached are set aside
         yield
     finally:
-        _progress_bars(True, bars)
+        _progress_bars(True, switched)
         for name, (consoles, propagate) in before.items():
             logger = logging.getLogger(name)
             logger.removeFilter(to_file)

@@ -250,6 +250,11 @@ def run(cfg: TrainConfig, parts_of: Callable[[Run], Parts]) -> TrainResult:
 
         first, last = cfg.logging.profile_steps or (0, 0)
         profiler = StepProfiler(first, last, out / "profile", ranks.rank, logger.info) if first else None
+        max_skipped = None  # on_nonfinite = "skip": at most this many skipped steps (unset: 5% of the run, at least 1)
+        if cfg.train.on_nonfinite == "skip":
+            max_skipped = cfg.train.max_skipped_steps
+            if max_skipped is None:
+                max_skipped = max(1, math.ceil(0.05 * max_steps))
         try:
             state, last_row, watch = run_loop(
                 state, train_step=backend.step, batches=batches, max_steps=max_steps,
@@ -260,8 +265,7 @@ def run(cfg: TrainConfig, parts_of: Callable[[Run], Parts]) -> TrainResult:
                 flops=parts.flops, peak_flops=peak_flops(device, cfg.logging.peak_tflops),
                 checkpoint_every=cfg.checkpoint.every, save_checkpoint=save_checkpoint, stop=stop, watch=watch,
                 keep_best=cfg.checkpoint.keep_best, profiler=profiler,
-                max_skipped=(None if cfg.train.on_nonfinite != "skip" else cfg.train.max_skipped_steps
-                             if cfg.train.max_skipped_steps is not None else max(1, math.ceil(0.05 * max_steps))),
+                max_skipped=max_skipped,
             )  # ends with the final checkpoint
         except (Preempted, NonFiniteLoss) as e:
             logger.info(str(e))

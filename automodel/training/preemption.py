@@ -14,7 +14,7 @@ from automodel.distributed import any_rank
 from automodel import status
 from automodel.status import EXIT_PREEMPTED
 
-SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+SIGNALS = status.STOP_SIGNALS
 
 
 class Preempted(Exception):
