@@ -32,7 +32,7 @@ def per_row_ms(backends: list[str], rows: int, root: Path) -> tuple[float, float
     cfg = TrainConfig(output_dir=str(out))
     started = time.perf_counter()
     opened = trackers.open_trackers(LoggingConfig(backends=backends, wandb_mode="offline"), out, to_dict(cfg),
-                                    to_toml(cfg), 0)
+                                    to_toml(cfg), False, 0)
     opened_ms = 1000 * (time.perf_counter() - started)
     logger = RunLogger(out, rows, "off", trackers=opened)
     started = time.perf_counter()

@@ -10,9 +10,9 @@ from typing import Any, Optional, Sequence
 
 from tqdm.auto import tqdm
 
-from automodel.loggers.metrics import read_rows
+from automodel.loggers.metrics import read_rows, row_key
 from automodel.loggers.plot import LrCurve, lr_curve, plot_runs
-from automodel.loggers.trackers import Tracker, scalars
+from automodel.loggers.trackers import Tracker, catch_up, scalars
 
 
 
@@ -52,35 +52,34 @@ class RunLogger:
     """One per run; only rank 0 writes. `row(...)` prints a line and appends it to metrics.jsonl."""
 
     def __init__(self, output_dir: Path, max_steps: int, progress_bar: str, enabled: bool = True,
-                 start_step: int = 0, trackers: Sequence[Tracker] = (), plot: bool = False, redo_eval: bool = False,
-                 lr: Optional[LrCurve] = None):
+                 start_step: int = 0, continues: Optional[bool] = None, trackers: Sequence[Tracker] = (),
+                 plot: bool = False, lr: Optional[LrCurve] = None):
+        """`continues`: this run continues the one whose metrics.jsonl is in output_dir (by default: when it starts
+        past step 0). A continuing run keeps every row the file holds (a step's first record is the one kept: the
+        steps a resumed run redoes are not logged again) and gives each tracker the rows it lacks; a new run keeps
+        an earlier file beside it as metrics-before-<time>.jsonl."""
         self.enabled = enabled
         self.max_steps = max_steps
         self.trackers = list(trackers)
         self.plot_path: Optional[Path] = output_dir / "plots" / "loss.png" if plot and enabled else None
         self.lr = lr  # the schedule step by step, for the plot
         self._output_dir = output_dir
-        # A run from step 0 starts the file afresh; a resumed one continues it, without the rows of the
-        # steps it is about to redo (logged after its checkpoint by the run that stopped).
+        continues = start_step > 0 if continues is None else continues
         path = output_dir / "metrics.jsonl"
+        rows: list[dict] = []
         dropped = 0
-        if enabled and start_step > 0 and path.exists():
-            rows, dropped = read_rows(path)
-            # The run resumes at `start_step`: the rows after it are about to be logged again, and so is the final
-            # evaluation when it resumes at the end (re-running a finished run re-evaluates and re-exports).
-            # (`redo_eval`: a run that stopped early and re-evaluates where it stopped.)
-            redo = redo_eval or start_step == max_steps
-            kept = [r for r in rows if r["step"] < start_step or (r["step"] == start_step and not
-                                                                   ("eval_loss" in r and redo))]
-            tmp = path.with_name(path.name + ".partial")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            os.replace(tmp, path)
         kept_as = None
-        if enabled and start_step == 0 and path.exists() and path.stat().st_size:
-            # A run that starts afresh where another ran (train.resume = "never") keeps the old rows beside it.
+        if enabled and continues and path.exists():
+            rows, dropped = read_rows(path)
+            if dropped:  # rewritten without the lines a cut-short write left
+                tmp = path.with_name(path.name + ".partial")
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+                os.replace(tmp, path)
+        elif enabled and path.exists() and path.stat().st_size:
             kept_as = path.with_name(f"metrics-before-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
             os.replace(path, kept_as)
-        self._file = open(path, "a" if start_step > 0 else "w") if enabled else None
+        self._logged = {row_key(r) for r in rows}
+        self._file = open(path, "a") if enabled else None
         self._summary = output_dir / "summary.json"
         if enabled:  # written again when this run finishes; until then the run is not done
             self._summary.unlink(missing_ok=True)
@@ -92,6 +91,11 @@ class RunLogger:
         if dropped:
             self.info(f"metrics.jsonl: dropped {dropped} unreadable line(s) (a write cut short: a full disk or a "
                       "killed process)")
+        for tracker in self.trackers if enabled else ():
+            given = catch_up(tracker, rows)
+            if given:
+                self.info(f"{type(tracker).__name__}: logged {given} row(s) of metrics.jsonl it did not hold (a "
+                          "process stopped between the file and the tracker)")
 
     def info(self, message: str) -> None:
         if not self.enabled:
@@ -102,13 +106,18 @@ class RunLogger:
             print(message, flush=True)
 
     def row(self, row: dict[str, Any]) -> None:
+        """Prints the row; records it (metrics.jsonl, then the trackers) unless its step's record is already there
+        (a resumed run redoing steps: exact resume, the same numbers)."""
         if not self.enabled:
             return
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
         self.info(format_row(row, self.max_steps))
         if self._bar is not None and "loss" in row:
             self._bar.set_postfix(loss=f"{row['loss']:.4f}")
+        if row_key(row) in self._logged:
+            return
+        self._logged.add(row_key(row))
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
         for tracker in self.trackers:
             tracker.log(scalars(row), row["step"])
         if "eval_loss" in row:

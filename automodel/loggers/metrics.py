@@ -20,3 +20,8 @@ def read_rows(path: Path) -> tuple[list[dict], int]:
         else:
             bad += 1
     return rows, bad
+
+
+def row_key(row: dict) -> tuple[int, str]:
+    """What a row is the record of: (step, "train") or (step, "eval"). A step's first record is the one kept."""
+    return row["step"], "eval" if "eval_loss" in row else "train"

@@ -2,9 +2,14 @@
 the same names (loss, lr, grad_norm, tokens_per_s, ..., eval_loss, exact_match) at the row's step, and the resolved
 config as hyperparameters; the run is named after output_dir. Only rank 0 opens them.
 
-A resumed run continues the same tracker run: the W&B and MLflow run ids are kept in <output_dir>/trackers.json, and
-TensorBoard drops what was logged after the step the run resumes at (the steps about to be redone; W&B keeps
-the first value of a step, and a resumed run logs the same values again: resume is exact).
+A run that continues (a resume, or a restart with the same config before the first checkpoint) continues the same
+tracker runs: the W&B and MLflow run ids are kept in <output_dir>/trackers.json. Each tracker then ends up holding
+metrics.jsonl's rows exactly once, whatever was killed when:
+- metrics.jsonl is the record. A row goes to the file first, then to the trackers, and a step's first record is
+  the one kept: a resumed run does not log again the rows of steps it redoes (resume is exact: the same losses).
+- On opening, each tracker is read back (TensorBoard's event files, MLflow's metric history, W&B's offline run files
+  or, online, the step its server reports) and given the rows it lacks: a kill between the file and the tracker, or
+  the rows a killed W&B process still held in its buffer.
 """
 
 import importlib.util
@@ -12,6 +17,7 @@ import json
 import math
 import os
 import secrets
+import struct
 import time
 from pathlib import Path
 from typing import Any, Optional, Protocol
@@ -25,6 +31,9 @@ EXTRAS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wan
 
 class Tracker(Protocol):
     def log(self, scalars: dict[str, float], step: int) -> None: ...
+
+    def held(self, rows: list[dict[str, Any]]) -> set[tuple[str, int]]:
+        """The (metric, step) pairs of `rows` the tracker already holds, as read back from it."""
 
     def close(self) -> None: ...
 
@@ -49,21 +58,38 @@ def flat_config(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in flatten(config).items()}
 
 
+def catch_up(tracker: Tracker, rows: list[dict[str, Any]]) -> int:
+    """Logs to the tracker the numbers of `rows` it does not hold, in order; returns how many rows it was given."""
+    held = tracker.held(rows)
+    given = 0
+    for row in rows:
+        missing = {k: v for k, v in scalars(row).items() if (k, row["step"]) not in held}
+        if missing:
+            tracker.log(missing, row["step"])
+            given += 1
+    return given
+
+
 def open_trackers(log_cfg: LoggingConfig, output_dir: Path, config: dict[str, Any], config_toml: str,
-                  start_step: int) -> list[Tracker]:
+                  continues: bool, start_step: int) -> list[Tracker]:
+    """The trackers of `logging.backends`; with `continues`, the tracker runs this output_dir already has (else new
+    ones, an earlier TensorBoard directory set aside as tensorboard-before-<time>)."""
     check_installed(log_cfg.backends)
     name = log_cfg.run_name or Path(output_dir).resolve().name
     ids_file = Path(output_dir) / "trackers.json"
-    ids = json.loads(ids_file.read_text()) if ids_file.is_file() and start_step > 0 else {}
+    ids = json.loads(ids_file.read_text()) if ids_file.is_file() and continues else {}
+    board = Path(output_dir) / "tensorboard"
+    if "tensorboard" in log_cfg.backends and not continues and board.is_dir() and any(board.iterdir()):
+        os.replace(board, board.with_name(f"tensorboard-before-{time.strftime('%Y%m%d-%H%M%S')}"))
     opened: list[Tracker] = []
     for backend in log_cfg.backends:
         if backend == "tensorboard":
-            opened.append(TensorBoard(Path(output_dir) / "tensorboard", config, config_toml, start_step))
+            opened.append(TensorBoard(board, config, config_toml, start_step))
         elif backend == "wandb":
             opened.append(WandB(log_cfg, output_dir, name, config, ids))
         elif backend == "mlflow":
             opened.append(MLflow(log_cfg, output_dir, name, config, ids))
-    if ids:
+    if ids:  # written before a row is logged: a kill from here on continues these runs
         tmp = ids_file.with_name(ids_file.name + ".partial")
         tmp.write_text(json.dumps(ids, indent=2) + "\n")
         os.replace(tmp, ids_file)
@@ -77,16 +103,27 @@ class TensorBoard:
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
 
-        # A resumed run drops what the stopped one logged after its checkpoint (the steps it is about to redo).
-        self.writer = SummaryWriter(str(directory), purge_step=start_step + 1 if start_step > 0 else None)
-        for summary in hparams(flat_config(config), {"eval_loss": math.nan}):
-            self.writer.file_writer.add_summary(summary)
-        self.writer.add_text("config", "    " + config_toml.replace("\n", "\n    "), global_step=start_step)
+        self.directory = directory
+        fresh = not directory.is_dir() or not any(directory.iterdir())
+        self.writer = SummaryWriter(str(directory))
+        if fresh:  # once per run
+            for summary in hparams(flat_config(config), {"eval_loss": math.nan}):
+                self.writer.file_writer.add_summary(summary)
+            self.writer.add_text("config", "    " + config_toml.replace("\n", "\n    "), global_step=start_step)
+            self.writer.flush()
 
     def log(self, scalars: dict[str, float], step: int) -> None:
         for key, value in scalars.items():
             self.writer.add_scalar(key, value, global_step=step)
-        self.writer.flush()
+        self.writer.flush()  # on disk at once: a killed process loses nothing it logged
+
+    def held(self, rows: list[dict[str, Any]]) -> set[tuple[str, int]]:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        # Every event file of the directory, earlier processes' too (a torn last record is skipped by the reader).
+        events = EventAccumulator(str(self.directory), size_guidance={"scalars": 0})
+        events.Reload()
+        return {(tag, e.step) for tag in events.Tags()["scalars"] for e in events.Scalars(tag)}
 
     def close(self) -> None:
         self.writer.close()
@@ -99,12 +136,23 @@ class WandB:
         import wandb
 
         ids.setdefault("wandb_id", secrets.token_hex(4))  # W&B ids: 8 characters [a-z0-9]
+        self.id, self.directory = ids["wandb_id"], Path(output_dir) / "wandb"
         self.run = wandb.init(project=log_cfg.wandb_project, name=name, id=ids["wandb_id"], resume="allow",
                               dir=str(output_dir), config=config, mode=log_cfg.wandb_mode or None,
                               settings=wandb.Settings(console="off", silent=True))
 
     def log(self, scalars: dict[str, float], step: int) -> None:
         self.run.log(scalars, step=step)
+
+    def held(self, rows: list[dict[str, Any]]) -> set[tuple[str, int]]:
+        if not self.run.offline:
+            # Online, W&B's server says where the run's history ends (the step a resumed run starts at) and ignores
+            # any row before it; what a killed process had not yet sent comes after it.
+            first = self.run.starting_step
+            return {(k, r["step"]) for r in rows if r["step"] < first for k in scalars(r)}
+        return {(key, step) for history in wandb_offline_history(self.directory, self.id)
+                for step in [history.get("_step")] if isinstance(step, int)
+                for key in history if not key.startswith("_")}
 
     def close(self) -> None:
         self.run.finish()
@@ -133,6 +181,10 @@ class MLflow:
                 self.client.log_batch(run_id, params=params[i:i + 100])
         ids["mlflow_run_id"] = self.run_id = run_id
 
+    def held(self, rows: list[dict[str, Any]]) -> set[tuple[str, int]]:
+        keys = {k for r in rows for k in scalars(r)}
+        return {(key, m.step) for key in keys for m in self.client.get_metric_history(self.run_id, key)}
+
     def log(self, scalars: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
@@ -141,3 +193,34 @@ class MLflow:
 
     def close(self) -> None:
         self.client.set_terminated(self.run_id)
+
+
+def wandb_offline_history(directory: Path, run_id: str) -> list[dict[str, Any]]:
+    """The history rows ({"_step": 20, "loss": 2.31, ...}) of every offline W&B segment of run `run_id` under
+    `directory` (<output_dir>/wandb), oldest first, up to a torn tail. A .wandb file is a LevelDB-style log: a 7-byte
+    header, then 32 KiB blocks of records (crc32, length, type FULL/FIRST/MIDDLE/LAST), each a protobuf Record."""
+    from wandb.proto import wandb_internal_pb2
+
+    rows: list[dict[str, Any]] = []
+    for file in sorted(Path(directory).glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")):
+        data, pos, pending = file.read_bytes(), 7, b""
+        while pos + 7 <= len(data):
+            if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+                pos += 32768 - pos % 32768
+                continue
+            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+            if kind == 0 or len(chunk) < length:  # padding, or the tail a killed writer left
+                continue
+            pending = chunk if kind in (1, 2) else pending + chunk
+            if kind not in (1, 4):
+                continue
+            record = wandb_internal_pb2.Record()
+            try:
+                record.ParseFromString(pending)
+            except Exception:  # noqa: BLE001 - protobuf's DecodeError: a torn record ends what is readable
+                break
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+    return rows

@@ -25,7 +25,8 @@ from automodel.loggers import quiet, trackers
 from automodel import peft as peft_lora
 from automodel.backends import Backend, build_backend, model_init_context
 from automodel.backends.deepspeed_config import deepspeed_config
-from automodel.config import BatchShape, ConfigError, ModelConfig, PeftConfig, TrainConfig, save_config, to_dict, to_toml
+from automodel.config import (BatchShape, ConfigError, ModelConfig, PeftConfig, TrainConfig, read_toml, save_config,
+                             to_dict, to_toml)
 from automodel.loggers import RunLogger
 from automodel.loggers.plot import lr_curve
 from automodel.training.distill import Teacher
@@ -184,14 +185,18 @@ def run(cfg: TrainConfig, parts_of: Callable[[Run], Parts]) -> TrainResult:
         watch = EvalWatch(cfg.train.early_stopping_patience, cfg.train.early_stopping_min_delta,
                           metric=cfg.train.best_metric).resumed(
             saved.get("evals"))
+        # Metrics and tracker runs continue those of the run that was here: a resumed one, or one killed before its
+        # first checkpoint with the same config (a changed config, or train.resume = "never", is a new run).
+        continues = state.step > 0 or (cfg.train.resume != "never" and same_config(out / "config.toml", cfg))
         if setup.is_main:  # the resolved config, and one per segment of the run (configs/step_N.toml)
             save_config(cfg, out / "config.toml")
             (out / "configs").mkdir(exist_ok=True)
             save_config(cfg, out / "configs" / f"step_{state.step:06d}.toml")
 
         logger = RunLogger(out, max_steps, cfg.logging.progress_bar, enabled=setup.is_main, start_step=state.step,
-                           trackers=trackers.open_trackers(cfg.logging, out, to_dict(cfg), to_toml(cfg), state.step)
-                           if setup.is_main else (), plot=cfg.logging.plot, redo_eval=watch.should_stop,
+                           continues=continues, plot=cfg.logging.plot,
+                           trackers=trackers.open_trackers(cfg.logging, out, to_dict(cfg), to_toml(cfg), continues,
+                                                           state.step) if setup.is_main else (),
                            lr=lr_curve(lambda s: optim.lr_at(s, cfg.schedule, cfg.optim.lr, max_steps), max_steps))
         if debug_log is not None:
             logger.info(f"logs: libraries' messages and warnings go to {debug_log} (logging.verbose = true shows "
@@ -376,6 +381,15 @@ def evaluation(backend: Backend, state: TrainState, parts: Parts, generate: bool
         row["exact_match"] = hits / max(answered, 1) if several else rates[0]
         row["examples"] = [{"prediction": p, "reference": r} for p, r in examples[:3]]
     return row
+
+
+def same_config(path: Path, cfg: TrainConfig) -> bool:
+    """Whether the config.toml a run left in its output_dir is this config (what it trains, and how)."""
+    try:
+        refused, accepted = checkpoint.fingerprint.compare(read_toml(path), to_dict(cfg))
+    except (OSError, ValueError, ConfigError):  # none, or unreadable: another run
+        return False
+    return not refused and not accepted
 
 
 def resume(cfg: TrainConfig, backend: Backend, out: Path, rank: int, world_size: int,

@@ -71,6 +71,6 @@ def test_rerunning_a_finished_run_only_evaluates_and_exports(tmp_path):
     assert again.metrics["steps"] == 2 and again.metrics["train_loss"] is None
     assert again.metrics["eval_loss"] == first.metrics["eval_loss"]
     assert (again.final_dir / "model.safetensors").is_file() and sorted(losses(again.output_dir)) == [1, 2]
-    # Re-evaluating replaces the final evaluation's row rather than adding one each time.
+    # The final evaluation is recorded once (its first record is kept), not once per re-run.
     evals = [r for r in read_rows(again.output_dir / "metrics.jsonl") if "eval_loss" in r]
     assert [r["step"] for r in evals] == [2]

@@ -8,6 +8,9 @@ from automodel.loggers.quiet import libraries_to_file
 
 
 def test_library_messages_go_to_the_debug_log_and_come_back_after(tmp_path, capsys):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.get_logger()  # transformers as a user has it once imported (its console handler on): the state to restore
     deepspeed_like = logging.getLogger("DeepSpeed")
     console = logging.StreamHandler()
     deepspeed_like.addHandler(console)

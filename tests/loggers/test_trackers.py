@@ -3,7 +3,13 @@ metrics.jsonl, also across a resume; a missing package is one line naming the ex
 
 import glob
 import json
+import os
+import re
+import signal
 import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +17,8 @@ import pytest
 import automodel
 from automodel.config import ConfigError
 from automodel.loggers import trackers
-from tests.helpers import quickstart, read_rows
+from tests import helpers
+from tests.helpers import REPO, quickstart, read_rows
 
 pytestmark = pytest.mark.slow  # trains a whole run, twice
 
@@ -32,6 +39,8 @@ def wandb_records(run_dir: Path) -> tuple[list[dict], dict]:
             chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
             if kind == 0:
                 continue
+            if len(chunk) < length:  # the tail a killed writer left
+                break
             pending = chunk if kind in (1, 2) else pending + chunk
             if kind in (1, 4):
                 record = pb.Record()
@@ -99,6 +108,95 @@ def test_tensorboard_mlflow_and_wandb_get_the_metrics_rows_and_the_config_and_co
 
     # The loss picture was drawn.
     assert (out / "plots" / "loss.png").stat().st_size > 10_000
+
+
+def own_wandb_service() -> dict:
+    """The environment for a run with a W&B service of its own: not the one this test process may have started (its
+    address is inherited through WANDB_SERVICE, and a kill -9 of the run would leave the run id held there)."""
+    return {k: v for k, v in helpers.env().items() if k != "WANDB_SERVICE"}
+
+
+def killed_at(out: Path, pattern: str, *overrides: str) -> str:
+    """Runs the quickstart in its own process group and kills the group (kill -9: the process, its W&B service, as a
+    node failure would) when a line of its output matches `pattern`; returns the output."""
+    proc = subprocess.Popen([sys.executable, "launch/run.py", "--config", "configs_toml/quickstart.toml",
+                             f"output_dir={out}", *overrides], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=own_wandb_service(), start_new_session=True)
+    seen, deadline = [], time.time() + 300
+    try:
+        while time.time() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            seen.append(line)
+            if re.search(pattern, line):
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return "".join(seen)
+        raise AssertionError(f"no line matched {pattern!r}:\n" + "".join(seen)[-3000:])
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_after_kills_at_any_moment_each_tracker_holds_every_metrics_row_once_in_one_run(tmp_path):
+    """Kill -9 at step 1 (before the first checkpoint), mid-run, as a checkpoint is written and during the export, a
+    resume after each: TensorBoard, MLflow and W&B (offline) each hold exactly metrics.jsonl's numbers, once each,
+    in one run, read back with their own readers."""
+    from mlflow import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    args = ["train.max_steps=12", "schedule.warmup_steps=2", "train.log_every=1", "train.eval_every=4", "checkpoint.every=4",
+            "data.validation.limit=32", "eval.generate_samples=0", 'logging.progress_bar="off"',
+            'logging.backends=["tensorboard", "wandb", "mlflow"]', 'logging.wandb_mode="offline"']
+    killed_at(out, r"^step 1/12", *args)
+    killed_at(out, r"^step 6/12", *args)
+    killed_at(out, r"^step 8/12", *args)  # the row is out; the checkpoint of step 8 is being written
+    log = killed_at(out, r"^eval @ step 12/12", *args)  # the export comes next
+    assert "resumed from" in log
+    done = subprocess.run([sys.executable, "launch/run.py", "--config", "configs_toml/quickstart.toml",
+                           f"output_dir={out}", *args], cwd=REPO, capture_output=True, text=True,
+                          env=own_wandb_service(), timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    rows = read_rows(out / "metrics.jsonl")
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 13))
+    assert [r["step"] for r in rows if "eval_loss" in r] == [0, 4, 8, 12]
+    expected = {(k, r["step"]): v for r in rows for k, v in trackers.scalars(r).items()}
+    assert ("eval_loss", 12) in expected and ("grad_norm", 7) in expected
+
+    def once(pairs: list[tuple[tuple[str, int], float]], tracker: str) -> dict:
+        counted: dict = {}
+        for key, value in pairs:
+            counted.setdefault(key, []).append(value)
+        twice = sorted(k for k, v in counted.items() if len(v) > 1)
+        assert not twice, f"{tracker} holds these (metric, step) more than once: {twice[:10]}"
+        return {k: v[0] for k, v in counted.items()}
+
+    # TensorBoard: every event file of the directory, through TensorBoard's reader (float32 values).
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    board = once([((tag, e.step), e.value) for tag in events.Tags()["scalars"] for e in events.Scalars(tag)],
+                 "TensorBoard")
+    assert board == pytest.approx(expected, rel=1e-6)
+
+    # MLflow: one run, finished, holding the same history.
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("automodel").experiment_id])
+    assert run.info.status == "FINISHED"
+    held = once([((key, m.step), m.value) for key in {k for k, _ in expected}
+                 for m in client.get_metric_history(run.info.run_id, key)], "MLflow")
+    assert held == pytest.approx(expected, rel=1e-12)
+
+    # W&B: every process wrote a segment of one run id (kept in trackers.json); together they hold each row once.
+    run_id = json.loads((out / "trackers.json").read_text())["wandb_id"]
+    segments = glob.glob(str(out / "wandb" / "offline-run-*"))
+    assert len(segments) == 5 and {Path(p).name.split("-")[-1] for p in segments} == {run_id}
+    history, _ = wandb_records(out)
+    wandb = once([((k, h["_step"]), v) for h in history for k, v in h.items() if not k.startswith("_")], "W&B")
+    assert wandb == pytest.approx(expected, rel=1e-12)
 
 
 def test_a_missing_tracker_package_is_one_line_naming_the_extra(monkeypatch):
