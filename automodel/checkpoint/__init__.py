@@ -90,13 +90,21 @@ def restore(load_fn: Callable[[TrainState, Path], TrainState], state: TrainState
             device: torch.device, meta: dict[str, Any], config: dict[str, Any], allowed: tuple[str, ...],
             tensors: dict[str, list]) -> tuple[TrainState, list[str]]:
     """(the state saved at `path`, the config changes accepted since it was written). Refused: another backend, batch
-    size, seed or ranks (meta), a config change to what is being trained (fingerprint.py), tensors of other names,
+    size, seed or ranks (meta), training files whose bytes changed (meta["data"]), a config change to what is being
+    trained (fingerprint.py), tensors of other names,
     shapes or dtypes than this model's."""
     saved = store.read_train_state(path)
     for key in MUST_MATCH + (("world_size",) if meta["backend"].startswith("deepspeed") else ()):
         if saved.get(key) != meta.get(key):
             raise ConfigError(f"cannot resume from {path}: it was written with {key} = {saved.get(key)!r}, this "
                               f"run has {meta.get(key)!r}; set train.resume = \"never\" or another output_dir")
+    # The training files' bytes (data/identity.py; checkpoints written before it have none recorded).
+    for source, then in (saved.get("data") or {}).items():
+        now = meta.get("data", {}).get(source)
+        if now is not None and now != then:
+            raise ConfigError(f"cannot resume from {path}: the training data {source} is not what it trained on (then "
+                              f"{then}, now {now}): the file was replaced or edited; put the original back, or start "
+                              "afresh (train.resume = \"never\" or another output_dir)")
     listed = manifest.read(path)
     accepted: list[str] = []
     if listed is not None:

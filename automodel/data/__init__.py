@@ -8,10 +8,10 @@ from automodel.data.sources import load_rows
 from automodel.data.mixture import Mixture, chain, source_lines
 from automodel.data.tokenize import (TokenizedSet, build, build_sources, format_options, load_examples, source_label,
                                      tokenize_examples, validation_names)
-from automodel.data import stream
+from automodel.data import identity, stream
 
 __all__ = ["BatchPlan", "BadRow", "CHAT_TEMPLATES", "Example", "FORMATS", "FormatOptions",
            "Mixture", "PROMPT_TEMPLATES", "TokenizedSet", "block_causal_mask", "build", "build_sources", "chain",
-           "collate", "eval_batches", "format_options", "stream",
+           "collate", "eval_batches", "format_options", "identity", "stream",
            "load_examples", "load_rows", "pack", "source_label", "source_lines", "tokenize_examples", "trained_chat_template",
            "validation_names"]

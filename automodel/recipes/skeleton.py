@@ -398,7 +398,7 @@ def resume(cfg: TrainConfig, backend: Backend, out: Path, rank: int, world_size:
     its train_state.json) per train.resume: the newest checkpoint that passes its check (one that fails is reported
     and moved aside)."""
     meta = {"backend": backend.name, "global_batch_size": cfg.train.global_batch_size, "seed": cfg.seed,
-            "world_size": world_size}
+            "world_size": world_size, "data": data.identity.training_identity(cfg.data)}
     log = print if rank == 0 else (lambda _: None)
     explicit = cfg.train.resume not in ("auto", "never")
     candidates = checkpoint.store.candidates(out, cfg.train.resume)

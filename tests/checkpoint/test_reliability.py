@@ -4,6 +4,7 @@ errors. Each finding of the fault-injection review (issue #14) is a test here th
 
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -395,3 +396,31 @@ def test_when_every_checkpoint_fails_the_run_refuses_and_no_metrics_are_lost(tmp
     assert fresh.returncode == 0, fresh.stderr[-2000:]
     kept = list(out.glob("metrics-before-*.jsonl"))
     assert len(kept) == 1 and kept[0].read_text() == before and max(losses(out)) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("streaming", [False, True], ids=["read-in-full", "streamed"])
+def test_training_data_replaced_under_the_same_path_is_refused_on_resume(tmp_path, streaming):
+    """The checkpoint records the training file's bytes (size and digest): the same bytes touched resume; the file
+    shuffled, or cut short just past where the stream stood, is refused in one line naming the file."""
+    data = tmp_path / "train.jsonl"
+    lines = (REPO / "examples" / "quickstart" / "train.jsonl").read_text().splitlines(keepends=True)
+    data.write_text("".join(lines))
+    out = tmp_path / "run"
+    args = [f"data.train.source={json.dumps(str(data))}", f"data.train.streaming={str(streaming).lower()}"]
+    first = cli(out, "train.max_steps=2", *args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    os.utime(data, (1, 1))  # copied without its times, or touched: the same bytes
+    touched = cli(out, "train.max_steps=4", *args)
+    assert touched.returncode == 0 and "resumed from" in touched.stdout, touched.stderr[-2000:]
+    before = (out / "metrics.jsonl").read_text()
+    shuffled = lines[:]
+    random.Random(0).shuffle(shuffled)
+    for changed in ("".join(shuffled), "".join(lines[:4 * 16 + 1])):  # 4 steps of 16 rows were read, and one more
+        data.write_text(changed)
+        proc = cli(out, "train.max_steps=6", *args)
+        assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert re.search(rf"the training data {re.escape(str(data))} is not what it trained on \(then \d+ bytes, "
+                         r"sha256 \w+, now \d+ bytes, sha256 \w+\).*put the original back", proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1
+        assert (out / "metrics.jsonl").read_text() == before
