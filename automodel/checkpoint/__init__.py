@@ -74,8 +74,13 @@ def choose(paths: list[Path], rank: int, world_size: int, explicit: bool, log: C
     for path in paths:
         problems = problems_of(path, rank, world_size)
         if not problems:
-            if manifest.read(path) is None:
+            listed = manifest.read(path)
+            if listed is None:
                 log(f"checkpoint: {path} has no manifest (written by an older version): its files are not checked")
+            elif manifest.unlisted(path, listed):
+                extra = manifest.unlisted(path, listed)
+                log(f"checkpoint: {path} holds {len(extra)} file(s) its manifest does not list ({', '.join(extra[:3])}"
+                    f"{', ...' if len(extra) > 3 else ''}); they are ignored")
             return path
         message = f"{path} fails its check: {'; '.join(problems[:5])}"
         if explicit:

@@ -6,6 +6,7 @@ flipped byte, a truncated or half-copied file, and it reads at memory speed (doc
 Hashing and verifying are shared out over the ranks, file by file.
 """
 
+import fnmatch
 import json
 import os
 from pathlib import Path
@@ -15,6 +16,10 @@ import xxhash
 
 MANIFEST = "manifest.json"
 BLOCK = 8 << 20
+# Files a loader finds by pattern rather than by name (DeepSpeed counts its shards): one the manifest does not list
+# would be read, so it is damage. Any other unlisted file (notes, an editor's swap file, NFS's .nfs* leftovers) is
+# ignored.
+LOADED_BY_PATTERN = ("*_optim_states.pt", "*_model_states.pt")
 
 
 def file_digest(path: Path, sync: bool = False) -> str:
@@ -56,9 +61,14 @@ def read(root: Path) -> Optional[dict]:
     return json.loads(path.read_text())
 
 
+def unlisted(root: Path, manifest: dict) -> list[str]:
+    """Files in the checkpoint that its manifest does not list."""
+    return sorted(set(listed_files(root)) - set(manifest["files"]))
+
+
 def check_share(root: Path, manifest: dict, rank: int, world_size: int) -> list[str]:
     """What is wrong with this rank's share of the files the manifest lists (missing, another size, another digest),
-    and files present but not listed (a leftover would be loaded too); [] when all is well."""
+    and unlisted files a loader would read (LOADED_BY_PATTERN); [] when all is well."""
     problems = []
     listed = sorted(manifest["files"])
     for name in listed[rank::world_size]:
@@ -70,7 +80,8 @@ def check_share(root: Path, manifest: dict, rank: int, world_size: int) -> list[
         elif file_digest(path) != want["xxh3_128"]:
             problems.append(f"{name} does not match its digest")
     if rank == 0:
-        problems += [f"{name} is not in the manifest" for name in sorted(set(listed_files(root)) - set(listed))]
+        problems += [f"{name} is not in the manifest, and DeepSpeed would load it" for name in unlisted(root, manifest)
+                     if any(fnmatch.fnmatch(Path(name).name, pattern) for pattern in LOADED_BY_PATTERN)]
     return problems
 
 

@@ -107,7 +107,8 @@ def load_stream(path: Path, rank: int, world_size: int) -> Optional[dict]:
     folder = path / "stream"
     if not folder.is_dir():
         return None
-    saved_ranks = len(list(folder.glob("rank_*.json")))
+    # The writer's number of ranks as train_state.json records it (a stray file in the folder does not count).
+    saved_ranks = read_train_state(path).get("world_size") or len(list(folder.glob("rank_*.json")))
     if saved_ranks != world_size:
         raise ConfigError(f"cannot resume from {path}: it holds the stream positions of {saved_ranks} ranks (each "
                           f"reads its own share of a streamed source), this run has {world_size}; resume with "
