@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import NoReturn, Optional, Sequence
 
 from automodel.config import ConfigError, load_config, to_toml
@@ -128,12 +129,23 @@ def run_command(config: str, overrides: Sequence[str]) -> int:
     from automodel.training.loop import NonFiniteLoss
     from automodel.training.preemption import Preempted
 
+    from automodel import storage
+
+    cfg = None
     try:
-        automodel.train(load_config(config, overrides))
+        cfg = load_config(config, overrides)
+        automodel.train(cfg)
     except ConfigError as e:
         distributed.teardown()
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    except Exception as e:  # a full, read-only or forbidden place to write: one line (anything else: the traceback)
+        line = storage.explain(e, cfg and Path(cfg.output_dir), cfg and cfg.data.cache_dir)
+        distributed.teardown()
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 1 if storage.REFUSALS[storage.errno_of(e)][1] else EXIT_CONFIG_ERROR
     except NonFiniteLoss as e:  # the run's checkpoints are the last good ones; retrying as it is would fail again
         distributed.teardown()
         print(f"error: {e}", file=sys.stderr)

@@ -5,12 +5,16 @@ weights and optimizer state, this package the step, data position, each rank's R
 the config's fingerprint (fingerprint.py). docs/reliability.md says what is guaranteed and how it is tested.
 """
 
+import errno
+import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import attrs
 import torch
 
+from automodel import storage
 from automodel.checkpoint import fingerprint, manifest, store
 from automodel.checkpoint.lock import RunLock
 from automodel.config import ConfigError
@@ -31,21 +35,30 @@ def save(save_fn: Callable[[TrainState, Path], None], state: TrainState, output_
     """Writes checkpoint `state.step` (collective: every rank calls it) and returns its directory. `tensors`: the
     trainable tensors' names, shapes and dtypes; `config`: the resolved config of this run; `extra`: more
     train_state.json fields (the evaluation record); `keep`: a step whose checkpoint is never pruned (the best)."""
-    if rank == 0:
-        store.prepare(output_dir, state.step)
-    barrier()
     tmp = store.staging_dir(output_dir, state.step)
-    store.save_rng(tmp, rank, state.rng)
-    store.save_stream(tmp, rank, state.stream)
-    save_fn(state, tmp)
-    barrier()
-    if rank == 0:
-        store.write_train_state(tmp, {"step": state.step, "data_position": state.data_position, **meta,
-                                      "checkpoint_format": FORMAT, **(extra or {})})
-    barrier()
-    files: dict[str, dict] = {}
-    for share in gather_objects(manifest.hash_share(tmp, rank, world_size, sync=True)):
-        files.update(share)
+    try:
+        if rank == 0:
+            store.prepare(output_dir, state.step)
+        barrier()
+        store.save_rng(tmp, rank, state.rng)
+        store.save_stream(tmp, rank, state.stream)
+        save_fn(state, tmp)
+        barrier()
+        if rank == 0:
+            store.write_train_state(tmp, {"step": state.step, "data_position": state.data_position, **meta,
+                                          "checkpoint_format": FORMAT, **(extra or {})})
+        barrier()
+        files: dict[str, dict] = {}
+        for share in gather_objects(manifest.hash_share(tmp, rank, world_size, sync=True)):
+            files.update(share)
+    except Exception as e:
+        # A write cut short (torch.save's error does not say why): the half-written staging directory goes, so the
+        # space comes back and the newest checkpoint stays the last good one. Full before it went: say so.
+        full = storage.nearly_full(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if full and storage.errno_of(e) not in storage.REFUSALS:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(output_dir)) from e
+        raise
     if rank == 0:
         manifest.write(tmp, files, tensors, config)
         store.commit(output_dir, state.step, keep_last, keep)

@@ -25,6 +25,7 @@ from automodel.data.sources import load_rows
 from automodel.data.store import Rows, concat
 from automodel.data import store
 from automodel.loss import IGNORE_INDEX
+from automodel.storage import automodel_cache
 CACHE_VERSION = 2  # bump when tokenisation or the stored layout changes, so old caches are not reused
 
 
@@ -221,7 +222,7 @@ def format_row(src: DataSourceConfig, options: FormatOptions, row: dict, where: 
 def cache_root(data_cfg: DataConfig) -> Path:
     if data_cfg.cache_dir:
         return Path(data_cfg.cache_dir)
-    return Path(os.environ.get("AUTOMODEL_CACHE", Path.home() / ".cache" / "automodel")) / "tokenized"
+    return automodel_cache() / "tokenized"
 
 
 def _source_identity(source: str) -> Any:
