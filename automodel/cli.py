@@ -125,11 +125,9 @@ def run_command(config: str, overrides: Sequence[str]) -> int:
 
     catch_signals_early()  # a cluster's signal during the seconds of imports below is acted on, not fatal
     import automodel
-    from automodel import distributed
+    from automodel import distributed, storage
     from automodel.training.loop import NonFiniteLoss
     from automodel.training.preemption import Preempted
-
-    from automodel import storage
 
     cfg = None
     try:
@@ -139,13 +137,6 @@ def run_command(config: str, overrides: Sequence[str]) -> int:
         distributed.teardown()
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    except Exception as e:  # a full, read-only or forbidden place to write: one line (anything else: the traceback)
-        line = storage.explain(e, cfg and Path(cfg.output_dir), cfg and cfg.data.cache_dir)
-        distributed.teardown()
-        if line is None:
-            raise
-        print(f"error: {line}", file=sys.stderr)
-        return 1 if storage.REFUSALS[storage.errno_of(e)][1] else EXIT_CONFIG_ERROR
     except NonFiniteLoss as e:  # the run's checkpoints are the last good ones; retrying as it is would fail again
         distributed.teardown()
         print(f"error: {e}", file=sys.stderr)
@@ -155,6 +146,13 @@ def run_command(config: str, overrides: Sequence[str]) -> int:
         # interpreter's shutdown a SIGTERM would kill with 143 (srun sends one to the other ranks as soon as the
         # first one exits 75).
         _exit_now(EXIT_PREEMPTED)
+    except Exception as e:  # a full, read-only or forbidden place to write: one line (anything else: the traceback)
+        line = storage.explain(e, cfg and Path(cfg.output_dir), cfg and cfg.data.cache_dir)
+        distributed.teardown()
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 1 if storage.REFUSALS[storage.errno_of(e)][1] else EXIT_CONFIG_ERROR
     except BaseException:
         distributed.teardown()
         raise

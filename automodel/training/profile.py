@@ -4,17 +4,18 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
+from torch.profiler import ProfilerActivity, profile, record_function, tensorboard_trace_handler
 
 
 class StepProfiler:
     """Starts before step `first`, stops after step `last` (or when the loop ends) and writes
-    `<directory>/rank<R>.<time>.pt.trace.json`: TensorBoard's profiler plugin (`tensorboard --logdir <directory>`)
+    `<directory>/rank<R>.<time>.pt.trace.json`, each step a span named "step N": TensorBoard's profiler plugin (`tensorboard --logdir <directory>`)
     and Perfetto (ui.perfetto.dev) both read it."""
 
     def __init__(self, first: int, last: int, directory: Path, rank: int, log: Callable[[str], None]):
         self.first, self.last, self.directory, self.rank, self.log = first, last, Path(directory), rank, log
         self._prof: Optional[profile] = None
+        self._span: Optional[record_function] = None  # "step N" in the trace, around each traced step
         self.written: Optional[Path] = None
 
     def before_step(self, step: int) -> None:
@@ -23,15 +24,24 @@ class StepProfiler:
             self._prof = profile(activities=activities, record_shapes=True, profile_memory=True)
             self._prof.__enter__()
             self._started = step
+        if self._prof is not None:
+            self._span = record_function(f"step {step}")
+            self._span.__enter__()
 
     def after_step(self, step: int) -> None:
         self._ended = step
+        if self._span is not None:
+            span, self._span = self._span, None
+            span.__exit__(None, None, None)
         if self._prof is not None and step >= self.last:
             self.close()
 
     def close(self) -> None:
         if self._prof is None:
             return
+        if self._span is not None:  # the loop ended inside a step
+            span, self._span = self._span, None
+            span.__exit__(None, None, None)
         prof, self._prof = self._prof, None
         prof.__exit__(None, None, None)
         self.directory.mkdir(parents=True, exist_ok=True)

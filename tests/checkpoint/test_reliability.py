@@ -84,15 +84,22 @@ def test_two_runs_on_one_output_dir_cannot_corrupt_each_other(tmp_path):
     out = tmp_path / "shared"
     first = start(out, "train.max_steps=100000")
     wait_for_line(first, r"^step 2/")
-    second = cli(out, "train.max_steps=4")
+    config_before = (out / "config.toml").read_text()
+    second = cli(out, "train.max_steps=4", "optim.lr=1e-2")
     assert second.returncode == 2
     assert second.stderr.strip().splitlines() == [
         f"error: {out} is in use by another run " + re.search(r"\(host .*\)", second.stderr).group(0) + "; wait for "
         "it to end, or give this run another output_dir"]
     assert f"pid {first.pid}" in second.stderr
+    # The second run wrote nothing: not its config, not a metrics row, not a log line.
+    assert (out / "config.toml").read_text() == config_before
     first.send_signal(signal.SIGTERM)
     assert first.wait(timeout=120) == 75
-    assert all(isinstance(r, dict) for r in read_rows(out / "metrics.jsonl"))  # nothing interleaved
+    # metrics.jsonl is the first run's alone: one row per step, in order, up to the step it stopped at.
+    steps = [r["step"] for r in read_rows(out / "metrics.jsonl") if "loss" in r]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 2
+    assert store.read_train_state(out / "checkpoints" / f"step_{steps[-1]:06d}")["step"] == steps[-1]
+    assert "max_steps = 100000" in (out / "config.toml").read_text()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,7 +34,12 @@ def test_distill_sum_matches_the_textbook_and_the_chunks_match_it(alpha, tempera
     (g_chunked,) = torch.autograd.grad(chunked, [hidden])
     torch.testing.assert_close(chunked, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g_chunked, g_direct, rtol=1e-5, atol=1e-6)
-    assert teacher_head.weight.grad is None  # the teacher learns nothing
+    # The teacher learns nothing: the loss reaches the student's head but not the teacher's weights or hidden states.
+    teacher_hidden.requires_grad_(True)
+    loss = chunked_distill(hidden, targets, teacher_hidden, head, teacher_head, 4, alpha, temperature)
+    loss.backward()
+    assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+    assert teacher_head.weight.grad is None and teacher_hidden.grad is None
 
 
 def test_alpha_zero_is_the_cross_entropy_bit_for_bit_and_a_matching_teacher_adds_nothing():
