@@ -77,3 +77,44 @@ def test_commands_that_need_no_model_start_without_torch(tmp_path):
             "assert not heavy, heavy\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def module_imports(root: Path) -> dict[str, set[str]]:
+    """{module: the automodel modules it imports (anywhere in it, a function's body too)}: `from automodel.x import y`
+    goes to automodel.x.y where that is a module, else to automodel.x."""
+    modules = {".".join(("automodel",) + p.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+               for p in root.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for path in root.rglob("*.py"):
+        name = ".".join(("automodel",) + path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names if a.name.startswith("automodel.")}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and \
+                    node.module.startswith("automodel"):
+                for a in node.names:
+                    found.add(f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module)
+        graph[name] = {m for m in found if m in modules and m != name}
+    return graph
+
+
+def test_no_module_imports_itself_through_others():
+    """No cycle between modules (a package's __init__ gathering its modules is one of them): each module can be read
+    knowing only what it imports."""
+    graph = module_imports(REPO / "automodel")
+    cycles, state = [], {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                cycles.append(" -> ".join(path[path.index(nxt):] + [node, nxt]) if nxt in path else f"{node} -> {nxt}")
+            elif nxt not in state:
+                visit(nxt, path + [node])
+        state[node] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [])
+    assert not cycles, "\n".join(cycles)

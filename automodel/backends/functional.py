@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from automodel.backends.base import Backend
+from automodel.config import DistributedConfig, TrainingConfig
 from automodel.distributed import AllReduce
 from automodel.models.export import save_hf_model
 from automodel.optim import AdamWHyper, no_decay_names, optimizer
@@ -22,7 +23,8 @@ from automodel.training.step import make_train_step
 def build_functional(model: nn.Module, *, optim, clip_grad_norm: float, lr_fn: Callable[[int], float],
                      device: torch.device, grad_method: str, all_reduce: AllReduce, rank: int, world_size: int,
                      seed: int, loss_chunk_tokens: int, master_dtype: str,
-                     teacher: Optional[Teacher] = None, on_nonfinite: str = "stop", bucket_mb: float = 25.0,
+                     teacher: Optional[Teacher] = None, on_nonfinite: str = TrainingConfig().on_nonfinite,
+                     bucket_mb: float = DistributedConfig().bucket_mb,
                      objective: Optional[Objective] = None, offload_activations: bool = False) -> Backend:
     """The functional step with in-place AdamW (optim.name: float32 or 8-bit states); several ranks all-reduce the
     gradient dict, nothing else. With a low-precision model and master_dtype "float32"/"auto" the state holds float32

@@ -5,8 +5,8 @@ from automodel.data.formats import (CHAT_TEMPLATES, FORMATS, PROMPT_TEMPLATES, B
                                     trained_chat_template)
 from automodel.data.packing import block_causal_mask, pack
 from automodel.data.sources import load_rows
-from automodel.data.mixture import Mixture, chain, source_lines
-from automodel.data.tokenize import (TokenizedSet, build, build_sources, format_options, load_examples, source_label,
+from automodel.data.mixture import Mixture, build, chain, source_lines
+from automodel.data.tokenize import (TokenizedSet, build_sources, format_options, load_examples, source_label,
                                      tokenize_examples, validation_names)
 from automodel.data import identity, stream
 

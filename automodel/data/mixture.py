@@ -8,13 +8,15 @@ function of (seed, epoch) alone, so step s's batch is computed directly, on any 
 """
 
 import functools
-from typing import Any, Iterator, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import attrs
 import numpy as np
 import torch
+from transformers import PreTrainedTokenizerBase
 
-from automodel.data.tokenize import TokenizedSet
+from automodel.config import DataConfig
+from automodel.data.tokenize import TokenizedSet, build_sources
 
 
 class Chain:
@@ -131,3 +133,10 @@ def source_lines(sets: Sequence[TokenizedSet], mixture: "Mixture | None") -> lis
         how = (f"{count / len(tset):.2f}x its {unit}" if mixture is not None else "each once")
         lines.append(f"{tset.summary()}; {100 * count / total:.1f}% of each epoch's {total:,} {unit} ({how})")
     return lines
+
+
+def build(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0, rank: int = 0,
+          use_cache: bool = True, log=None) -> tuple[TokenizedSet, Optional[TokenizedSet]]:
+    """The training sources chained into one set (unweighted), and the first validation set (or None)."""
+    train, validation = build_sources(data_cfg, tokenizer, seed, rank, use_cache, log)
+    return chain(train, "train"), (validation[0] if validation else None)

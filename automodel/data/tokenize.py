@@ -353,15 +353,6 @@ def _preflight(src: DataSourceConfig, data_cfg: DataConfig, options: FormatOptio
     return rows
 
 
-def build(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0, rank: int = 0,
-          use_cache: bool = True, log=None) -> tuple[TokenizedSet, Optional[TokenizedSet]]:
-    """The training sources chained into one set (unweighted), and the first validation set (or None)."""
-    from automodel.data.mixture import chain
-
-    train, validation = build_sources(data_cfg, tokenizer, seed, rank, use_cache, log)
-    return chain(train, "train"), (validation[0] if validation else None)
-
-
 def _tokenize_split(name: str, src: DataSourceConfig, carve: Any, data_cfg: DataConfig,
                     tokenizer: PreTrainedTokenizerBase, options: FormatOptions, log, rank: int,
                     rows: Optional[datasets.Dataset] = None) -> TokenizedSet:

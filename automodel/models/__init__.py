@@ -1,7 +1,8 @@
 """Models and tokenizers: hub ids, local dirs, or architectures built from config."""
 
-from automodel.models.build import (DTYPES, build_model, build_tokenizer, check_model, compile_layers, count_params, enable_activation_checkpointing,
-                                   numel, pick_attention, vocab_size)
+from automodel.models.build import (build_model, build_tokenizer, check_model, compile_layers, count_params,
+                                    enable_activation_checkpointing, pick_attention, vocab_size)
+from automodel.models.tensors import DTYPES, numel
 from automodel.models import quantize
 from automodel.models.flops import FlopModel, flop_model
 from automodel.models.card import model_card

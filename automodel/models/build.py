@@ -10,9 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from automodel.config import ConfigError, ModelConfig, TokenizerConfig
 from automodel.models import quantize
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
+from automodel.models.tensors import DTYPES, numel
 
 def build_tokenizer(tok_cfg: TokenizerConfig, model_cfg: ModelConfig) -> PreTrainedTokenizerBase:
     """The tokenizer named in [tokenizer], else the model's. A missing pad token becomes EOS (padding is
@@ -200,15 +198,6 @@ def compile_layers(model: torch.nn.Module) -> int:
     for layer in layers:
         layer.compile()
     return len(layers)
-
-
-def numel(p: torch.Tensor) -> int:
-    """Elements of a parameter, also when ZeRO-3 has partitioned it away (then `ds_numel` holds the size) or
-    bitsandbytes has packed it into 4 bits (its quant_state holds the shape)."""
-    state = getattr(p, "quant_state", None)
-    if state is not None:
-        return int(torch.Size(state.shape).numel())
-    return getattr(p, "ds_numel", p.numel())
 
 
 def vocab_size(model: torch.nn.Module) -> int:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from automodel.config import ConfigError, ModelConfig
+from automodel.models.tensors import DTYPES, numel
 
 STORAGE = {"uint8": torch.uint8, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -85,7 +86,6 @@ def is_quantized_weight(p: torch.Tensor) -> bool:
 def base_bytes(model: nn.Module, dtype: torch.dtype) -> tuple[int, int]:
     """(bytes the weights would take in `dtype` unquantised, bytes they take as stored: packed weights plus their
     scales). Each shared tensor counts once."""
-    from automodel.models.build import numel  # the unpacked size, also of 4-bit and ZeRO-3-partitioned weights
 
     full = stored = 0
     for p in set(model.parameters()):
@@ -103,7 +103,6 @@ def base_bytes(model: nn.Module, dtype: torch.dtype) -> tuple[int, int]:
 
 def describe(model: nn.Module, model_cfg: ModelConfig) -> str:
     """The start-up log's line on a quantised base: its format and its weights' bytes before and after."""
-    from automodel.models.build import DTYPES
 
     full, stored = base_bytes(model, DTYPES[model_cfg.dtype])
     kind = "int8 (LLM.int8())" if model_cfg.quantization == "int8" else (

@@ -90,7 +90,8 @@ def build_vlm(model_cfg: ModelConfig, processor: Any, seed: int) -> nn.Module:
     vision_config tables; the image token and vocabulary follow the processor unless given)."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    from automodel.models.build import DTYPES, attention_for
+    from automodel.models.build import attention_for
+    from automodel.models.tensors import DTYPES
 
     dtype = DTYPES[model_cfg.dtype]
     common: dict[str, Any] = dict(attn_implementation=attention_for(model_cfg),

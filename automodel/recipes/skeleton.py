@@ -33,12 +33,12 @@ from automodel.training.distill import Teacher
 from automodel.training.early_stopping import EvalWatch
 from automodel.training.evaluate import eval_loss
 from automodel.training.forward import Batch, Objective, to_device
-from automodel.training.loop import NonFiniteLoss, TrainResult, run_loop
-from automodel.training.metrics import peak_flops
+from automodel.training.loop import Loop, NonFiniteLoss, TrainResult, run_loop
 from automodel.training.prefetch import planned
 from automodel.training.preemption import Preempted, StopRequest
 from automodel.training.profile import StepProfiler
 from automodel.training.state import TrainState
+from automodel.training.throughput import Throughput, peak_flops
 
 # (model in eval mode with the state's weights, generate() keyword arguments) -> (exact match, [(prediction, ref)])
 ExactMatch = Callable[[nn.Module, dict], tuple[float, list[tuple[str, str]]]]
@@ -261,17 +261,15 @@ def run(cfg: TrainConfig, parts_of: Callable[[Run], Parts]) -> TrainResult:
             if max_skipped is None:
                 max_skipped = max(1, math.ceil(0.05 * max_steps))
         try:
-            state, last_row, watch = run_loop(
-                state, train_step=backend.step, batches=batches, max_steps=max_steps,
-                world_size=ranks.world_size,
+            loop = Loop(
+                train_step=backend.step, batches=batches, max_steps=max_steps, logger=logger,
+                throughput=Throughput(ranks.world_size, parts.flops, peak_flops(device, cfg.logging.peak_tflops)),
+                device=device, log_every=cfg.train.log_every,
                 epoch_samples=plan.steps_per_epoch * plan.global_batch_size if plan is not None else None,
-                device=device, logger=logger, log_every=cfg.train.log_every,
                 eval_every=cfg.train.eval_every, evaluate=evaluate if validating else None,
-                flops=parts.flops, peak_flops=peak_flops(device, cfg.logging.peak_tflops),
-                checkpoint_every=cfg.checkpoint.every, save_checkpoint=save_checkpoint, stop=stop, watch=watch,
-                keep_best=cfg.checkpoint.keep_best, profiler=profiler,
-                max_skipped=max_skipped,
-            )  # ends with the final checkpoint
+                checkpoint_every=cfg.checkpoint.every, save_checkpoint=save_checkpoint, stop=stop,
+                keep_best=cfg.checkpoint.keep_best, profiler=profiler, max_skipped=max_skipped)
+            state, last_row, watch = run_loop(state, loop, watch)  # ends with the final checkpoint
         except (Preempted, NonFiniteLoss) as e:
             logger.info(str(e))
             logger.close()

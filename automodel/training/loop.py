@@ -9,13 +9,13 @@ import torch
 
 from automodel.data.stream import passes as stream_passes
 from automodel.loggers import RunLogger
-from automodel.models import FlopModel
 from automodel.training.early_stopping import EvalWatch
 from automodel.training.forward import to_device
 from automodel.training.prefetch import Prefetcher, StepData
 from automodel.training.preemption import Preempted, StopRequest
 from automodel.training.profile import StepProfiler
 from automodel.training.state import TrainState
+from automodel.training.throughput import Throughput
 
 
 class NonFiniteLoss(RuntimeError):
@@ -50,131 +50,117 @@ class TrainResult:
     final_dir: Optional[Path] = None  # the saved HF model, when checkpoint.save_final
 
 
-def run_loop(
-    state: TrainState,
-    *,
-    train_step: Callable,
-    batches: Callable[[int], StepData],
-    max_steps: int,
-    world_size: int,
-    epoch_samples: Optional[int],
-    device: torch.device,
-    logger: RunLogger,
-    log_every: int,
-    eval_every: int = 0,
-    evaluate: Optional[Callable[[TrainState], dict]] = None,
-    flops: Optional[FlopModel] = None,
-    peak_flops: Optional[float] = None,
-    checkpoint_every: int = 0,
-    save_checkpoint: Optional[Callable[[TrainState, EvalWatch], None]] = None,
-    stop: Optional[StopRequest] = None,
-    watch: EvalWatch = EvalWatch(),
-    keep_best: bool = False,
-    profiler: Optional[StepProfiler] = None,
-    max_skipped: Optional[int] = None,
-) -> tuple[TrainState, dict, EvalWatch]:
-    """Steps from state.step to max_steps, or until `watch` says evaluations stopped improving, then writes the final
-    checkpoint (if a step ran). Returns the final state, the last logged row and the evaluation record.
-    `batches(step)` gives this rank's host micro-batches and, for streamed data, the stream position after them, which
-    the new state records (steps are asked for in order, one ahead).
+@attrs.frozen
+class Loop:
+    """What the loop runs: the step and the batches, how far, and the side effects around them (built once, by the
+    recipe skeleton)."""
 
-    Timing covers whole log windows (no per-step device sync): ms/step, tokens/s (non-padding input
-    tokens over all ranks) and the padding fraction are window averages (run_padding: since the start
-    of this process); the loss is that of the logged step. Every step's loss and gradient norm are checked on the
-    device and read at each log and before each checkpoint (FiniteGuard). With `keep_best`, each evaluation that
-    improves on the best is checkpointed.
+    train_step: Callable  # (state, host micro-batches on the device) -> (state, StepMetrics)
+    batches: Callable[[int], StepData]  # step -> this rank's host micro-batches and the stream position after them
+    max_steps: int
+    logger: RunLogger
+    throughput: Throughput
+    device: torch.device
+    log_every: int
+    epoch_samples: Optional[int] = None  # samples per epoch (None: streamed)
+    eval_every: int = 0
+    evaluate: Optional[Callable[[TrainState], dict]] = None
+    checkpoint_every: int = 0
+    save_checkpoint: Optional[Callable[[TrainState, EvalWatch], None]] = None
+    stop: Optional[StopRequest] = None
+    keep_best: bool = False  # checkpoint each evaluation that improves on the best
+    profiler: Optional[StepProfiler] = None
+    max_skipped: Optional[int] = None  # on_nonfinite = "skip": stop once more steps than this were skipped
+
+
+def run_loop(state: TrainState, loop: Loop, watch: EvalWatch = EvalWatch()) -> tuple[TrainState, dict, EvalWatch]:
+    """Steps from state.step to max_steps, or until `watch` says evaluations stopped improving, then writes the final
+    checkpoint (if a step ran). Returns the final state, the last logged row and the evaluation record. Batches are
+    asked for in order, one ahead; the new state records a stream's position.
+
+    A step reads nothing from the device: its loss and gradient norm are read once per log window (the logged
+    step's), and every step's are checked on the device (FiniteGuard) and read at each log and before each
+    checkpoint. Throughput is a window average (throughput.py).
     """
-    guard = FiniteGuard(device)
+    guard = FiniteGuard(loop.device)
     start_step, skipped, saved_at = state.step, 0, None
+    max_steps, logger, meter, profiler = loop.max_steps, loop.logger, loop.throughput, loop.profiler
 
     def checkpoint(st: TrainState) -> None:
         nonlocal saved_at
         guard.check()
-        save_checkpoint(st, watch)
+        loop.save_checkpoint(st, watch)
         saved_at = st.step
 
     last_row: dict = {}
-    window_start, window_tokens, window_steps, window_slots, window_flops = time.perf_counter(), 0, 0, 0, 0.0
-    run_tokens = run_slots = 0
     # The next step's batches are collated in the background while a step runs.
-    prefetch = Prefetcher(batches, max_steps, pin=device.type == "cuda")
+    prefetch = Prefetcher(loop.batches, max_steps, pin=loop.device.type == "cuda")
     try:
         while state.step < max_steps and not watch.should_stop:
             if profiler is not None:
                 profiler.before_step(state.step + 1)
             cpu_batches, stream_position = prefetch.get(state.step)  # collated while the previous step ran
-            # Counted on the host (numpy): the loop reads nothing from the device between log windows.
-            tokens = sum(int(b["attention_mask"].numpy().sum()) for b in cpu_batches) * world_size
-            slots = sum(b["input_ids"].numel() for b in cpu_batches) * world_size
-            window_tokens, window_slots = window_tokens + tokens, window_slots + slots
-            if flops is not None:  # this rank's work: MFU is per device
-                window_flops += sum(flops.of_batch(b) for b in cpu_batches)
-            run_tokens, run_slots = run_tokens + tokens, run_slots + slots
-            micro_batches = [to_device(b, device) for b in cpu_batches]
-
-            state, metrics = train_step(state, micro_batches)
+            meter.add(cpu_batches)
+            state, metrics = loop.train_step(state, [to_device(b, loop.device) for b in cpu_batches])
             if stream_position is not None:
                 state = attrs.evolve(state, stream=stream_position)
             if profiler is not None:
                 profiler.after_step(state.step)
             if metrics.skipped:
                 skipped += 1
-                if max_skipped is not None and skipped > max_skipped:
+                if loop.max_skipped is not None and skipped > loop.max_skipped:
                     raise NonFiniteLoss(
                         f"{skipped} of the {state.step - start_step} steps this process ran had a non-finite loss or "
-                        f"gradient norm and were skipped (more than train.max_skipped_steps = {max_skipped}): the run "
-                        "is not training; lower optim.lr or check the data. Its checkpoints are the last good ones")
+                        f"gradient norm and were skipped (more than train.max_skipped_steps = {loop.max_skipped}): the "
+                        "run is not training; lower optim.lr or check the data. Its checkpoints are the last good ones")
             else:
                 guard.observe(metrics.loss, metrics.grad_norm, state.step)
-
-            window_steps += 1
             logger.advance()
-            if state.step % log_every == 0 or state.step == max_steps:
-                # The one device sync per log window: the logged step's loss and norm and the guard, read together.
-                dev = metrics.loss.device
-                loss, grad_norm, first_bad, *extras = torch.stack(
-                    [metrics.loss.float(), metrics.grad_norm.float().to(dev), guard.first_bad.float().to(dev),
-                     *(v.float().to(dev) for v in metrics.extras.values())]).tolist()
-                guard.check(int(first_bad))
-                seconds = time.perf_counter() - window_start
-                tokens_per_s = window_tokens / seconds
-                last_row = {
-                    "step": state.step, "loss": loss, "lr": metrics.lr, "grad_norm": grad_norm,
-                    "tokens_per_s": tokens_per_s, "ms_per_step": 1000 * seconds / window_steps,
-                    "epoch": state.data_position / epoch_samples if epoch_samples else None,
-                    "tflops": window_flops / seconds / 1e12 if flops is not None else None,
-                    "mfu": window_flops / seconds / peak_flops if flops is not None and peak_flops else None,
-                    "padding": 1 - window_tokens / window_slots, "run_padding": 1 - run_tokens / run_slots,
-                }
-                last_row.update(zip(metrics.extras, extras))  # a preference loss's rewards/accuracies, ...
-                if device.type == "cuda":  # the allocator's high-water mark of this rank (no device sync)
-                    last_row["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                if skipped:
-                    last_row["skipped_steps"] = skipped
-                if state.stream is not None:  # which pass each streamed source is in (rank 0's share)
-                    last_row["passes"] = stream_passes(state.stream)
+
+            if state.step % loop.log_every == 0 or state.step == max_steps:
+                last_row = log_row(state, metrics, guard, meter, skipped, loop)
                 logger.row(last_row)
-                window_start, window_tokens, window_steps, window_slots, window_flops = time.perf_counter(), 0, 0, 0, 0.0
-            paused = time.perf_counter()  # evaluations and checkpoints are not step time: the window skips them
-            if evaluate is not None and eval_every and state.step % eval_every == 0 and state.step < max_steps:
-                row = evaluate(state)
-                logger.row(row)
-                watch = watch.observe_row(row)
-                if save_checkpoint is not None and (watch.should_stop or (keep_best and watch.best_step == state.step)):
+            with meter.paused():
+                if loop.evaluate is not None and loop.eval_every and state.step % loop.eval_every == 0 \
+                        and state.step < max_steps:
+                    row = loop.evaluate(state)
+                    logger.row(row)
+                    watch = watch.observe_row(row)
+                    if loop.save_checkpoint is not None and (
+                            watch.should_stop or (loop.keep_best and watch.best_step == state.step)):
+                        checkpoint(state)
+                if loop.save_checkpoint is not None and loop.checkpoint_every and \
+                        state.step % loop.checkpoint_every == 0 and state.step < max_steps and saved_at != state.step:
                     checkpoint(state)
-            if save_checkpoint is not None and checkpoint_every and state.step % checkpoint_every == 0 \
-                    and state.step < max_steps and saved_at != state.step:
-                checkpoint(state)
-            window_start += time.perf_counter() - paused
+            stop = loop.stop
             if stop is not None and state.step < max_steps and not watch.should_stop and stop.agreed():
-                if save_checkpoint is not None and saved_at != state.step:
+                if loop.save_checkpoint is not None and saved_at != state.step:
                     checkpoint(state)
-                stop.checkpointed = save_checkpoint is not None
+                stop.checkpointed = loop.save_checkpoint is not None
                 raise Preempted(state.step, stop.received or "a signal on another rank")
     finally:
         prefetch.close()
     if profiler is not None:
         profiler.close()
-    if save_checkpoint is not None and state.step > start_step and saved_at != state.step:
+    if loop.save_checkpoint is not None and state.step > start_step and saved_at != state.step:
         checkpoint(state)
     return state, last_row, watch
+
+
+def log_row(state: TrainState, metrics, guard: FiniteGuard, meter: Throughput, skipped: int, loop: Loop) -> dict:
+    """The logged step's row. The one device sync per log window: its loss and norm and the guard, read together."""
+    dev = metrics.loss.device
+    loss, grad_norm, first_bad, *extras = torch.stack(
+        [metrics.loss.float(), metrics.grad_norm.float().to(dev), guard.first_bad.float().to(dev),
+         *(v.float().to(dev) for v in metrics.extras.values())]).tolist()
+    guard.check(int(first_bad))
+    row = {"step": state.step, "loss": loss, "lr": metrics.lr, "grad_norm": grad_norm, **meter.window(),
+           "epoch": state.data_position / loop.epoch_samples if loop.epoch_samples else None}
+    row.update(zip(metrics.extras, extras))  # a preference loss's rewards/accuracies, ...
+    if loop.device.type == "cuda":  # the allocator's high-water mark of this rank (no device sync)
+        row["peak_memory_gb"] = torch.cuda.max_memory_allocated(loop.device) / 2**30
+    if skipped:
+        row["skipped_steps"] = skipped
+    if state.stream is not None:  # which pass each streamed source is in (rank 0's share)
+        row["passes"] = stream_passes(state.stream)
+    return row

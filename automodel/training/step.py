@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import attrs
 import torch
 
+from automodel.config import DistributedConfig, TrainingConfig
 from automodel.distributed import AllReduce
 from automodel.distributed.buckets import GradBuckets
 from automodel.loss import token_cross_entropy
@@ -67,8 +68,8 @@ def make_train_step(
     grad_method: str = "autograd",
     all_reduce: AllReduce = None,
     world_size: int = 1,
-    on_nonfinite: str = "stop",
-    bucket_mb: float = 25.0,
+    on_nonfinite: str = TrainingConfig().on_nonfinite,
+    bucket_mb: float = DistributedConfig().bucket_mb,
     opt: Optimizer = optimizer("adamw"),
     offload_activations: bool = False,
 ) -> Callable[[TrainState, Sequence[Batch]], tuple[TrainState, StepMetrics]]:

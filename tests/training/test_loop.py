@@ -1,6 +1,7 @@
 """The loop reads the step's outputs once per log window: no per-step sync (preemption is agreed on the host, the
 non-finite guard and the logged values are read together)."""
 
+import attrs
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -37,8 +38,8 @@ def test_twenty_steps_read_the_device_once_per_log_window(tmp_path, monkeypatch)
     real_loop = skeleton.run_loop
     windows = []
 
-    def counting_loop(state, **kw):
-        save, row, step = kw["save_checkpoint"], kw["logger"].row, kw["train_step"]
+    def counting_loop(state, loop, watch):
+        save, row, step = loop.save_checkpoint, loop.logger.row, loop.train_step
 
         def step_uncounted(*a):
             # Inside the step only transformers reads: its SDPA mask code checks the padding mask on the host (twice
@@ -61,11 +62,12 @@ def test_twenty_steps_read_the_device_once_per_log_window(tmp_path, monkeypatch)
                 windows.append(r["step"])
             row(r)
 
-        kw["logger"].row = logged
+        loop.logger.row = logged
         monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
         try:
             with reads:
-                return real_loop(state, **{**kw, "save_checkpoint": save_uncounted, "train_step": step_uncounted})
+                return real_loop(state, attrs.evolve(loop, save_checkpoint=save_uncounted, train_step=step_uncounted),
+                                 watch)
         finally:
             reads.active = False
 
