@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import NoReturn, Optional, Sequence
 
 from automodel.config import ConfigError, load_config, to_toml
-from automodel.status import EXIT_CONFIG_ERROR, EXIT_PREEMPTED
+from automodel.exit_status import EXIT_CONFIG_ERROR, EXIT_PREEMPTED
 
 OVERRIDES_HELP = ("dotted overrides with TOML values, e.g. optim.lr=3e-5 train.max_steps=20 "
                   "'model.name_or_path=\"./my-model\"' (a value that is not valid TOML is taken as a string)")
@@ -121,7 +121,7 @@ def _add_launch_parser(sub) -> None:
 
 
 def run_command(config: str, overrides: Sequence[str]) -> int:
-    from automodel.status import catch_signals_early
+    from automodel.exit_status import catch_signals_early
 
     catch_signals_early()  # a cluster's signal during the seconds of imports below is acted on, not fatal
     import automodel

@@ -240,7 +240,7 @@ def frozen_copy(model: torch.nn.Module):
     """A frozen copy of `model` as the preference loss's reference (FrozenModel)."""
     import copy
 
-    from automodel.training.distill import FrozenModel, local_head_weights
+    from automodel.training.teacher import FrozenModel, local_head_weights
 
     model = copy.deepcopy(model).eval()
     for p in model.parameters():
@@ -253,7 +253,7 @@ def preference_set(rows: list[tuple[list[int], list[int]]], kind: str = "pairs",
     import numpy as np
 
     from automodel.data import preference
-    from automodel.data.store import Rows
+    from automodel.data.token_store import Rows
     from automodel.loss import IGNORE_INDEX
 
     ids = Rows.from_lists([p + c for p, c in rows])

@@ -8,7 +8,7 @@ from tests.helpers import REPO
 
 # Lowest first. A package may import its own modules and anything in a lower layer, nothing beside or above it.
 LAYERS = [
-    ["status", "storage"],
+    ["exit_status", "storage"],
     ["config"],
     ["distributed", "loss", "loggers"],
     ["data", "models", "optim"],

@@ -13,7 +13,7 @@ from automodel.backends.functional import build_functional
 from automodel.config import ConfigError, TrainConfig
 from automodel.distributed import AllReduce
 from automodel.optim import lr_at
-from automodel.training.distill import FrozenModel, Teacher, local_head_weights
+from automodel.training.teacher import FrozenModel, Teacher, local_head_weights
 from automodel.training.forward import Objective
 
 

@@ -22,7 +22,7 @@ from automodel.backends.base import Backend
 from automodel.distributed import AllReduce
 from automodel.models import numel
 from automodel.models.export import save_hf_model
-from automodel.training.distill import Teacher
+from automodel.training.teacher import Teacher
 from automodel.training.forward import Batch, ModelLoss, Objective
 from automodel.training.state import TrainState, initial_rng, rng_scope
 from automodel.training.preference import add_stats

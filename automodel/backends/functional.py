@@ -14,7 +14,7 @@ from automodel.config import DistributedConfig, TrainingConfig
 from automodel.distributed import AllReduce
 from automodel.models.export import save_hf_model
 from automodel.optim import AdamWHyper, no_decay_names, optimizer
-from automodel.training.distill import Teacher
+from automodel.training.teacher import Teacher
 from automodel.training.forward import Batch, ModelLoss, Objective
 from automodel.training.state import ParamBinding, TrainState, init_state
 from automodel.training.step import make_train_step

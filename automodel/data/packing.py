@@ -13,13 +13,13 @@ import numpy as np
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
-from automodel.data.store import Packed
+from automodel.data.token_store import Packed
 from automodel.data.tokenize import TokenizedSet
 
 
 def pack(tset: TokenizedSet, seq_len: int) -> TokenizedSet:
     """The samples of `tset` in rows of at most seq_len tokens. The packed rows are views that reference their
-    samples in `tset`'s arrays (data/store.py: Packed): no token is copied."""
+    samples in `tset`'s arrays (data/token_store.py: Packed): no token is copied."""
     lengths = tset.input_ids.lengths().tolist()
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     bins: list[list[int]] = []

@@ -4,7 +4,7 @@ tokenised as TRL's DPOTrainer and KTOTrainer tokenise them, stored as two rows p
 Rows: a pair i is rows 2i (prompt + chosen) and 2i + 1 (prompt + rejected); a KTO example i is rows 2i (its prompt
 + completion) and 2i + 1 (its prompt + the previous example's completion: the mismatched pair whose log-ratio
 estimates KTO's reference point). Labels are -100 on the prompt. The rows live in the token store
-(data/store.py), cached like any tokenised split.
+(data/token_store.py), cached like any tokenised split.
 
 Tokenisation (TRL 1.16's): text rows get the EOS appended to each completion (as text, unless it ends with it);
 the prompt and prompt + completion are tokenised whole (the tokenizer's own specials, e.g. BOS, included), and the
@@ -28,8 +28,8 @@ from automodel.config import ConfigError, DataConfig, DataSourceConfig
 from automodel.data.batching import collate_rows
 from automodel.data.formats import BadRow, FormatOptions, render_chat_template, turns_of
 from automodel.data.sources import load_rows
-from automodel.data.store import Rows, concat
-from automodel.data import store
+from automodel.data.token_store import Rows, concat
+from automodel.data import token_store as store
 from automodel.data.tokenize import _source_identity, _tokenizer_identity, cache_root, carved, row_where, split_plan
 from automodel.loss import IGNORE_INDEX
 

@@ -22,8 +22,8 @@ from transformers import PreTrainedTokenizerBase
 from automodel.config import ConfigError, DataConfig, DataSourceConfig
 from automodel.data.formats import FORMATS, BadRow, Example, FormatOptions, TemplateTimeout
 from automodel.data.sources import load_rows
-from automodel.data.store import Rows, concat
-from automodel.data import store
+from automodel.data.token_store import Rows, concat
+from automodel.data import token_store as store
 from automodel.loss import IGNORE_INDEX
 from automodel.storage import automodel_cache
 CACHE_VERSION = 2  # bump when tokenisation or the stored layout changes, so old caches are not reused
@@ -33,7 +33,7 @@ CACHE_VERSION = 2  # bump when tokenisation or the stored layout changes, so old
 class TokenizedSet:
     """A tokenised split. Row i: `input_ids[i]`, `labels[i]` (same length, -100 where masked; lists of ints, or
     `.array(i)`), `prompt_lens[i]` (tokens before the last trained span: the final answer's prompt) and
-    `references[i]` (answers for exact match). The rows live in flat arrays (data/store.py), memory-mapped when read
+    `references[i]` (answers for exact match). The rows live in flat arrays (data/token_store.py), memory-mapped when read
     from the cache. Packed sets also carry `position_ids` (restarting at 0 for each sample in a row)."""
 
     input_ids: Any  # Rows, or a Packed view

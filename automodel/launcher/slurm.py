@@ -15,7 +15,7 @@ import attrs
 
 from automodel.config.schema import SlurmConfig
 from automodel.launcher import Topology, entry_point, python_for
-from automodel.status import EXIT_PREEMPTED
+from automodel.exit_status import EXIT_PREEMPTED
 
 
 @attrs.frozen

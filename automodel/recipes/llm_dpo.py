@@ -32,8 +32,8 @@ from automodel import data, distributed, models
 from automodel.backends import build_frozen
 from automodel.config import BatchShape, ConfigError, TrainConfig
 from automodel.data import preference as pairs
-from automodel.recipes.skeleton import Parts, Run, ValidationSet, run as run_recipe
-from automodel.training.distill import FrozenModel
+from automodel.recipes.skeleton import Parts, Setup, ValidationSet, run as run_recipe
+from automodel.training.teacher import FrozenModel
 from automodel.training.loop import TrainResult
 from automodel.training.preference import PreferenceLoss, nll_tokens, sub_batch
 
@@ -42,14 +42,14 @@ def run(cfg: TrainConfig) -> TrainResult:
     return run_recipe(cfg, parts)
 
 
-def parts(run: Run) -> Parts:
-    cfg, pref = run.cfg, run.cfg.preference
+def parts(setup: Setup) -> Parts:
+    cfg, pref = setup.cfg, setup.cfg.preference
     # The tokenizer, then the pairs (tokenised and cached once): a data problem is reported before any weights load.
     tokenizer = models.build_tokenizer(cfg.tokenizer, cfg.model)
     if cfg.data.chat_template:  # saved with the tokenizer: prompts are built as in training
         tokenizer.chat_template = data.CHAT_TEMPLATES.get(cfg.data.chat_template, cfg.data.chat_template)
     options = data.format_options(cfg.data, tokenizer)
-    train_sets, val_sets = pairs.build_sources(cfg.data, tokenizer, options, seed=cfg.seed, rank=run.ranks.rank,
+    train_sets, val_sets = pairs.build_sources(cfg.data, tokenizer, options, seed=cfg.seed, rank=setup.ranks.rank,
                                                log=print)
     streamed = cfg.data.train[0].streaming  # then read as training goes (train_sets is empty): opened and checked
     stream_lines = data.stream.preflight(cfg.data, options) if streamed else []
@@ -59,7 +59,7 @@ def parts(run: Run) -> Parts:
                if weights[0] is not None and not streamed else None)
 
     # The policy (under ZeRO-3 a pretrained model loads already partitioned), then the reference, then LoRA.
-    model = run.build_causal_lm(cfg.model, tokenizer)
+    model = setup.build_causal_lm(cfg.model, tokenizer)
     chunk = cfg.train.loss_chunk_tokens
     ref_logps: dict[str, Optional[np.ndarray]] = {}
     if pref.precompute_reference:
@@ -67,18 +67,18 @@ def parts(run: Run) -> Parts:
         # it (with LoRA too: the base, before adapters), which is then freed.
         reference = None
         sets = [train_set, *val_sets]  # never streamed
-        files = {s.name: reference_files(run, s) for s in sets}  # hashes each set's tokens once
-        ref_logps = {s.name: stored_reference(run, s, files[s.name]) for s in sets}
+        files = {s.name: reference_files(setup, s) for s in sets}  # hashes each set's tokens once
+        ref_logps = {s.name: stored_reference(setup, s, files[s.name]) for s in sets}
         if any(v is None for v in ref_logps.values()):
-            frozen, _ = build_reference(run, tokenizer, model, copy_for_adapter=True)
+            frozen, _ = build_reference(setup, tokenizer, model, copy_for_adapter=True)
             ref_logps = {s.name: ref_logps[s.name] if ref_logps[s.name] is not None else
-                         compute_reference(run, frozen, s, tokenizer.pad_token_id, chunk, files[s.name])
+                         compute_reference(setup, frozen, s, tokenizer.pad_token_id, chunk, files[s.name])
                          for s in sets}
             del frozen
-        reference_note = f"reference log-probs precomputed, in {run.out / 'reference'}"
+        reference_note = f"reference log-probs precomputed, in {setup.out / 'reference'}"
     else:
-        reference, reference_note = build_reference(run, tokenizer, model)
-    model, base_path = run.apply_lora(model, tokenizer)
+        reference, reference_note = build_reference(setup, tokenizer, model)
+    model, base_path = setup.apply_lora(model, tokenizer)
 
     def objective(module, chunk_tokens, dtype, partitioned):
         return PreferenceLoss(module, pref, chunk_tokens, dtype, reference=reference, partitioned=partitioned)
@@ -93,14 +93,14 @@ def parts(run: Run) -> Parts:
 
     def stream(position):  # this rank's share of the streamed sources, from a checkpoint's position or the start
         return data.stream.open_train_stream(cfg.data, tokenizer, options,
-                                             BatchShape.of(cfg.train, run.ranks.world_size), cfg.seed,
-                                             run.ranks.rank, position,
+                                             BatchShape.of(cfg.train, setup.ranks.world_size), cfg.seed,
+                                             setup.ranks.rank, position,
                                              collate=lambda samples: pairs.collate_samples(samples, pad, nll))
 
     names = data.validation_names(cfg.data)
     unit = "pairs" if pref.loss != "kto" else "examples"
     return Parts(
-        model=model, saver=tokenizer, base_path=base_path, num_train=len(train_set or ()), mixture=mixture,
+        model=model, processing_class=tokenizer, base_path=base_path, num_train=len(train_set or ()), mixture=mixture,
         collate=(lambda idx: pairs.collate(train_set, idx, pad, nll, ref_logps.get(train_set.name)))
         if train_set is not None else None,
         stream=stream if streamed else None,
@@ -111,10 +111,10 @@ def parts(run: Run) -> Parts:
     )
 
 
-def build_reference(run: Run, tokenizer, policy, copy_for_adapter: bool = False) -> tuple[Optional[FrozenModel], str]:
+def build_reference(setup: Setup, tokenizer, policy, copy_for_adapter: bool = False) -> tuple[Optional[FrozenModel], str]:
     """(the frozen reference model, or None where the loss needs none or LoRA's adapter-off base serves; a note for
     the log). `copy_for_adapter`: build the base anyway (to precompute with it, then free it)."""
-    cfg, pref = run.cfg, run.cfg.preference
+    cfg, pref = setup.cfg, setup.cfg.preference
     if pref.loss in ("simpo", "orpo"):
         return None, "no reference model (reference-free loss)"
     if not pref.reference and cfg.peft is not None and not copy_for_adapter:
@@ -127,7 +127,7 @@ def build_reference(run: Run, tokenizer, policy, copy_for_adapter: bool = False)
         ref_cfg = attrs.evolve(cfg.model, dtype=dtype)
         what = "a frozen copy of the initial policy"
     try:
-        model = run.build_causal_lm(ref_cfg, tokenizer, trained=False)
+        model = setup.build_causal_lm(ref_cfg, tokenizer, trained=False)
     except ConfigError as e:
         raise ConfigError(f"preference.reference: {e}") from None
     if models.vocab_size(model) != models.vocab_size(policy):
@@ -135,24 +135,24 @@ def build_reference(run: Run, tokenizer, policy, copy_for_adapter: bool = False)
                           f"vocabulary, the policy {models.vocab_size(policy):,}: the log-probs of the same tokens are "
                           "compared, so they must share the tokenizer")
     note = f"reference: {what}, {models.count_params(model):,} parameters, {dtype}"
-    return build_frozen(model, run.ds_config, run.device), note
+    return build_frozen(model, setup.ds_config, setup.device), note
 
 
-def reference_files(run: Run, pset: pairs.PreferenceSet) -> tuple[Path, Path, dict]:
+def reference_files(setup: Setup, pset: pairs.PreferenceSet) -> tuple[Path, Path, dict]:
     """(<output_dir>/reference/<set>.npy, its .json, what it must have been computed for: these rows, this
     reference)."""
-    cfg = run.cfg
+    cfg = setup.cfg
     tokens = pset.input_ids.flat[:pset.input_ids.offsets[-1]]
     identity = {"rows": len(pset.input_ids), "tokens": xxhash.xxh3_64_hexdigest(np.ascontiguousarray(tokens).tobytes()),
                 "reference": cfg.preference.reference, "reference_dtype": cfg.preference.reference_dtype,
                 "model": cfg.model.name_or_path, "init": cfg.model.init, "model_config": cfg.model.config,
                 "seed": cfg.seed}
     identity["key"] = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    stem = run.out / "reference" / pset.name.replace("/", "--")
+    stem = setup.out / "reference" / pset.name.replace("/", "--")
     return stem.with_suffix(".npy"), stem.with_suffix(".json"), identity
 
 
-def stored_reference(run: Run, pset: pairs.PreferenceSet, files: tuple[Path, Path, dict]) -> Optional[np.ndarray]:
+def stored_reference(setup: Setup, pset: pairs.PreferenceSet, files: tuple[Path, Path, dict]) -> Optional[np.ndarray]:
     """The set's precomputed reference log-probs if a run wrote them for these rows and this reference (`files`:
     reference_files), else None."""
     path, meta, identity = files
@@ -161,22 +161,22 @@ def stored_reference(run: Run, pset: pairs.PreferenceSet, files: tuple[Path, Pat
     values = np.load(path)
     if values.shape != (len(pset.input_ids),):
         return None
-    if run.is_main:
+    if setup.is_main:
         print(f"data: {pset.name}: reference log-probs read from {path}")
     return values
 
 
-def compute_reference(run: Run, frozen: FrozenModel, pset: pairs.PreferenceSet, pad: int, chunk_tokens: int,
+def compute_reference(setup: Setup, frozen: FrozenModel, pset: pairs.PreferenceSet, pad: int, chunk_tokens: int,
                       files: tuple[Path, Path, dict]) -> np.ndarray:
     """Every row's summed reference log-prob (float32, row order), computed on every rank alike (under ZeRO-3 the
     forward is collective) and written by rank 0 to <output_dir>/reference/ (atomically, its .json last)."""
-    cfg = run.cfg
+    cfg = setup.cfg
     loss = PreferenceLoss(frozen.model, cfg.preference, chunk_tokens, frozen.dtype, reference=frozen)
-    loss.calibrate(frozen.run, run.device)
+    loss.calibrate(frozen.run, setup.device)
     out = np.zeros(len(pset.input_ids), dtype=np.float32)
     size = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
     for idx in pairs.eval_batches(pset, size):
-        batch = {k: v.to(run.device) if isinstance(v, torch.Tensor) else v
+        batch = {k: v.to(setup.device) if isinstance(v, torch.Tensor) else v
                  for k, v in pairs.collate(pset, idx, pad).items()}
         with torch.no_grad():
             first = loss.reference_logps(frozen.run, batch).cpu().numpy()
@@ -185,7 +185,7 @@ def compute_reference(run: Run, frozen: FrozenModel, pset: pairs.PreferenceSet, 
         out[[2 * i for i in idx]] = first[:len(idx)]
         out[[2 * i + 1 for i in idx]] = second
     path, meta, identity = files
-    if run.is_main:
+    if setup.is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npy")
         np.save(tmp, out)

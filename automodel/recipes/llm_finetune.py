@@ -22,7 +22,7 @@ Features:
 
 from automodel import data, models
 from automodel.config import BatchShape, TrainConfig
-from automodel.recipes.skeleton import Parts, Run, ValidationSet, run as run_recipe
+from automodel.recipes.skeleton import Parts, Setup, ValidationSet, run as run_recipe
 from automodel.training.evaluate import exact_match
 from automodel.training.loop import TrainResult
 
@@ -31,12 +31,12 @@ def run(cfg: TrainConfig) -> TrainResult:
     return run_recipe(cfg, parts)
 
 
-def parts(run: Run) -> Parts:
-    cfg = run.cfg
+def parts(setup: Setup) -> Parts:
+    cfg = setup.cfg
     # The tokenizer, then the data (tokenised and cached once; packed into seq_len rows if asked): a data problem is
     # reported before any weights load.
     tokenizer = models.build_tokenizer(cfg.tokenizer, cfg.model)
-    train_sets, val_sets = data.build_sources(cfg.data, tokenizer, seed=cfg.seed, rank=run.ranks.rank, log=print)
+    train_sets, val_sets = data.build_sources(cfg.data, tokenizer, seed=cfg.seed, rank=setup.ranks.rank, log=print)
     streamed = cfg.data.train[0].streaming  # then read as training goes (train_sets is empty): opened and checked
     stream_lines = data.stream.preflight(cfg.data, data.format_options(cfg.data, tokenizer)) if streamed else []
     if cfg.data.packing:  # each source on its own: a row holds samples of one source, so weights count rows
@@ -50,8 +50,8 @@ def parts(run: Run) -> Parts:
         tokenizer.chat_template = template
 
     # The model (under ZeRO-3 a pretrained model loads already partitioned); LoRA per [peft].
-    model = run.build_causal_lm(cfg.model, tokenizer)
-    model, base_path = run.apply_lora(model, tokenizer)
+    model = setup.build_causal_lm(cfg.model, tokenizer)
+    model, base_path = setup.apply_lora(model, tokenizer)
     pad = tokenizer.pad_token_id
     eval_size = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
 
@@ -62,18 +62,18 @@ def parts(run: Run) -> Parts:
 
         def answers(module, generate_kwargs):
             return exact_match(module, tokenizer, val_set, cfg.eval.generate_samples, cfg.eval.max_new_tokens,
-                               eval_size, run.device, **generate_kwargs)
+                               eval_size, setup.device, **generate_kwargs)
 
         return ValidationSet(batches, answers)
 
     def stream(position):  # this rank's share of the streamed sources, from a checkpoint's position or the start
         return data.stream.open_train_stream(cfg.data, tokenizer, data.format_options(cfg.data, tokenizer),
-                                             BatchShape.of(cfg.train, run.ranks.world_size), cfg.seed,
-                                             run.ranks.rank, position)
+                                             BatchShape.of(cfg.train, setup.ranks.world_size), cfg.seed,
+                                             setup.ranks.rank, position)
 
     names = data.validation_names(cfg.data)
     return Parts(
-        model=model, saver=tokenizer, base_path=base_path, num_train=len(train_set or ()), mixture=mixture,
+        model=model, processing_class=tokenizer, base_path=base_path, num_train=len(train_set or ()), mixture=mixture,
         collate=(lambda idx: data.collate(train_set, idx, pad)) if train_set is not None else None,
         stream=stream if streamed else None,
         validation={name: validation_set(v) for name, v in zip(names, val_sets)},

@@ -17,7 +17,7 @@ from automodel import models
 from automodel.backends import build_teacher
 from automodel.config import ConfigError, TrainConfig
 from automodel.recipes import llm_finetune
-from automodel.recipes.skeleton import Parts, Run, run as run_recipe
+from automodel.recipes.skeleton import Parts, Setup, run as run_recipe
 from automodel.training.loop import TrainResult
 
 
@@ -25,15 +25,15 @@ def run(cfg: TrainConfig) -> TrainResult:
     return run_recipe(cfg, parts)
 
 
-def parts(run: Run) -> Parts:
-    cfg, kd = run.cfg, run.cfg.distill
-    student = llm_finetune.parts(run)
+def parts(setup: Setup) -> Parts:
+    cfg, kd = setup.cfg, setup.cfg.distill
+    student = llm_finetune.parts(setup)
     dtype = cfg.model.dtype if kd.teacher_dtype == "auto" else kd.teacher_dtype
     # The teacher loads in full (model.quantization quantises the student's base only).
     teacher_cfg = attrs.evolve(cfg.model, name_or_path=kd.teacher, init="pretrained", dtype=dtype, config={},
                                quantization="none")
     try:
-        teacher = run.build_model(lambda: models.build_model(teacher_cfg, student.saver, cfg.seed), pretrained=True,
+        teacher = setup.build_model(lambda: models.build_model(teacher_cfg, student.processing_class, cfg.seed), pretrained=True,
                                   trained=False)
     except ConfigError as e:
         raise ConfigError(f"distill.teacher: {e}") from None
@@ -43,7 +43,7 @@ def parts(run: Run) -> Parts:
                           f"vocabulary, the student {student_vocab:,}: distillation compares them token by token, so "
                           "they must share the tokenizer")
     return attrs.evolve(
-        student, teacher=build_teacher(teacher, cfg, run.ds_config, run.device),
+        student, teacher=build_teacher(teacher, cfg, setup.ds_config, setup.device),
         model_note=f"teacher: {type(teacher).__name__} from {kd.teacher}, {models.count_params(teacher):,} "
                    f"parameters, {dtype}; alpha {kd.alpha}, temperature {kd.temperature}",
     )

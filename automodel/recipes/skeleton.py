@@ -5,12 +5,13 @@
     -> the loop (checkpoints, evaluations, preemption) -> the final checkpoint -> the final evaluation -> the export
     -> summary.json
 
-A recipe is a function from a `Run` (what is set up before it) to its `Parts` (what differs: the model and the
+A recipe is a function from a `Setup` (what is set up before it) to its `Parts` (what differs: the model and the
 tokenizer or processor saved with it, how training samples become batches, the validation batches, exact match,
 an optional teacher); `run(cfg, parts_of)` does the rest.
 """
 
 import contextlib
+import functools
 import math
 import time
 from pathlib import Path
@@ -28,13 +29,14 @@ from automodel.backends.deepspeed_config import deepspeed_config
 from automodel.config import (BatchShape, ConfigError, ModelConfig, PeftConfig, TrainConfig, read_toml, save_config,
                              to_dict, to_toml)
 from automodel.loggers import RunLogger
+from automodel.loggers.startup import StartupFacts, startup_lines
 from automodel.loggers.plot import lr_curve
-from automodel.training.distill import Teacher
+from automodel.training.teacher import Teacher
 from automodel.training.early_stopping import EvalWatch
 from automodel.training.evaluate import eval_loss
 from automodel.training.forward import Batch, Objective, to_device
 from automodel.training.loop import Loop, NonFiniteLoss, TrainResult, run_loop
-from automodel.training.prefetch import planned
+from automodel.training.batches import TrainingData, training_data
 from automodel.training.preemption import Preempted, StopRequest
 from automodel.training.profile import StepProfiler
 from automodel.training.state import TrainState
@@ -45,7 +47,7 @@ ExactMatch = Callable[[nn.Module, dict], tuple[float, list[tuple[str, str]]]]
 
 
 @attrs.frozen
-class Run:
+class Setup:
     """What is set up before a recipe builds its parts."""
 
     cfg: TrainConfig
@@ -80,7 +82,8 @@ class Run:
         return self.build_model(lambda: models.build_model(model_cfg, tokenizer, self.cfg.seed, base_dir, self.zero3),
                                 pretrained=model_cfg.init == "pretrained", trained=trained)
 
-    def apply_lora(self, model: nn.Module, saver: Any, exclude: Iterable[str] = ()) -> tuple[nn.Module, str]:
+    def apply_lora(self, model: nn.Module, processing_class: Any,
+                   exclude: Iterable[str] = ()) -> tuple[nn.Module, str]:
         """(the model with [peft]'s adapters, or itself without [peft]; the base an adapter names). A base built from
         config is saved to <output_dir>/base first, so the adapter has a base to load onto (a quantised one is there
         already, in full precision: only the tokenizer is added)."""
@@ -92,9 +95,9 @@ class Run:
         peft_cfg: Optional[PeftConfig] = cfg.peft
         if peft_cfg is not None and cfg.model.init == "random" and self.is_main:
             if cfg.model.quantization != "none":
-                saver.save_pretrained(self.out / "base")
+                processing_class.save_pretrained(self.out / "base")
             else:
-                models.save_hf_model(model, saver, self.out / "base")
+                models.save_hf_model(model, processing_class, self.out / "base")
         if peft_cfg is not None and exclude:
             peft_cfg = attrs.evolve(peft_cfg, exclude_modules=[*peft_cfg.exclude_modules, *exclude])
         return peft_lora.apply(model, peft_cfg, cfg.seed, base_path), base_path
@@ -105,7 +108,7 @@ class Parts:
     """What a recipe contributes."""
 
     model: nn.Module
-    saver: Any  # the tokenizer or processor saved beside the model (and the eval's decoder)
+    processing_class: Any  # the tokenizer (a VLM: the processor) saved beside the model, and the eval's decoder
     base_path: str  # what a LoRA adapter names as its base, and what `checkpoint.export_merged` merges onto
     num_train: int  # samples in the training order (0: streamed)
     collate: Optional[Callable[[list[int]], Batch]]  # training sample indices -> a host batch (None: streamed)
@@ -142,183 +145,227 @@ class ValidationSet:
     exact_match: Optional[ExactMatch] = None
 
 
-def run(cfg: TrainConfig, parts_of: Callable[[Run], Parts]) -> TrainResult:
+def run(cfg: TrainConfig, parts_of: Callable[[Setup], Parts]) -> TrainResult:
     started = time.perf_counter()
     ranks = distributed.rank_info()
     device = distributed.device_for(ranks)
-    use_deepspeed = cfg.distributed.backend == "deepspeed"
-    all_reduce = distributed.setup(ranks, device, group_on_one_rank=use_deepspeed)
+    all_reduce = distributed.setup(ranks, device, group_on_one_rank=cfg.distributed.backend == "deepspeed")
     out = Path(cfg.output_dir)
     # From here to the export, SIGUSR1/SIGTERM (a cluster's time limit or preemption) only set a flag: before the
     # first step the run exits with status 75 (requeue: nothing new to save); during training it checkpoints at the
     # next step boundary and exits 75; after the last step it finishes its work. The run directory is locked.
     with StopRequest() as stop, run_directory(out, ranks.rank), contextlib.ExitStack() as context:
-        # Libraries' messages and progress bars go to logs/debug.log; a tracker's missing package fails here.
-        trackers.check_installed(cfg.logging.backends)
-        debug_log = None if cfg.logging.verbose else context.enter_context(quiet.libraries_to_file(
-            out, ranks.rank, preload=[trackers.EXTRAS[b][0] for b in cfg.logging.backends]))
-        # "auto" attention becomes the kernel this machine runs: the recipe builds with it, the log names it, and the
-        # saved config keeps "auto" (a resume elsewhere picks that machine's kernel).
-        attention, attention_why = models.pick_attention(cfg.model.attn_implementation, device, cfg.model.dtype,
-                                                         cfg.data.packing)
-        build_cfg = attrs.evolve(cfg, model=attrs.evolve(cfg.model, attn_implementation=attention))
-        setup = Run(build_cfg, ranks, device, out, deepspeed_config(cfg, ranks.world_size) if use_deepspeed else None)
-        models.check_model(cfg.model, cfg.recipe)  # seconds, before the data is tokenised
-        parts = parts_of(setup)
-
-        # The order of samples, and how long the run is (a stream's length is not known: max_steps says).
-        shape = BatchShape.of(cfg.train, ranks.world_size)
-        plan = None if parts.stream else data.BatchPlan(parts.num_train, shape, cfg.seed, parts.mixture)
-        max_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * plan.steps_per_epoch))
-        if plan is not None and cfg.schedule.warmup_steps > max_steps:
-            raise ConfigError(f"schedule.warmup_steps ({cfg.schedule.warmup_steps}) is larger than the run's "
-                              f"{max_steps} steps ({cfg.train.epochs} epochs of {plan.steps_per_epoch})")
-
-        compiled = models.compile_layers(parts.model) if cfg.train.compile else 0
-        quantized = (models.quantize.describe(parts.model, cfg.model) if cfg.model.quantization != "none" else "")
-        # The backend owns weights and optimizer state and provides the step; resume from the newest checkpoint that
-        # passes its check, refusing config changes to what is being trained.
-        backend = build_backend(cfg, parts.model, setup.ds_config, max_steps, device, all_reduce, ranks.rank,
-                                ranks.world_size, teacher=parts.teacher, objective=parts.objective)
-        state, meta, resume_from, changes, saved = resume(cfg, backend, out, ranks.rank, ranks.world_size, device)
-        # The evaluation record (early stopping, the best checkpoint) continues the checkpoint's.
-        watch = EvalWatch(cfg.train.early_stopping_patience, cfg.train.early_stopping_min_delta,
-                          metric=cfg.train.best_metric).resumed(
-            saved.get("evals"))
-        # Metrics and tracker runs continue those of the run that was here: a resumed one, or one killed before its
-        # first checkpoint with the same config (a changed config, or train.resume = "never", is a new run).
-        continues = state.step > 0 or (cfg.train.resume != "never" and same_config(out / "config.toml", cfg))
-        if setup.is_main:  # the resolved config, and one per segment of the run (configs/step_N.toml)
-            save_config(cfg, out / "config.toml")
-            (out / "configs").mkdir(exist_ok=True)
-            save_config(cfg, out / "configs" / f"step_{state.step:06d}.toml")
-
-        logger = RunLogger(out, max_steps, cfg.logging.progress_bar, enabled=setup.is_main, start_step=state.step,
-                           continues=continues, plot=cfg.logging.plot,
-                           trackers=trackers.open_trackers(cfg.logging, out, to_dict(cfg), to_toml(cfg), continues,
-                                                           state.step) if setup.is_main else (),
-                           lr=lr_curve(lambda s: optim.lr_at(s, cfg.schedule, cfg.optim.lr, max_steps), max_steps))
-        if debug_log is not None:
-            logger.info(f"logs: libraries' messages and warnings go to {debug_log} (logging.verbose = true shows "
-                        "them here)")
-        note = f"; {parts.model_note}" if parts.model_note else ""
-        logger.info(f"model: {type(parts.model).__name__}, {models.count_params(parts.model):,} parameters "
-                    f"({backend.trainable_params:,} trainable{note}), {cfg.model.dtype} on {device}; "
-                    f"{ranks.world_size} rank(s), {backend.name} backend")
-        if quantized:
-            logger.info(quantized)
-        for line in parts.data_lines:
-            logger.info(f"data: {line}")
-        per_epoch = f", {plan.steps_per_epoch} steps per epoch" if plan is not None else ""
-        unit = parts.unit if parts.unit != "samples" else "rows" if plan is None else "samples"
-        logger.info(f"training: {max_steps} steps of {cfg.train.global_batch_size} {unit} ({shape.accumulation_steps} "
-                    f"accumulation x {cfg.train.micro_batch_size} per rank){per_epoch}")
-        offload = "; saved activations offloaded to host memory" if cfg.train.activation_offloading else ""
-        logger.info(f"memory: activation checkpointing {'on' if cfg.train.activation_checkpointing else 'off'}"
-                    f"{offload}; loss from {backend.loss_description}")
-        logger.info(optimizer_line(cfg, state, backend.trainable_params, device))
-        logger.info(f"attention: {attention} ({attention_why})")
-        if compiled:
-            logger.info(f"compile: {compiled} decoder layers compiled with torch.compile (the first step compiles them)")
-        if resume_from is not None:
-            logger.info(f"resumed from {resume_from} at step {state.step}"
-                        + (f"; config changed since: {'; '.join(changes)}" if changes else ""))
-            if state.stream is not None:
-                logger.info(f"data: {data.stream.resumed_line(state.stream, cfg.data.train)}")
-        if parts.stream is not None:
-            stream = parts.stream(state.stream)
-            batches = lambda step: stream.next_step()  # noqa: E731 (steps come in order, one ahead)
-        else:
-            batches = planned(plan, parts.collate, ranks.rank)
+        debug_log = quiet_libraries(cfg, out, ranks.rank, context)
+        job = set_up(cfg, parts_of, ranks, device, all_reduce, out)
+        logger = open_logger(job)
+        for line in startup_lines(startup_facts(job, debug_log)):
+            logger.info(line)
         if stop.agreed():
-            early = Preempted(state.step, stop.received or "a signal on another rank", saved=False)
+            early = Preempted(job.state.step, stop.received or "a signal on another rank", saved=False)
             logger.info(str(early))
             logger.close()
             raise early
+        evaluations = Evaluations(job)
+        state, last_row, watch = train(job, logger, stop, evaluations)
+        return finish(job, logger, state, last_row, watch, evaluations, started)
 
-        evals: list[dict] = []  # this process's evaluations
 
-        def evaluate(st: TrainState) -> dict:
-            evals.append(evaluation(backend, st, parts, cfg.eval.generate_samples > 0, device))
-            return evals[-1]
+@attrs.frozen
+class Job:
+    """Everything set up before the first step: the recipe's parts, the data, the backend, and the state to start
+    from (resumed or new)."""
 
-        def save_checkpoint(st: TrainState, watch: EvalWatch) -> None:
-            path = checkpoint.save(backend.save, st, out, ranks.rank, ranks.world_size, cfg.checkpoint.keep_last,
-                                   meta, backend.tensor_table(st), to_dict(cfg), extra={"evals": watch.to_json()},
-                                   keep=watch.best_step if cfg.checkpoint.keep_best else None)
-            logger.info(f"checkpoint: {path}")
+    cfg: TrainConfig
+    setup: Setup
+    parts: Parts
+    data: TrainingData
+    backend: Backend
+    state: TrainState
+    meta: dict  # what a checkpoint records of this run (checkpoint.save / restore)
+    resumed_from: Optional[Path]
+    changes: list[str]  # config changes accepted on resume
+    watch: EvalWatch  # the evaluation record, continued from the checkpoint's
+    continues: bool  # metrics and trackers continue those of the run that was here
+    attention: tuple[str, str]  # the kernel and why
+    compiled_layers: int
+    quantized: str
 
-        validating = bool(parts.validation)
-        first_eval = evaluate(state) if validating and cfg.eval.at_start and state.step == 0 else None
-        if first_eval is not None:
-            logger.row(first_eval)
 
-        first, last = cfg.logging.profile_steps or (0, 0)
-        profiler = StepProfiler(first, last, out / "profile", ranks.rank, logger.info) if first else None
-        max_skipped = None  # on_nonfinite = "skip": at most this many skipped steps (unset: 5% of the run, at least 1)
-        if cfg.train.on_nonfinite == "skip":
-            max_skipped = cfg.train.max_skipped_steps
-            if max_skipped is None:
-                max_skipped = max(1, math.ceil(0.05 * max_steps))
-        try:
-            loop = Loop(
-                train_step=backend.step, batches=batches, max_steps=max_steps, logger=logger,
-                throughput=Throughput(ranks.world_size, parts.flops, peak_flops(device, cfg.logging.peak_tflops)),
-                device=device, log_every=cfg.train.log_every,
-                epoch_samples=plan.steps_per_epoch * plan.global_batch_size if plan is not None else None,
-                eval_every=cfg.train.eval_every, evaluate=evaluate if validating else None,
-                checkpoint_every=cfg.checkpoint.every, save_checkpoint=save_checkpoint, stop=stop,
-                keep_best=cfg.checkpoint.keep_best, profiler=profiler, max_skipped=max_skipped)
-            state, last_row, watch = run_loop(state, loop, watch)  # ends with the final checkpoint
-        except (Preempted, NonFiniteLoss) as e:
-            logger.info(str(e))
-            logger.close()
-            raise
+def quiet_libraries(cfg: TrainConfig, out: Path, rank: int, context: contextlib.ExitStack) -> Optional[Path]:
+    """Libraries' messages and progress bars go to logs/debug.log (returned) unless logging.verbose; a tracker's
+    missing package fails here."""
+    trackers.check_installed(cfg.logging.backends)
+    if cfg.logging.verbose:
+        return None
+    return context.enter_context(quiet.libraries_to_file(
+        out, rank, preload=[trackers.EXTRAS[b][0] for b in cfg.logging.backends]))
 
-        metrics = {"steps": state.step, "train_loss": last_row.get("loss"), "train_samples": state.data_position,
-                   "padding_fraction": last_row.get("run_padding")}
-        if watch.should_stop:
-            metrics["stopped_early"] = watch.reason()
-            logger.info(watch.reason())
-        export_state = state
-        if validating:
-            if evals and evals[-1]["step"] == state.step:  # evaluated at this step already (an early stop)
-                final_eval = evals[-1]
-            else:
-                final_eval = evaluate(state)
-                logger.row(final_eval)
-                if not watch.should_stop:
-                    watch = watch.observe_row(final_eval)
-            reported = ("eval_loss", "exact_match", "eval_rewards/accuracies")
-            metrics.update({k: final_eval[k] for k in reported if k in final_eval})
-            metrics.update({f"{k}_at_start": first_eval[k] for k in reported
-                            if first_eval is not None and k in first_eval})
-            if cfg.checkpoint.keep_best and watch.best_step is not None:
-                export_state = best_state(cfg, backend, state, watch, out, meta, metrics, evals, ranks.rank, device)
-                logger.info(f"best evaluation: step {watch.best_step}, {watch.metric} {watch.best_value:.4f}; it is "
-                            "what final/ holds")
 
-        # Every rank exports (under ZeRO-3 it gathers); with [peft] final/ is the adapter, which the merge needs.
-        final_dir = out / "final" if cfg.checkpoint.save_final or cfg.checkpoint.export_merged else None
-        if final_dir is not None:
-            backend.export(export_state, parts.saver, final_dir)
-        if cfg.checkpoint.export_merged and setup.is_main:
-            peft_lora.merge(parts.base_path, str(final_dir), str(out / "final_merged"),
-                            models.DTYPES[cfg.model.dtype])
-            how = (f" (the adapter merged into the full-precision base {parts.base_path}, not into the {cfg.model.quantization} "
-                   "weights it trained on: the merge does not round)" if cfg.model.quantization != "none" else "")
-            logger.info(f"merged model saved to {out / 'final_merged'}{how}")
-        metrics["wall_s"] = time.perf_counter() - started
-        if final_dir is not None and setup.is_main:  # README.md: the model card
-            exported = [(final_dir, cfg.peft is not None)] + ([(out / "final_merged", False)]
-                                                               if cfg.checkpoint.export_merged else [])
-            for directory, adapter in exported:
-                (directory / "README.md").write_text(models.model_card(
-                    cfg, to_toml(cfg), metrics, parts.data_lines, parts.base_path, adapter, directory))
-        distributed.barrier()
-        logger.info(summary_line(metrics, final_dir))
-        logger.summary({**metrics, "final_dir": str(final_dir) if final_dir else None})
+def set_up(cfg: TrainConfig, parts_of: Callable[[Setup], Parts], ranks: distributed.RankInfo, device: torch.device,
+           all_reduce: Any, out: Path) -> Job:
+    """The recipe's parts, the training data, the backend (weights, optimizer state, the step) and the state: the
+    newest checkpoint that passes its check, refusing config changes to what is being trained."""
+    # "auto" attention becomes the kernel this machine runs: the recipe builds with it, the log names it, and the
+    # saved config keeps "auto" (a resume elsewhere picks that machine's kernel).
+    attention = models.pick_attention(cfg.model.attn_implementation, device, cfg.model.dtype, cfg.data.packing)
+    build_cfg = attrs.evolve(cfg, model=attrs.evolve(cfg.model, attn_implementation=attention[0]))
+    use_deepspeed = cfg.distributed.backend == "deepspeed"
+    setup = Setup(build_cfg, ranks, device, out, deepspeed_config(cfg, ranks.world_size) if use_deepspeed else None)
+    models.check_model(cfg.model, cfg.recipe)  # seconds, before the data is tokenised
+    parts = parts_of(setup)
+    shape = BatchShape.of(cfg.train, ranks.world_size)
+    train_data = training_data(cfg, shape, ranks.rank, parts.num_train, parts.collate, parts.mixture, parts.stream,
+                               parts.unit)
+    compiled = models.compile_layers(parts.model) if cfg.train.compile else 0
+    quantized = models.quantize.describe(parts.model, cfg.model) if cfg.model.quantization != "none" else ""
+    backend = build_backend(cfg, parts.model, setup.ds_config, train_data.max_steps, device, all_reduce, ranks.rank,
+                            ranks.world_size, teacher=parts.teacher, objective=parts.objective)
+    state, meta, resumed_from, changes, saved = resume(cfg, backend, out, ranks.rank, ranks.world_size, device)
+    watch = EvalWatch(cfg.train.early_stopping_patience, cfg.train.early_stopping_min_delta,
+                      metric=cfg.train.best_metric).resumed(saved.get("evals"))
+    # Metrics and tracker runs continue those of the run that was here: a resumed one, or one killed before its
+    # first checkpoint with the same config (a changed config, or train.resume = "never", is a new run).
+    continues = state.step > 0 or (cfg.train.resume != "never" and same_config(out / "config.toml", cfg))
+    if setup.is_main:  # the resolved config, and one per segment of the run (configs/step_N.toml)
+        save_config(cfg, out / "config.toml")
+        (out / "configs").mkdir(exist_ok=True)
+        save_config(cfg, out / "configs" / f"step_{state.step:06d}.toml")
+    return Job(cfg, setup, parts, train_data, backend, state, meta, resumed_from, changes, watch, continues,
+               attention, compiled, quantized)
+
+
+def open_logger(job: Job) -> RunLogger:
+    cfg, out, max_steps = job.cfg, job.setup.out, job.data.max_steps
+    return RunLogger(out, max_steps, cfg.logging.progress_bar, enabled=job.setup.is_main, start_step=job.state.step,
+                     continues=job.continues, plot=cfg.logging.plot,
+                     trackers=trackers.open_trackers(cfg.logging, out, to_dict(cfg), to_toml(cfg), job.continues,
+                                                     job.state.step) if job.setup.is_main else (),
+                     lr=lr_curve(lambda s: optim.lr_at(s, cfg.schedule, cfg.optim.lr, max_steps), max_steps))
+
+
+def startup_facts(job: Job, debug_log: Optional[Path]) -> StartupFacts:
+    cfg, parts, backend, state, device = job.cfg, job.parts, job.backend, job.state, job.setup.device
+    return StartupFacts(
+        model_class=type(parts.model).__name__, parameters=models.count_params(parts.model),
+        trainable=backend.trainable_params, model_note=parts.model_note, dtype=cfg.model.dtype, device=str(device),
+        world_size=job.setup.ranks.world_size, backend=backend.name, quantized=job.quantized,
+        data_lines=parts.data_lines, training_line=job.data.line,
+        activation_checkpointing=cfg.train.activation_checkpointing,
+        activation_offloading=cfg.train.activation_offloading, loss=backend.loss_description,
+        optimizer=optimizer_line(cfg, state, backend.trainable_params, device), attention=job.attention[0],
+        attention_why=job.attention[1], compiled_layers=job.compiled_layers, resumed_from=job.resumed_from,
+        step=state.step, changes=job.changes,
+        stream_line=job.data.resumed_line(state.stream, cfg) if job.resumed_from is not None else None,
+        debug_log=debug_log)
+
+
+class Evaluations:
+    """This process's evaluations of the validation sets (the first, when asked for at step 0, among them)."""
+
+    def __init__(self, job: Job):
+        self.job = job
+        self.done: list[dict] = []
+        self.first: Optional[dict] = None
+
+    @property
+    def on(self) -> bool:
+        return bool(self.job.parts.validation)
+
+    def __call__(self, state: TrainState) -> dict:
+        job = self.job
+        self.done.append(evaluation(job.backend, state, job.parts, job.cfg.eval.generate_samples > 0,
+                                    job.setup.device))
+        return self.done[-1]
+
+
+def train(job: Job, logger: RunLogger, stop: StopRequest, evaluate: Evaluations) -> tuple[TrainState, dict, EvalWatch]:
+    """The evaluation at start (when asked for), then the loop to the final checkpoint."""
+    cfg, ranks, state = job.cfg, job.setup.ranks, job.state
+    if evaluate.on and cfg.eval.at_start and state.step == 0:
+        evaluate.first = evaluate(state)
+        logger.row(evaluate.first)
+    first, last = cfg.logging.profile_steps or (0, 0)
+    max_skipped = None  # on_nonfinite = "skip": at most this many skipped steps (unset: 5% of the run, at least 1)
+    if cfg.train.on_nonfinite == "skip":
+        max_skipped = cfg.train.max_skipped_steps
+        if max_skipped is None:
+            max_skipped = max(1, math.ceil(0.05 * job.data.max_steps))
+    loop = Loop(
+        train_step=job.backend.step, batches=job.data.open(state.stream), max_steps=job.data.max_steps, logger=logger,
+        throughput=Throughput(ranks.world_size, job.parts.flops, peak_flops(job.setup.device,
+                                                                            cfg.logging.peak_tflops)),
+        device=job.setup.device, log_every=cfg.train.log_every, epoch_samples=job.data.epoch_samples,
+        eval_every=cfg.train.eval_every, evaluate=evaluate if evaluate.on else None,
+        checkpoint_every=cfg.checkpoint.every, save_checkpoint=functools.partial(save_checkpoint, job, logger),
+        stop=stop, keep_best=cfg.checkpoint.keep_best,
+        profiler=StepProfiler(first, last, job.setup.out / "profile", ranks.rank, logger.info) if first else None,
+        max_skipped=max_skipped)
+    try:
+        return run_loop(state, loop, job.watch)  # ends with the final checkpoint
+    except (Preempted, NonFiniteLoss) as e:
+        logger.info(str(e))
         logger.close()
+        raise
+
+
+def save_checkpoint(job: Job, logger: RunLogger, state: TrainState, watch: EvalWatch) -> None:
+    cfg, ranks = job.cfg, job.setup.ranks
+    path = checkpoint.save(job.backend.save, state, job.setup.out, ranks.rank, ranks.world_size,
+                           cfg.checkpoint.keep_last, job.meta, job.backend.tensor_table(state), to_dict(cfg),
+                           extra={"evals": watch.to_json()}, keep=watch.best_step if cfg.checkpoint.keep_best else None)
+    logger.info(f"checkpoint: {path}")
+
+
+def finish(job: Job, logger: RunLogger, state: TrainState, last_row: dict, watch: EvalWatch,
+           evaluate: Evaluations, started: float) -> TrainResult:
+    """The final evaluation, the best checkpoint's weights where kept, the export (and merge), the model card and
+    summary.json."""
+    cfg, parts, backend, out, device = job.cfg, job.parts, job.backend, job.setup.out, job.setup.device
+    metrics = {"steps": state.step, "train_loss": last_row.get("loss"), "train_samples": state.data_position,
+               "padding_fraction": last_row.get("run_padding")}
+    if watch.should_stop:
+        metrics["stopped_early"] = watch.reason()
+        logger.info(watch.reason())
+    export_state = state
+    if evaluate.on:
+        if evaluate.done and evaluate.done[-1]["step"] == state.step:  # evaluated at this step already (early stop)
+            final_eval = evaluate.done[-1]
+        else:
+            final_eval = evaluate(state)
+            logger.row(final_eval)
+            if not watch.should_stop:
+                watch = watch.observe_row(final_eval)
+        reported = ("eval_loss", "exact_match", "eval_rewards/accuracies")
+        metrics.update({k: final_eval[k] for k in reported if k in final_eval})
+        metrics.update({f"{k}_at_start": evaluate.first[k] for k in reported
+                        if evaluate.first is not None and k in evaluate.first})
+        if cfg.checkpoint.keep_best and watch.best_step is not None:
+            export_state = best_state(cfg, backend, state, watch, out, job.meta, metrics, evaluate.done,
+                                      job.setup.ranks.rank, device)
+            logger.info(f"best evaluation: step {watch.best_step}, {watch.metric} {watch.best_value:.4f}; it is "
+                        "what final/ holds")
+
+    # Every rank exports (under ZeRO-3 it gathers); with [peft] final/ is the adapter, which the merge needs.
+    final_dir = out / "final" if cfg.checkpoint.save_final or cfg.checkpoint.export_merged else None
+    if final_dir is not None:
+        backend.export(export_state, parts.processing_class, final_dir)
+    if cfg.checkpoint.export_merged and job.setup.is_main:
+        peft_lora.merge(parts.base_path, str(final_dir), str(out / "final_merged"), models.DTYPES[cfg.model.dtype])
+        how = (f" (the adapter merged into the full-precision base {parts.base_path}, not into the "
+               f"{cfg.model.quantization} weights it trained on: the merge does not round)"
+               if cfg.model.quantization != "none" else "")
+        logger.info(f"merged model saved to {out / 'final_merged'}{how}")
+    metrics["wall_s"] = time.perf_counter() - started
+    if final_dir is not None and job.setup.is_main:  # README.md: the model card
+        exported = [(final_dir, cfg.peft is not None)] + ([(out / "final_merged", False)]
+                                                           if cfg.checkpoint.export_merged else [])
+        for directory, adapter in exported:
+            (directory / "README.md").write_text(models.model_card(
+                cfg, to_toml(cfg), metrics, parts.data_lines, parts.base_path, adapter, directory))
+    distributed.barrier()
+    logger.info(summary_line(metrics, final_dir))
+    logger.summary({**metrics, "final_dir": str(final_dir) if final_dir else None})
+    logger.close()
     return TrainResult(output_dir=out, metrics=metrics, final_dir=final_dir)
 
 

@@ -21,7 +21,7 @@ from automodel import data, models
 from automodel.config import TrainConfig
 from automodel.data.vlm import VlmCollator, load_samples
 from automodel.models import vlm as vlm_models
-from automodel.recipes.skeleton import Parts, Run, ValidationSet, run as run_recipe
+from automodel.recipes.skeleton import Parts, Setup, ValidationSet, run as run_recipe
 from automodel.training.evaluate import exact_match_of_prompts
 from automodel.training.loop import TrainResult
 
@@ -30,8 +30,8 @@ def run(cfg: TrainConfig) -> TrainResult:
     return run_recipe(cfg, parts)
 
 
-def parts(run: Run) -> Parts:
-    cfg = run.cfg
+def parts(setup: Setup) -> Parts:
+    cfg = setup.cfg
     # Conversations with images, read and checked before any weights load; the collator renders, tokenises and
     # masks them batch by batch.
     processor = vlm_models.build_processor(cfg.tokenizer, cfg.model)
@@ -40,9 +40,9 @@ def parts(run: Run) -> Parts:
     collate = VlmCollator(processor, cfg.data.crop_images, cfg.data.seq_len, models.DTYPES[cfg.model.dtype])
 
     # The model (partitioned at load under ZeRO-3), frozen parts, LoRA off the vision tower.
-    model = run.build_model(lambda: vlm_models.build_vlm(cfg.model, processor, cfg.seed))
+    model = setup.build_model(lambda: vlm_models.build_vlm(cfg.model, processor, cfg.seed))
     frozen = vlm_models.freeze(model, cfg.model.freeze)
-    model, base_path = run.apply_lora(model, processor, exclude=vlm_models.lora_exclusions(model))
+    model, base_path = setup.apply_lora(model, processor, exclude=vlm_models.lora_exclusions(model))
     eval_size = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
 
     def val_batches():
@@ -51,13 +51,13 @@ def parts(run: Run) -> Parts:
 
     def answers(module, generate_kwargs):
         prompts = (collate.prompt(s) for s in val_samples[:cfg.eval.generate_samples])
-        return exact_match_of_prompts(module, processor.tokenizer, prompts, cfg.eval.max_new_tokens, run.device,
+        return exact_match_of_prompts(module, processor.tokenizer, prompts, cfg.eval.max_new_tokens, setup.device,
                                       **generate_kwargs)
 
     images = sum(len(s.images) for s in train_samples)
     validation = f"; validation: {len(val_samples):,}" if val_samples else ""
     return Parts(
-        model=model, saver=processor, base_path=base_path, num_train=len(train_samples),
+        model=model, processing_class=processor, base_path=base_path, num_train=len(train_samples),
         collate=lambda idx: collate([train_samples[i] for i in idx]),
         validation={"": ValidationSet(val_batches, answers)} if val_samples else {},
         data_lines=[f"train: {len(train_samples):,} conversations ({skipped} rows skipped), {images:,} images"

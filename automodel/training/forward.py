@@ -11,7 +11,7 @@ from automodel.data.packing import block_causal_mask, flex_block_mask, varlen_bo
 from automodel.loss import (chunked_cross_entropy, chunked_distill, count_label_tokens, distill_sum,
                             next_token_targets, target_index, token_cross_entropy)
 from automodel.models.head import OutputHead, probe_input_ids
-from automodel.training.distill import RunModel, Teacher
+from automodel.training.teacher import RunModel, Teacher
 
 Batch = dict[str, torch.Tensor]
 # (module, loss_chunk_tokens, compute dtype, partitioned under ZeRO-3) -> the loss a step runs: ModelLoss's interface

@@ -11,10 +11,10 @@ import sys
 from typing import Optional
 
 from automodel.distributed import any_rank
-from automodel import status
-from automodel.status import EXIT_PREEMPTED
+from automodel import exit_status
+from automodel.exit_status import EXIT_PREEMPTED
 
-SIGNALS = status.STOP_SIGNALS
+SIGNALS = exit_status.STOP_SIGNALS
 
 
 class Preempted(Exception):
@@ -48,10 +48,10 @@ class StopRequest:
             except ValueError:  # not the main thread: signals cannot be handled here
                 continue
             # The entry point's early catcher stands for the default action once the run is over.
-            self._previous[sig] = signal.SIG_DFL if status.is_early_handler(previous) else previous
-        if status.early_received:  # arrived while the process was starting: acted on like any other
-            self.received = status.early_received[0]
-            status.early_received.clear()
+            self._previous[sig] = signal.SIG_DFL if exit_status.is_early_handler(previous) else previous
+        if exit_status.early_received:  # arrived while the process was starting: acted on like any other
+            self.received = exit_status.early_received[0]
+            exit_status.early_received.clear()
         return self
 
     def __exit__(self, *exc) -> None:

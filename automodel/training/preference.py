@@ -27,7 +27,7 @@ from automodel.config import PreferenceConfig
 from automodel.loss import chunked_token_logps
 from automodel.loss.preference import kto_losses, pair_losses
 from automodel.models.head import OutputHead
-from automodel.training.distill import FrozenModel, RunModel
+from automodel.training.teacher import FrozenModel, RunModel
 from automodel.training.forward import Batch, chunked_path_problem, model_inputs
 
 Stats = dict[str, torch.Tensor]  # name -> tensor([sum, count])

@@ -2,22 +2,16 @@
 
 `make(step)` gives a step's host micro-batches and, for streamed data, the stream position after them. Steps are
 asked for in order, one ahead, so a stream is read in the order it is trained on; for data read in full a step's
-batches are a function of the step (`planned`), so resume is unchanged. Only when the collation happens moves. On
+batches are a function of the step (batches.planned), so resume is unchanged. Only when the collation happens moves. On
 CUDA the host batches are pinned, so their copies to the device (`non_blocking=True`) overlap too.
 """
 
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Optional
 
-from automodel.data import BatchPlan
 from automodel.training.forward import Batch, host_ready
 
 StepData = tuple[list[Batch], Optional[dict]]  # a step's host micro-batches, the stream position after them
-
-
-def planned(plan: BatchPlan, collate: Callable[[list[int]], Batch], rank: int) -> Callable[[int], StepData]:
-    """`make` for data read in full: step s's batches are `plan`'s (a function of s), with no stream position."""
-    return lambda step: ([collate(idx) for idx in plan.micro_batches(step, rank)], None)
 
 
 class Prefetcher:

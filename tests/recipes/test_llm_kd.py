@@ -13,7 +13,7 @@ from automodel.backends import build_functional
 from automodel.config import ConfigError
 from automodel.config.schema import OptimConfig
 from automodel.loss import distill_sum, next_token_targets, target_index
-from automodel.training.distill import Teacher, local_head_weights
+from automodel.training.teacher import Teacher, local_head_weights
 from tests import helpers
 from tests.helpers import ASSETS, random_batch, read_rows, split_batch, tiny_llama, write_jsonl
 

@@ -8,7 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import automodel
 from automodel.recipes import skeleton
-from tests.helpers import quickstart
+from tests.helpers import quickstart, random_batch, read_rows, split_batch, tiny_llama
 
 
 class HostReads(TorchDispatchMode):
@@ -77,3 +77,58 @@ def test_twenty_steps_read_the_device_once_per_log_window(tmp_path, monkeypatch)
     assert result.metrics["steps"] == 20 and windows == [10, 20]
     # One read of (loss, grad_norm, non-finite guard) per window, and the guard's before the final checkpoint.
     assert reads.count == len(windows) + 1
+
+
+def test_a_loop_stopped_at_a_checkpoint_and_resumed_from_it_equals_the_uninterrupted_loop(tmp_path):
+    """The loop with its side effects (metrics rows, checkpoints through the store: commit, choose, restore) on a
+    tiny model, in one process and in seconds: 6 steps at once, against 3 steps, the checkpoint chosen and restored,
+    then 3 more. The rows and the final weights are bit-identical."""
+    from automodel import checkpoint
+    from automodel.backends import build_functional
+    from automodel.config.schema import OptimConfig
+    from automodel.loggers import RunLogger
+    from automodel.training.loop import Loop, run_loop
+    from automodel.training.throughput import Throughput
+
+    cpu = torch.device("cpu")
+    batches = [random_batch(4, 12, 64, seed=100 + s) for s in range(6)]
+    meta = {"backend": "functional", "global_batch_size": 4, "seed": 0, "world_size": 1, "data": {}}
+    config = {"seed": 0, "optim": {"lr": 3e-3}}
+
+    def backend():
+        return build_functional(tiny_llama(), optim=OptimConfig(lr=3e-3), clip_grad_norm=1.0, lr_fn=lambda s: 3e-3,
+                                device=cpu, grad_method="autograd", all_reduce=None, rank=0, world_size=1, seed=0,
+                                loss_chunk_tokens=0, master_dtype="auto")
+
+    def train(out, b, state, max_steps):
+        def save(st, watch):
+            checkpoint.save(b.save, st, out, 0, 1, 2, meta, b.tensor_table(st), config)
+
+        out.mkdir(exist_ok=True)
+        logger = RunLogger(out, max_steps, "off", start_step=state.step)
+        loop = Loop(train_step=b.step, batches=lambda step: (split_batch(batches[step], 2), None), max_steps=max_steps,
+                    logger=logger, throughput=Throughput(1), device=cpu, log_every=1, checkpoint_every=3,
+                    save_checkpoint=save)
+        state, last_row, _ = run_loop(state, loop)
+        logger.close()
+        return state, last_row
+
+    whole, first = tmp_path / "whole", tmp_path / "cut"
+    b = backend()
+    end, _ = train(whole, b, b.state, 6)
+    b = backend()
+    train(first, b, b.state, 3)
+    assert [p.name for p in checkpoint.store.candidates(first, "auto")] == ["step_000003"]
+    b = backend()
+    path = checkpoint.choose(checkpoint.store.candidates(first, "auto"), 0, 1, False, print)
+    state, changes = checkpoint.restore(b.load, b.state, path, 0, cpu, meta, config, (), b.tensor_table(b.state))
+    assert state.step == 3 and changes == []
+    resumed, last_row = train(first, b, state, 6)
+    assert last_row["step"] == 6
+    assert losses_of(first) == losses_of(whole) and len(losses_of(whole)) == 6
+    assert all(torch.equal(resumed.params[k], end.params[k]) for k in end.params)
+    assert [p.name for p in checkpoint.store.candidates(first, "auto")] == ["step_000006", "step_000003"]
+
+
+def losses_of(out) -> dict:
+    return {r["step"]: r["loss"] for r in read_rows(out / "metrics.jsonl") if "loss" in r}

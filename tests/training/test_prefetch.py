@@ -8,7 +8,8 @@ import torch
 from automodel.config import BatchShape, TrainingConfig
 from automodel.data import BatchPlan
 from automodel.training.forward import host_ready
-from automodel.training.prefetch import Prefetcher, planned
+from automodel.training.batches import planned
+from automodel.training.prefetch import Prefetcher
 
 
 def plan_of(n: int = 40) -> BatchPlan:
