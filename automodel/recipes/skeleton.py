@@ -1,9 +1,10 @@
-"""What every recipe does, written once, in the order it happens:
+"""What every recipe does, written once, in the order it happens (`run`, in four phases):
 
-    ranks and device -> signals handled, the run directory locked -> the recipe's parts (model, data, evaluation)
-    -> the batch plan -> the backend and resume (the newest checkpoint that passes its check) -> config.toml
-    -> the loop (checkpoints, evaluations, preemption) -> the final checkpoint -> the final evaluation -> the export
-    -> summary.json
+    set_up:  the recipe's parts (model, data, evaluation) -> the training data (batch plan or stream) -> the backend
+             and resume (the newest checkpoint that passes its check) -> config.toml
+    announce: the start-up lines (loggers/startup.py)
+    train:   the evaluation at start -> the loop (checkpoints, evaluations, preemption) -> the final checkpoint
+    finish:  the final evaluation -> the best checkpoint's weights -> the export -> the model card -> summary.json
 
 A recipe is a function from a `Setup` (what is set up before it) to its `Parts` (what differs: the model and the
 tokenizer or processor saved with it, how training samples become batches, the validation batches, exact match,
@@ -158,13 +159,7 @@ def run(cfg: TrainConfig, parts_of: Callable[[Setup], Parts]) -> TrainResult:
         debug_log = quiet_libraries(cfg, out, ranks.rank, context)
         job = set_up(cfg, parts_of, ranks, device, all_reduce, out)
         logger = open_logger(job)
-        for line in startup_lines(startup_facts(job, debug_log)):
-            logger.info(line)
-        if stop.agreed():
-            early = Preempted(job.state.step, stop.received or "a signal on another rank", saved=False)
-            logger.info(str(early))
-            logger.close()
-            raise early
+        announce(job, logger, debug_log, stop)
         evaluations = Evaluations(job)
         state, last_row, watch = train(job, logger, stop, evaluations)
         return finish(job, logger, state, last_row, watch, evaluations, started)
@@ -241,6 +236,17 @@ def open_logger(job: Job) -> RunLogger:
                      trackers=trackers.open_trackers(cfg.logging, out, to_dict(cfg), to_toml(cfg), job.continues,
                                                      job.state.step) if job.setup.is_main else (),
                      lr=lr_curve(lambda s: optim.lr_at(s, cfg.schedule, cfg.optim.lr, max_steps), max_steps))
+
+
+def announce(job: Job, logger: RunLogger, debug_log: Optional[Path], stop: StopRequest) -> None:
+    """The start-up lines; a signal that arrived during the set-up ends the run here (exit 75, nothing to save)."""
+    for line in startup_lines(startup_facts(job, debug_log)):
+        logger.info(line)
+    if stop.agreed():
+        early = Preempted(job.state.step, stop.received or "a signal on another rank", saved=False)
+        logger.info(str(early))
+        logger.close()
+        raise early
 
 
 def startup_facts(job: Job, debug_log: Optional[Path]) -> StartupFacts:
