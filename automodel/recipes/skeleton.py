@@ -305,7 +305,7 @@ def train(job: Job, logger: RunLogger, stop: StopRequest, evaluate: Evaluations)
         checkpoint_every=cfg.checkpoint.every, save_checkpoint=functools.partial(save_checkpoint, job, logger),
         stop=stop, keep_best=cfg.checkpoint.keep_best,
         profiler=StepProfiler(first, last, job.setup.out / "profile", ranks.rank, logger.info) if first else None,
-        max_skipped=max_skipped)
+        max_skipped=max_skipped, progress=job.data.progress)
     try:
         return run_loop(state, loop, job.watch)  # ends with the final checkpoint
     except (Preempted, NonFiniteLoss) as e:

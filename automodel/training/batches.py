@@ -9,7 +9,7 @@ import attrs
 
 from automodel.config import BatchShape, ConfigError, TrainConfig
 from automodel.data import BatchPlan, Mixture
-from automodel.data.stream import resumed_line
+from automodel.data.stream import passes, resumed_line
 from automodel.training.forward import Batch
 from automodel.training.prefetch import StepData
 
@@ -25,6 +25,7 @@ class TrainingData:
     epoch_samples: Optional[int]  # samples per epoch (None: a stream, whose length is not known)
     line: str  # "training: 200 steps of 32 samples (4 accumulation x 8 per rank), 63 steps per epoch"
     open: Callable[[Optional[dict]], Callable[[int], StepData]]  # position (None: the start) -> step -> StepData
+    progress: Callable[[Optional[dict]], dict] = lambda position: {}  # a position's fields for the log row
 
     def resumed_line(self, position: Optional[dict], cfg: TrainConfig) -> Optional[str]:
         """Where a resumed stream stands, for the log (None: data read in full)."""
@@ -45,7 +46,8 @@ def training_data(cfg: TrainConfig, shape: BatchShape, rank: int, num_train: int
 
         unit = unit if unit != "samples" else "rows"
         return TrainingData(cfg.train.max_steps, None, f"training: {cfg.train.max_steps} steps of "
-                            f"{cfg.train.global_batch_size} {unit} {accumulation}", open_stream)
+                            f"{cfg.train.global_batch_size} {unit} {accumulation}", open_stream,
+                            lambda position: {"passes": passes(position)})  # each source's pass (rank 0's share)
     plan = BatchPlan(num_train, shape, cfg.seed, mixture)
     max_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * plan.steps_per_epoch))
     if cfg.schedule.warmup_steps > max_steps:

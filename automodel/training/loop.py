@@ -7,7 +7,6 @@ from typing import Callable, Optional
 import attrs
 import torch
 
-from automodel.data.stream import passes as stream_passes
 from automodel.loggers import RunLogger
 from automodel.training.early_stopping import EvalWatch
 from automodel.training.forward import to_device
@@ -71,6 +70,7 @@ class Loop:
     keep_best: bool = False  # checkpoint each evaluation that improves on the best
     profiler: Optional[StepProfiler] = None
     max_skipped: Optional[int] = None  # on_nonfinite = "skip": stop once more steps than this were skipped
+    progress: Callable[[Optional[dict]], dict] = lambda position: {}  # a data position's fields for the log row
 
 
 def run_loop(state: TrainState, loop: Loop, watch: EvalWatch = EvalWatch()) -> tuple[TrainState, dict, EvalWatch]:
@@ -161,6 +161,5 @@ def log_row(state: TrainState, metrics, guard: FiniteGuard, meter: Throughput, s
         row["peak_memory_gb"] = torch.cuda.max_memory_allocated(loop.device) / 2**30
     if skipped:
         row["skipped_steps"] = skipped
-    if state.stream is not None:  # which pass each streamed source is in (rank 0's share)
-        row["passes"] = stream_passes(state.stream)
+    row.update(loop.progress(state.stream))  # where the data stands (a stream: each source's pass)
     return row
