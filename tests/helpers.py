@@ -4,9 +4,11 @@ here, never from each other."""
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -282,6 +284,19 @@ def tokenize_pairs(rows: list[dict], fmt: str = "preference", tok=None, **data):
 # DeepSpeed compiles a small shared-memory op on first use; keep it between tests and runs.
 EXTENSIONS = REPO / "build" / "torch_extensions"
 BIN = Path(sys.executable).parent
+
+
+def wait_for_line(proc, pattern, timeout=240):
+    """Reads the process's output until a line matches; returns everything read."""
+    seen, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if re.search(pattern, line):
+            return "".join(seen)
+    raise AssertionError(f"no line matched {pattern!r}:\n" + "".join(seen)[-3000:])
 
 
 def free_port() -> int:

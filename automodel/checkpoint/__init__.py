@@ -88,10 +88,10 @@ def choose(paths: list[Path], rank: int, world_size: int, explicit: bool, log: C
         problems = problems_of(path, rank, world_size)
         if not problems:
             listed = manifest.read(path)
+            extra = manifest.unlisted(path, listed) if listed is not None else []
             if listed is None:
                 log(f"checkpoint: {path} has no manifest (written by an older version): its files are not checked")
-            elif manifest.unlisted(path, listed):
-                extra = manifest.unlisted(path, listed)
+            elif extra:
                 log(f"checkpoint: {path} holds {len(extra)} file(s) its manifest does not list ({', '.join(extra[:3])}"
                     f"{', ...' if len(extra) > 3 else ''}); they are ignored")
             return path

@@ -20,7 +20,7 @@ from automodel.checkpoint import RunLock, fingerprint, manifest, store
 from automodel.config import ConfigError
 from automodel.data import formats
 from tests import helpers
-from tests.helpers import REPO, quickstart, read_rows
+from tests.helpers import REPO, quickstart, read_rows, wait_for_line
 
 # Constant LR so that runs of different lengths compare step for step; a checkpoint every 2 steps.
 COMMON = ["schedule.kind=constant", "schedule.warmup_steps=0", "train.log_every=1", "checkpoint.every=2",
@@ -42,19 +42,6 @@ def start(out, *overrides):
     return subprocess.Popen([sys.executable, "launch/run.py", "--config", "configs_toml/quickstart.toml", *COMMON,
                              f"output_dir={out}", 'logging.progress_bar="off"', *overrides], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=helpers.env())
-
-
-def wait_for_line(proc, pattern, timeout=240):
-    """Reads the process's output until a line matches; returns everything read."""
-    seen, deadline = [], time.time() + timeout
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        seen.append(line)
-        if re.search(pattern, line):
-            return "".join(seen)
-    raise AssertionError(f"no line matched {pattern!r}:\n" + "".join(seen)[-3000:])
 
 
 # ---------------------------------------------------------------------------------------------

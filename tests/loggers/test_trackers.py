@@ -4,12 +4,10 @@ metrics.jsonl, also across a resume; a missing package is one line naming the ex
 import glob
 import json
 import os
-import re
 import signal
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ import automodel
 from automodel.config import ConfigError
 from automodel.loggers import trackers
 from tests import helpers
-from tests.helpers import REPO, quickstart, read_rows
+from tests.helpers import REPO, quickstart, read_rows, wait_for_line
 
 pytestmark = pytest.mark.slow  # trains a whole run, twice
 
@@ -122,18 +120,11 @@ def killed_at(out: Path, pattern: str, *overrides: str) -> str:
     proc = subprocess.Popen([sys.executable, "launch/run.py", "--config", "configs_toml/quickstart.toml",
                              f"output_dir={out}", *overrides], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=own_wandb_service(), start_new_session=True)
-    seen, deadline = [], time.time() + 300
     try:
-        while time.time() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            seen.append(line)
-            if re.search(pattern, line):
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                return "".join(seen)
-        raise AssertionError(f"no line matched {pattern!r}:\n" + "".join(seen)[-3000:])
+        seen = wait_for_line(proc, pattern, timeout=300)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return seen
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
