@@ -13,7 +13,8 @@ from automodel.backends.base import Backend
 from automodel.config import DistributedConfig, TrainingConfig
 from automodel.distributed import AllReduce
 from automodel.models.export import save_hf_model
-from automodel.optim import AdamWHyper, no_decay_names, optimizer
+from automodel.optim import (AdamWHyper, MuonHyper, Optimizer, SoapHyper, hidden_matrices, no_decay_names,
+                             optimizer)
 from automodel.training.teacher import Teacher
 from automodel.training.forward import Batch, ModelLoss, Objective
 from automodel.training.state import ParamBinding, TrainState, init_state
@@ -26,7 +27,8 @@ def build_functional(model: nn.Module, *, optim, clip_grad_norm: float, lr_fn: C
                      teacher: Optional[Teacher] = None, on_nonfinite: str = TrainingConfig().on_nonfinite,
                      bucket_mb: float = DistributedConfig().bucket_mb,
                      objective: Optional[Objective] = None, offload_activations: bool = False) -> Backend:
-    """The functional step with in-place AdamW (optim.name: float32 or 8-bit states); several ranks all-reduce the
+    """The functional step with an in-place optimizer (optim.name: AdamW with float32 or 8-bit states, Muon, Adafactor,
+    SOAP); several ranks all-reduce the
     gradient dict, nothing else. With a low-precision model and master_dtype "float32"/"auto" the state holds float32
     masters of its trainable tensors. The loss is the cross-entropy (with a `teacher`, distillation), or what
     `objective` builds."""
@@ -41,7 +43,7 @@ def build_functional(model: nn.Module, *, optim, clip_grad_norm: float, lr_fn: C
     loss = (objective(model, chunk_tokens, compute_dtype, False) if objective is not None
             else ModelLoss(model, chunk_tokens, compute_dtype, teacher=teacher))
     loss.calibrate(lambda inputs: model(**inputs), device, weights=lambda: binding.bound(params))
-    opt = optimizer(optim.name, optim.paged)
+    opt = functional_optimizer(optim, model, list(params))
     step = make_train_step(binding, loss, hyper=hyper, lr_fn=lr_fn, clip_grad_norm=clip_grad_norm, device=device,
                            grad_method=grad_method, all_reduce=all_reduce, world_size=world_size,
                            on_nonfinite=on_nonfinite, bucket_mb=bucket_mb, opt=opt,
@@ -96,6 +98,17 @@ def build_functional(model: nn.Module, *, optim, clip_grad_norm: float, lr_fn: C
                                     for k, v in sorted(state.params.items())},
         loss_description=loss.description,
     )
+
+
+def functional_optimizer(optim: Any, model: nn.Module, names: list[str]) -> Optimizer:
+    """optim's optimizer over the trainable tensors `names` of `model` (Muon needs to know its hidden matrices)."""
+    muon = None
+    if optim.name == "muon":
+        muon = MuonHyper(matrices=hidden_matrices(model, names), lr=optim.muon_lr, peak_lr=optim.lr,
+                         momentum=optim.muon_momentum, adjust_lr=optim.muon_adjust_lr)
+    soap = SoapHyper(precondition_frequency=optim.soap_precondition_frequency,
+                     max_precondition_dim=optim.soap_max_precondition_dim)
+    return optimizer(optim.name, optim.paged, muon=muon, soap=soap)
 
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

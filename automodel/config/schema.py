@@ -194,12 +194,30 @@ class DataConfig:
 
 @attrs.frozen(kw_only=True)
 class OptimConfig:
-    """The optimizer: AdamW, with 32-bit or 8-bit states."""
+    """The optimizer: AdamW (32-bit or 8-bit states), Muon, Adafactor or SOAP (docs/optimizers.md)."""
 
-    name: Literal["adamw", "adamw8bit"] = field(
+    name: Literal["adamw", "adamw8bit", "muon", "adafactor", "soap"] = field(
         "adamw", "\"adamw\": AdamW with float32 moments; \"adamw8bit\": bitsandbytes' 8-bit AdamW (moments "
         "quantised blockwise to 8 bits: 2 bytes of state per trainable parameter instead of 8; tensors under 4,096 "
-        "elements keep float32 moments), on both backends; needs `pip install 'automodel[quant]'`."
+        "elements keep float32 moments), on both backends; needs `pip install 'automodel[quant]'`. \"muon\": Muon "
+        "(torch.optim.Muon's arithmetic) on the hidden layers' 2-D weights at optim.muon_lr, AdamW at optim.lr on "
+        "the embeddings, head, norms and biases. \"adafactor\": torch.optim.Adafactor's (factored second moment, "
+        "relative step min(optim.lr, 1/sqrt(t)) times each tensor's RMS). \"soap\": Adam in the eigenbasis of "
+        "Shampoo's preconditioner (optim.betas, optim.eps; the authors' algorithm; they use betas [0.95, 0.95]). "
+        "muon, adafactor and soap need each weight whole: the functional backend (any number of ranks)."
+    )
+    muon_lr: float = field(0.02, "muon: peak learning rate of the Muon matrices (the schedule scales it as it "
+                                 "scales optim.lr); 0.02 is the value of Muon's authors and torch's docs.")
+    muon_momentum: float = field(0.95, "muon: momentum of the Muon matrices (Nesterov).")
+    muon_adjust_lr: Literal["original", "match_rms_adamw"] = field(
+        "original", "muon: \"original\" scales each matrix's rate by sqrt(max(1, rows/cols)) (Keller Jordan's); "
+        "\"match_rms_adamw\" by 0.2 * sqrt(max(rows, cols)) (Moonshot's), so that AdamW's lr and weight decay carry "
+        "over: then set optim.muon_lr = optim.lr."
+    )
+    soap_precondition_frequency: int = field(10, "soap: steps between refreshes of the preconditioner's eigenbases.")
+    soap_max_precondition_dim: int = field(
+        10000, "soap: a weight dimension larger than this (a big vocabulary's) is not rotated; each rotated dimension "
+        "of size n keeps 2 n^2 floats of state."
     )
     paged: bool = field(
         False, "adamw8bit on CUDA: page the optimizer states (bitsandbytes' paged memory: evicted to host memory "

@@ -245,6 +245,33 @@ def _memory_problems(cfg: TrainConfig) -> list[str]:
                         'update inside its step); use "stop"')
     if o.fused and cfg.distributed.backend == "deepspeed":
         problems.append("optim.fused is for the functional backend; DeepSpeed's AdamW is fused on CUDA already")
+    if o.fused and o.name not in ("adamw", "adamw8bit"):
+        problems.append(f'optim.fused is torch\'s AdamW kernel; optim.name = "{o.name}" has none: leave it out')
+    problems.extend(_shaped_optimizer_problems(cfg))
+    return problems
+
+
+def _shaped_optimizer_problems(cfg: TrainConfig) -> list[str]:
+    """Muon, Adafactor and SOAP read each weight's shape (a matrix's rows and columns)."""
+    o, d = cfg.optim, cfg.distributed
+    problems = []
+    if o.name not in ("muon", "adafactor", "soap"):
+        return problems
+    if d.backend == "deepspeed":
+        problems.append(f'optim.name = "{o.name}" needs each weight whole, as a matrix, and DeepSpeed hands its '
+                        "optimizer flat shards (ZeRO 1-3) or flat float32 copies (bfloat16 ZeRO-0); use "
+                        'distributed.backend = "functional" (any number of ranks, each holding the whole optimizer '
+                        "state)")
+    if o.name == "muon":
+        if not o.muon_lr > 0:
+            problems.append(f"optim.muon_lr must be > 0 (got {o.muon_lr})")
+        if not 0 <= o.muon_momentum < 1:
+            problems.append(f"optim.muon_momentum must be in [0, 1) (got {o.muon_momentum})")
+    if o.name == "soap":
+        if o.soap_precondition_frequency < 1:
+            problems.append(f"optim.soap_precondition_frequency must be >= 1 (got {o.soap_precondition_frequency})")
+        if o.soap_max_precondition_dim < 1:
+            problems.append(f"optim.soap_max_precondition_dim must be >= 1 (got {o.soap_max_precondition_dim})")
     return problems
 
 

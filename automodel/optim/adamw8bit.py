@@ -93,6 +93,6 @@ def adamw8bit_update_(params: Tensors, grads: Tensors, state: AdamW8bitState, lr
 
 
 def state_bytes(state: Any) -> int:
-    """Bytes of an optimizer state's tensors (either AdamW's)."""
+    """Bytes of an optimizer state's tensors (any of optim/'s states: their tables of tensors)."""
     tables = [v for v in attrs.asdict(state, recurse=False).values() if isinstance(v, dict)]
     return sum(t.numel() * t.element_size() for table in tables for t in table.values())

@@ -130,7 +130,11 @@ class Parts:
 
 def optimizer_line(cfg: TrainConfig, state: TrainState, trainable: int, device: torch.device) -> str:
     """What updates the weights, and (where the state holds it) how many bytes of state per trainable parameter."""
-    kind = "AdamW, 8-bit states (bitsandbytes)" if cfg.optim.name == "adamw8bit" else "AdamW, float32 states"
+    o = cfg.optim
+    kind = {"adamw": "AdamW, float32 states", "adamw8bit": "AdamW, 8-bit states (bitsandbytes)",
+            "muon": f"Muon on the hidden matrices (lr {o.muon_lr:g}), AdamW on the rest (lr {o.lr:g})",
+            "adafactor": "Adafactor, factored second moment",
+            "soap": f"SOAP, eigenbases refreshed every {o.soap_precondition_frequency} steps"}[o.name]
     if cfg.optim.name == "adamw8bit" and cfg.optim.paged:
         kind += ", paged" if device.type == "cuda" else " (optim.paged ignored: no paged memory off CUDA)"
     if state.opt_state is None:  # DeepSpeed's engine holds it

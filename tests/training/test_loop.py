@@ -79,10 +79,12 @@ def test_twenty_steps_read_the_device_once_per_log_window(tmp_path, monkeypatch)
     assert reads.count == len(windows) + 1
 
 
-def test_a_loop_stopped_at_a_checkpoint_and_resumed_from_it_equals_the_uninterrupted_loop(tmp_path):
+@pytest.mark.parametrize("name", ["adamw", "muon", "adafactor", "soap"])
+def test_a_loop_stopped_at_a_checkpoint_and_resumed_from_it_equals_the_uninterrupted_loop(tmp_path, name):
     """The loop with its side effects (metrics rows, checkpoints through the store: commit, choose, restore) on a
     tiny model, in one process and in seconds: 6 steps at once, against 3 steps, the checkpoint chosen and restored,
-    then 3 more. The rows and the final weights are bit-identical."""
+    then 3 more. The rows and the final weights are bit-identical, with each optimizer (SOAP refreshing its bases
+    every 2 steps: before and after the cut)."""
     from automodel import checkpoint
     from automodel.backends import build_functional
     from automodel.config.schema import OptimConfig
@@ -96,7 +98,8 @@ def test_a_loop_stopped_at_a_checkpoint_and_resumed_from_it_equals_the_uninterru
     config = {"seed": 0, "optim": {"lr": 3e-3}}
 
     def backend():
-        return build_functional(tiny_llama(), optim=OptimConfig(lr=3e-3), clip_grad_norm=1.0, lr_fn=lambda s: 3e-3,
+        optim = OptimConfig(name=name, lr=3e-3, soap_precondition_frequency=2)
+        return build_functional(tiny_llama(), optim=optim, clip_grad_norm=1.0, lr_fn=lambda s: 3e-3,
                                 device=cpu, grad_method="autograd", all_reduce=None, rank=0, world_size=1, seed=0,
                                 loss_chunk_tokens=0, master_dtype="auto")
 
