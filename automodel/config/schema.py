@@ -99,7 +99,8 @@ class DataSourceConfig:
     source: str = field(doc="Hub dataset id, or a local file (.json, .jsonl, .csv, .parquet, .txt) or directory.")
     format: Literal["squad", "instruction", "chat", "text", "vlm", "preference", "kto"] = field(
         "squad", "How a row becomes tokens: squad (context, question, answers), instruction (instruction, input, "
-        "output), chat (messages or ShareGPT conversations), text (documents, concatenated and chunked), vlm (image + text "
+        "output), chat (OpenAI messages or ShareGPT conversations, with an optional system column, and tools: a "
+        "tools column with assistant tool_calls and tool turns, or ShareGPT's function_call/observation), text (documents, concatenated and chunked), vlm (image + text "
         "conversations: OpenAI content lists, <image> placeholders with an images list, or image/question/answer "
         "columns); llm_dpo: preference (prompt/chosen/rejected as text or messages, ShareGPT conversations + "
         "chosen/rejected turns, or chosen_messages/rejected_messages) or kto (prompt/completion or messages, plus a "
@@ -147,6 +148,11 @@ class DataConfig:
     chat_template: str = field(
         "", "Chat format: empty uses the tokenizer's own template; \"chatml\" a built-in one; anything else is a "
         "Jinja template (text, not code)."
+    )
+    role_map: dict[str, str] = field(
+        doc="Chat format, ShareGPT turns: maps `from` values to roles (system, user, assistant, tool, or tool_call: an "
+        "assistant's function call, its value JSON), over the built-in human/gpt/system/function_call/observation, "
+        "e.g. { bot = \"assistant\" }.", factory=dict
     )
     train_on: Literal["assistant", "last_turn", "all"] = field(
         "assistant", "Chat format: which tokens the loss covers: every assistant turn, the last one, or all."

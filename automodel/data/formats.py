@@ -43,6 +43,7 @@ class FormatOptions:
     chat_template: str = ""  # "" = the tokenizer's; "chatml"; or a Jinja template
     train_on: str = "assistant"
     tokenizer: Any = None  # renders chat templates
+    role_map: Mapping[str, str] = attrs.field(factory=dict)  # ShareGPT `from` -> role (over SHAREGPT_ROLES)
 
 
 class BadRow(ValueError):
@@ -115,10 +116,33 @@ def instruction(row: Mapping[str, Any], columns: Mapping[str, str], options: For
 # ---------------------------------------------------------------------------------------------
 # Chat: OpenAI-style messages or ShareGPT conversations, rendered with a chat template
 
+# ChatML, with tools as Qwen2.5 and Hermes render them: the function schemas in the system turn, an assistant's calls
+# as <tool_call> JSON blocks after its text, each tool result as a user turn in <tool_response>. A conversation
+# without tools renders as plain ChatML.
+_CHATML_TOOLS_PREAMBLE = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function "
+    "signatures within <tools></tools> XML tags:\n<tools>"
+)
+_CHATML_TOOLS_CALL_FORMAT = (
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}"
+    "\n</tool_call><|im_end|>\n"
+)
 CHAT_TEMPLATES = {
     "chatml": (
-        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-        "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+        "{% if tools %}{{ '<|im_start|>system\n' }}{% if messages[0]['role'] == 'system' %}"
+        "{{ messages[0]['content'] + '\n\n' }}{% endif %}{{ " + json.dumps(_CHATML_TOOLS_PREAMBLE) + " }}"
+        "{% for tool in tools %}{{ '\n' + (tool | tojson) }}{% endfor %}{{ " + json.dumps(_CHATML_TOOLS_CALL_FORMAT)
+        + " }}{% endif %}"
+        "{% for message in messages %}{% if tools and loop.first and message['role'] == 'system' %}"
+        "{% elif message['role'] == 'tool' %}"
+        "{{ '<|im_start|>user\n<tool_response>\n' + message['content'] + '\n</tool_response><|im_end|>\n' }}"
+        "{% else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] }}"
+        "{% for call in message['tool_calls'] or [] %}{% if message['content'] or not loop.first %}{{ '\n' }}{% endif %}"
+        "{{ '<tool_call>\n{\"name\": \"' + call['function']['name'] + '\", \"arguments\": ' "
+        "+ (call['function']['arguments'] | tojson) + '}\n</tool_call>' }}{% endfor %}"
+        "{{ '<|im_end|>\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
     ),
 }
 
@@ -150,8 +174,10 @@ def trained_chat_template(sources: list[Any], data_cfg: Any, tokenizer: Any) -> 
 
 
 OPENAI_ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
+# ShareGPT's `from` values -> roles; "tool_call" is an assistant turn whose value is a call (JSON).
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
-                  "function_call": "assistant", "observation": "tool", "tool": "tool"}
+                  "function_call": "tool_call", "observation": "tool", "tool": "tool"}
+ROLE_MAP_VALUES = ("system", "user", "assistant", "tool", "tool_call")
 
 
 def _content_text(content: Any, where: str) -> str:
@@ -171,31 +197,97 @@ def _content_text(content: Any, where: str) -> str:
     raise BadRow("messages", f"{where}: content should be text or a list of parts, got {type(content).__name__}")
 
 
-def messages_of(row: Mapping[str, Any], columns: Mapping[str, str]) -> list[dict[str, str]]:
-    """[{"role", "content"}] from `messages` (OpenAI) or `conversations` (ShareGPT); tool calls kept as text."""
+def _json(value: Any, what: str, field: str) -> Any:
+    """`value` parsed when it is a JSON string (as ShareGPT and the OpenAI API carry calls), else as it is."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise BadRow(field, f"{what} is not valid JSON ({e.msg} at character {e.pos}): {value!r:.80}") from None
+
+
+def _tool_calls(calls: Any, where: str, field: str) -> list[dict]:
+    """Tool calls as chat templates take them: [{"type": "function", "function": {"name", "arguments": {...}}}], from
+    that form, its {"name", "arguments"} shorthand (ShareGPT's), or either as JSON text; arguments may be JSON text."""
+    calls = _json(calls, f"{where}: the tool call", field)
+    if isinstance(calls, Mapping):
+        calls = [calls]
+    if not isinstance(calls, list) or not calls:
+        raise BadRow(field, f"{where}: tool calls should be a list of {{\"name\", \"arguments\"}}, got {calls!r:.80}")
+    out = []
+    for call in calls:
+        function = call.get("function", call) if isinstance(call, Mapping) else None
+        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise BadRow(field, f"{where}: a tool call needs a function name, got {call!r:.80}")
+        arguments = _json(function.get("arguments", {}), f"{where}: the arguments of {function['name']}", field)
+        if not isinstance(arguments, Mapping):
+            raise BadRow(field, f"{where}: the arguments of {function['name']} should be an object, got "
+                                f"{arguments!r:.80}")
+        out.append({"type": "function", "function": {"name": function["name"], "arguments": dict(arguments)}})
+    return out
+
+
+def messages_of(row: Mapping[str, Any], columns: Mapping[str, str],
+                role_map: Optional[Mapping[str, str]] = None) -> list[dict]:
+    """[{"role", "content"(, "tool_calls")}] from `messages` (OpenAI) or `conversations` (ShareGPT), after the
+    row's `system` column (ShareGPT's system prompt) when it has one and the turns do not."""
     column = columns.get("messages")
     if column is None:
         column = "messages" if "messages" in row else "conversations" if "conversations" in row else None
     if column is None or column not in row:
         raise BadRow("messages", f"missing column `{column or 'messages'}` (columns here: {', '.join(row)}); map it "
                                  "with data.<split>.columns.messages = \"<your column>\"")
-    return turns_of(row[column], column)
+    turns = turns_of(row[column], column, role_map=role_map)
+    system = row.get(columns.get("system", "system"))
+    if isinstance(system, str) and system.strip() and turns[0]["role"] != "system":
+        turns.insert(0, {"role": "system", "content": system})
+    return turns
 
 
-def turns_of(turns: Any, column: str, field: str = "messages") -> list[dict[str, str]]:
-    """[{"role", "content"}] from a list of OpenAI messages or ShareGPT turns (`column` names it in errors)."""
+def tools_of(row: Mapping[str, Any], columns: Mapping[str, str]) -> Optional[list[dict]]:
+    """The row's `tools` (OpenAI function schemas, bare or as {"type": "function", "function": ...}; a list or its
+    JSON text, as ShareGPT tool data carries it) in OpenAI's form, or None when it has none."""
+    column = columns.get("tools", "tools")
+    tools = _json(row.get(column), f"column `{column}`", "tools")
+    if tools is None or tools == []:
+        return None
+    if not isinstance(tools, list):
+        raise BadRow("tools", f"column `{column}` should be a list of function schemas, got {tools!r:.80}")
+    out = []
+    for tool in tools:
+        function = tool.get("function", tool) if isinstance(tool, Mapping) else None
+        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
+            raise BadRow("tools", f"column `{column}`: a tool should be a function schema with a name, got "
+                                  f"{tool!r:.80}")
+        out.append({"type": "function", "function": dict(function)})
+    return out
+
+
+def turns_of(turns: Any, column: str, field: str = "messages",
+             role_map: Optional[Mapping[str, str]] = None) -> list[dict]:
+    """[{"role", "content"(, "tool_calls")}] from a list of OpenAI messages or ShareGPT turns (`column` names it in
+    errors). ShareGPT's function_call turns become assistant turns with tool_calls and its observations tool turns;
+    a tool turn must answer a call made before it."""
     if not isinstance(turns, list) or not turns:
         raise BadRow(field, f"column `{column}` should be a non-empty list of turns, got {turns!r:.80}")
-    out = []
+    roles = {**SHAREGPT_ROLES, **(role_map or {})}
+    out: list[dict] = []
+    called = False  # a tool call came before, with no user turn since
     for i, turn in enumerate(turns):
         if not isinstance(turn, Mapping):
             raise BadRow(field, f"turn {i} should be an object, got {turn!r:.80}")
+        calls = None
         if "from" in turn:  # ShareGPT
-            role = SHAREGPT_ROLES.get(turn["from"])
+            role = roles.get(turn["from"])
             if role is None:
                 raise BadRow(field, f"turn {i}: unknown ShareGPT role `{turn['from']}`; expected one of "
-                                         f"{', '.join(SHAREGPT_ROLES)}")
-            content = _content_text(turn.get("value"), f"turn {i}")
+                                    f"{', '.join(roles)}, or map it with data.role_map = {{ {turn['from']} = "
+                                    f"\"<one of {'|'.join(ROLE_MAP_VALUES)}>\" }}")
+            if role == "tool_call":
+                role, calls, content = "assistant", _tool_calls(turn.get("value"), f"turn {i}", field), ""
+            else:
+                content = _content_text(turn.get("value"), f"turn {i}")
         else:
             role = turn.get("role")
             if not isinstance(role, str):
@@ -207,8 +299,15 @@ def turns_of(turns: Any, column: str, field: str = "messages") -> list[dict[str,
                              + alias)
             content = _content_text(turn.get("content"), f"turn {i}")
             if turn.get("tool_calls"):
-                content = (content + "\n" if content else "") + json.dumps(turn["tool_calls"], ensure_ascii=False)
-        out.append({"role": role, "content": content})
+                calls = _tool_calls(turn["tool_calls"], f"turn {i}", field)
+        if role == "tool" and not called:
+            raise BadRow(field, f"turn {i}: a tool result with no tool call before it (an assistant turn with "
+                                "tool_calls, or ShareGPT's function_call)")
+        called = bool(calls) or (called and role == "tool")
+        message = {"role": role, "content": content}
+        if calls:
+            message["tool_calls"] = calls
+        out.append(message)
     return out
 
 
@@ -240,7 +339,7 @@ def time_limit(seconds: float) -> Iterator[None]:
 
 
 def render_chat_template(tokenizer: Any, template: str) -> Callable[[list[dict], bool], str]:
-    """(messages, add_generation_prompt) -> text, through the tokenizer's sandboxed Jinja renderer, within
+    """(messages, add_generation_prompt, tools) -> text, through the tokenizer's sandboxed Jinja renderer, within
     RENDER_SECONDS per conversation."""
     chosen: Optional[str] = CHAT_TEMPLATES.get(template, template) or None
     if chosen is None and not getattr(tokenizer, "chat_template", None):
@@ -249,10 +348,16 @@ def render_chat_template(tokenizer: Any, template: str) -> Callable[[list[dict],
         raise ConfigError("the tokenizer has no chat template; set data.chat_template = \"chatml\" (built in) or "
                           "to a Jinja template")
 
-    def render(messages: list[dict], add_generation_prompt: bool) -> str:
+    def render(messages: list[dict], add_generation_prompt: bool, tools: Optional[list[dict]] = None) -> str:
+        if tools and "tools" not in (chosen or tokenizer.chat_template):
+            from automodel.config import ConfigError
+
+            raise ConfigError("the chat template does not render tools (it never reads `tools`), so the model would "
+                              "be trained on calls to functions it was never shown; set data.chat_template = "
+                              "\"chatml\" (built in, renders tools as Qwen2.5 and Hermes do) or a template that does")
         with time_limit(RENDER_SECONDS):
-            return tokenizer.apply_chat_template(messages, chat_template=chosen, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
+            return tokenizer.apply_chat_template(messages, chat_template=chosen, tokenize=False, tools=tools,
+                                                 add_generation_prompt=add_generation_prompt)
 
     return render
 
@@ -261,13 +366,16 @@ def chat(row: Mapping[str, Any], columns: Mapping[str, str], options: FormatOpti
     """A conversation rendered with the chat template. Trained spans are found in the rendered text: for
     assistant turn i, the text added between rendering turns [:i] with the generation prompt and rendering
     turns [:i+1] (its content and end-of-turn marker)."""
-    messages = messages_of(row, columns)
+    messages = messages_of(row, columns, options.role_map)
+    tools = tools_of(row, columns)
     assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not assistant:
         raise BadRow("messages", "the conversation has no assistant turn to train on")
-    if not messages[assistant[-1]]["content"].strip():
+    last = messages[assistant[-1]]
+    if not last["content"].strip() and not last.get("tool_calls"):
         raise BadRow("messages", "the last assistant turn is empty")
-    render = render_chat_template(options.tokenizer, options.chat_template)
+    template = render_chat_template(options.tokenizer, options.chat_template)
+    render = lambda turns, prompt: template(turns, prompt, tools)  # noqa: E731
     full = render(messages, False)
     segments: list[Segment] = []
     done = 0
@@ -284,7 +392,9 @@ def chat(row: Mapping[str, Any], columns: Mapping[str, str], options: FormatOpti
         segments += [(before[done:], options.train_on == "all"), (through[len(before):], trained)]
         done = len(through)
     segments.append((full[done:], options.train_on == "all"))
-    return Example(segments=tuple(s for s in segments if s[0]), references=(messages[assistant[-1]]["content"],),
+    # Exact match compares the last assistant turn's text (its calls, as JSON, when it only calls tools).
+    reference = last["content"] or json.dumps([c["function"] for c in last["tool_calls"]], ensure_ascii=False)
+    return Example(segments=tuple(s for s in segments if s[0]), references=(reference,),
                    add_special_tokens=False, add_eos=False)
 
 

@@ -26,7 +26,7 @@ from automodel.data.token_store import Rows, concat
 from automodel.data import token_store as store
 from automodel.loss import IGNORE_INDEX
 from automodel.storage import automodel_cache
-CACHE_VERSION = 2  # bump when tokenisation or the stored layout changes, so old caches are not reused
+CACHE_VERSION = 3  # bump when tokenisation or the stored layout changes, so old caches are not reused
 
 
 @attrs.frozen
@@ -243,7 +243,7 @@ def _tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> str:
 def cache_key(src: DataSourceConfig, data_cfg: DataConfig, tokenizer_id: str, carve: Any) -> str:
     parts = [CACHE_VERSION, _source_identity(src.source), src.split, src.limit, src.format, sorted(src.columns.items()),
              data_cfg.seq_len, data_cfg.truncate, data_cfg.prompt_template, data_cfg.chat_template, data_cfg.train_on,
-             data_cfg.on_bad_row, carve, tokenizer_id]
+             data_cfg.on_bad_row, carve, tokenizer_id] + ([sorted(data_cfg.role_map.items())] if data_cfg.role_map else [])
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:20]
 
 
@@ -342,7 +342,7 @@ PREFLIGHT_ROWS = 16
 
 def format_options(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> FormatOptions:
     return FormatOptions(prompt_template=data_cfg.prompt_template, chat_template=data_cfg.chat_template,
-                         train_on=data_cfg.train_on, tokenizer=tokenizer)
+                         train_on=data_cfg.train_on, tokenizer=tokenizer, role_map=data_cfg.role_map)
 
 
 def _preflight(src: DataSourceConfig, data_cfg: DataConfig, options: FormatOptions) -> datasets.Dataset:

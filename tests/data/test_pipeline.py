@@ -43,8 +43,8 @@ def trained_spans(tset, tokenizer, row=0):
 
 
 @pytest.mark.parametrize("train_on, expected", [
-    ("assistant", ["Hello!<|im_end|>\n", '[{"name": "weather", "arguments": {"city": "Paris"}}]<|im_end|>\n',
-                   "It is sunny.<|im_end|>\n"]),
+    ("assistant", ["Hello!<|im_end|>\n", '<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+                   "<|im_end|>\n", "It is sunny.<|im_end|>\n"]),
     ("last_turn", ["It is sunny.<|im_end|>\n"]),
 ])
 def test_multi_turn_chat_trains_exactly_the_assistant_text(gpt2, train_on, expected):
@@ -52,7 +52,8 @@ def test_multi_turn_chat_trains_exactly_the_assistant_text(gpt2, train_on, expec
     tset = tokenize_examples([ex], gpt2, 512, "drop", "t")
     assert trained_spans(tset, gpt2) == expected
     # Exact match prompts with everything before the final answer, which is the reference.
-    assert gpt2.decode(tset.input_ids[0][:tset.prompt_lens[0]]).endswith("sunny<|im_end|>\n<|im_start|>assistant\n")
+    assert gpt2.decode(tset.input_ids[0][:tset.prompt_lens[0]]).endswith(
+        "<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
     assert tset.references[0] == ("It is sunny.",)
     text = gpt2.decode(tset.input_ids[0])
     assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n") and text.endswith("It is sunny.<|im_end|>\n")
