@@ -134,6 +134,10 @@ def _sources(value: Any) -> list:
     return [value] if isinstance(value, DataSourceConfig) else list(value)
 
 
+# What data.role_map may map a ShareGPT speaker to ("tool_call": an assistant turn whose value is a function call).
+CHAT_ROLES = ("system", "user", "assistant", "tool", "tool_call")
+
+
 @attrs.frozen(kw_only=True)
 class DataConfig:
     """Datasets, tokenisation and sequence length."""

@@ -11,7 +11,7 @@ from typing import Any
 
 from automodel.config.batch import BatchShape
 from automodel.config.errors import ConfigError
-from automodel.config.schema import TrainConfig
+from automodel.config.schema import CHAT_ROLES, TrainConfig
 
 # Top-level keys of DeepSpeed's config JSON (deepspeed.ai/docs/config-json), for checking overrides.
 DEEPSPEED_KEYS = frozenset({
@@ -138,10 +138,9 @@ def _data_problems(cfg: TrainConfig) -> list[str]:
         problems.append("data.validation_fraction and [data.validation] both define a validation set; keep one")
     if d.shuffle_window < 0:
         problems.append(f"data.shuffle_window must be >= 0 (got {d.shuffle_window}); 0 keeps the stream's order")
-    roles = ("system", "user", "assistant", "tool", "tool_call")  # data/formats.py's ROLE_MAP_VALUES
     for name, role in d.role_map.items():
-        if role not in roles:
-            problems.append(f'data.role_map.{name} = "{role}" is not a role; use one of {", ".join(roles)}')
+        if role not in CHAT_ROLES:
+            problems.append(f'data.role_map.{name} = "{role}" is not a role; use one of {", ".join(CHAT_ROLES)}')
     if d.shuffle_window and not any(src.streaming for src in d.train):
         problems.append("data.shuffle_window shuffles streamed sources; sources read in full are shuffled every "
                         "epoch already: leave it out, or set streaming = true")

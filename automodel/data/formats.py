@@ -12,6 +12,8 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 
 import attrs
 
+from automodel.config.schema import CHAT_ROLES
+
 Segment = tuple[str, bool]  # (text, trained)
 
 
@@ -177,7 +179,6 @@ OPENAI_ROLES = ("system", "developer", "user", "assistant", "tool", "function", 
 # ShareGPT's `from` values -> roles; "tool_call" is an assistant turn whose value is a call (JSON).
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
                   "function_call": "tool_call", "observation": "tool", "tool": "tool"}
-ROLE_MAP_VALUES = ("system", "user", "assistant", "tool", "tool_call")
 
 
 def _content_text(content: Any, where: str) -> str:
@@ -283,7 +284,7 @@ def turns_of(turns: Any, column: str, field: str = "messages",
             if role is None:
                 raise BadRow(field, f"turn {i}: unknown ShareGPT role `{turn['from']}`; expected one of "
                                     f"{', '.join(roles)}, or map it with data.role_map = {{ {turn['from']} = "
-                                    f"\"<one of {'|'.join(ROLE_MAP_VALUES)}>\" }}")
+                                    f"\"<one of {'|'.join(CHAT_ROLES)}>\" }}")
             if role == "tool_call":
                 role, calls, content = "assistant", _tool_calls(turn.get("value"), f"turn {i}", field), ""
             else:

@@ -113,14 +113,7 @@ def muon_update_(params: Tensors, grads: Tensors, state: MuonState, lr: float, h
         if work is not p:
             p.copy_(work)
     rest = [k for k in params if k not in muon.matrices]
-    adam_state = _AdamView(state.exp_avg, state.exp_avg_sq)
-    for group in _groups(rest, params):
-        _foreach_step(params, {k: grads.pop(k).float() for k in group}, adam_state, group, count, lr, hp)
+    for group in _groups(rest, params):  # _foreach_step reads the state's exp_avg and exp_avg_sq, as AdamW's
+        _foreach_step(params, {k: grads.pop(k).float() for k in group}, state, group, count, lr, hp)
     return params, attrs.evolve(state, count=count)
 
-
-@attrs.frozen
-class _AdamView:
-    """The AdamW half of a MuonState, as _foreach_step reads it."""
-    exp_avg: Tensors
-    exp_avg_sq: Tensors
