@@ -1,8 +1,13 @@
 """Test-session set-up: nothing reaches the hub, tokenised-data caches stay in a temporary directory. Shared
 helpers live in tests/helpers.py."""
 
+import atexit
 import os
+import shutil
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -16,28 +21,59 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # nothing from intra-op threads.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Tokenised-data caches of this test session stay in a temporary directory (subprocesses inherit it).
+# Removed when this process exits (each pytest-xdist worker makes its own).
 os.environ["AUTOMODEL_CACHE"] = tempfile.mkdtemp(prefix="automodel-test-cache-")
+atexit.register(shutil.rmtree, os.environ["AUTOMODEL_CACHE"], ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def trained_quickstart(tmp_path_factory):
-    """configs_toml/quickstart.toml's model as it ships (~100% exact match on reversing strings, ~65 s): a
-    distillation teacher, the base of configs_toml/qlora_cpu.toml. Trained once per test session: pytest-xdist
-    workers share it through their common temporary directory, the first to ask training it under a lock."""
-    import automodel
+# configs_toml/quickstart.toml's model as it ships, trained in a process of its own from the start of the session
+# (the collection hook below) so that no test worker sits waiting on it.
+TRAINED_QUICKSTART = "trained_quickstart"
+
+
+def _shared_root(config) -> Path:
+    """A directory every pytest-xdist worker of this session shares (their common basetemp), or the basetemp."""
+    root = config._tmp_path_factory.getbasetemp()
+    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
+
+def _start_training(root: Path) -> None:
+    """Starts the quickstart's training once per session (the first worker to ask), detached, with a tokenisation
+    cache of its own (a worker's goes when the worker exits)."""
     from filelock import FileLock
 
     from tests import helpers
 
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # shared by this session's workers
-    out, done = root / "trained_quickstart", root / "trained_quickstart.done"
-    with FileLock(str(root / "trained_quickstart.lock")):
-        if not done.exists():
-            result = automodel.train(helpers.quickstart(out, "schedule.warmup_steps=50", "eval.generate_samples=100",
-                                                        "eval.at_start=false", "train.eval_every=0",
-                                                        "checkpoint.every=0"))
-            assert result.metrics["exact_match"] >= 0.95
-            done.write_text(str(result.final_dir))
+    with FileLock(str(root / f"{TRAINED_QUICKSTART}.lock")):
+        started = root / f"{TRAINED_QUICKSTART}.started"
+        if started.exists():
+            return
+        started.touch()
+        log = open(root / f"{TRAINED_QUICKSTART}.log", "w")
+        subprocess.Popen([sys.executable, "-c", "import sys; from tests import helpers; "
+                          "helpers.train_shared_quickstart(sys.argv[1])", str(root)],
+                         cwd=helpers.REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                         env={**os.environ, "AUTOMODEL_CACHE": str(root / f"{TRAINED_QUICKSTART}_cache")})
+
+
+@pytest.hookimpl(trylast=True)  # after -m and -k have deselected
+def pytest_collection_modifyitems(session, config, items):
+    if any(TRAINED_QUICKSTART in getattr(item, "fixturenames", ()) for item in items):
+        _start_training(_shared_root(config))
+
+
+@pytest.fixture(scope="session")
+def trained_quickstart(request):
+    """configs_toml/quickstart.toml's model as it ships (~100% exact match on reversing strings, ~65 s): a
+    distillation teacher, the base of configs_toml/qlora_cpu.toml. Trained once per test session, by
+    tests/helpers.py:train_shared_quickstart in its own process; the workers wait for its directory."""
+    root = _shared_root(request.config)
+    _start_training(root)  # started at collection; a no-op then
+    done, failed = root / f"{TRAINED_QUICKSTART}.done", root / f"{TRAINED_QUICKSTART}.failed"
+    deadline = time.time() + 1200
+    while not done.exists():
+        if failed.exists():
+            pytest.fail(f"training the quickstart failed:\n{failed.read_text()[-3000:]}")
+        assert time.time() < deadline, f"the quickstart was not trained in 20 min: {root / TRAINED_QUICKSTART}.log"
+        time.sleep(0.5)
     return Path(done.read_text())

@@ -86,7 +86,7 @@ def test_two_rank_srun_deepspeed_job_matches_the_deepspeed_launcher(slurm, tmp_p
 
 def test_preempted_job_checkpoints_requeues_resumes_and_matches(slurm, tmp_path):
     run_dir = tmp_path / "preempted"
-    common = [*QUICK, "train.max_steps=150", "--nproc-per-node", "2"]
+    common = [*QUICK, "train.max_steps=60", "--nproc-per-node", "2"]
     job = submit(*common, f"output_dir={run_dir}")
     deadline = time.time() + 300
     while not ((run_dir / "metrics.jsonl").exists() and len(train_losses(run_dir)) >= 3):
@@ -104,10 +104,10 @@ def test_preempted_job_checkpoints_requeues_resumes_and_matches(slurm, tmp_path)
     log = log_of(run_dir, job)
     assert job_states(job) == [("COMPLETED", "0:0")], log
     stopped = int(re.search(r"stopped at step (\d+) on SIGUSR1", log).group(1))
-    assert 3 <= stopped < 150
+    assert 3 <= stopped < 60
     assert f"requeueing job {job} (restart 0)" in log
     assert f"at step {stopped}" in log.split("requeueing job")[1]  # the requeued start resumed there
     assert (run_dir / "checkpoints" / f"step_{stopped:06d}" / "COMPLETE").is_file()
-    assert train_losses(run_dir) == train_losses(whole) and len(train_losses(whole)) == 150
+    assert train_losses(run_dir) == train_losses(whole) and len(train_losses(whole)) == 60
     assert json.loads((run_dir / "summary.json").read_text())["eval_loss"] == \
         json.loads((whole / "summary.json").read_text())["eval_loss"]

@@ -132,9 +132,9 @@ def killed_at(out: Path, pattern: str, *overrides: str) -> str:
 
 
 def test_after_kills_at_any_moment_each_tracker_holds_every_metrics_row_once_in_one_run(tmp_path):
-    """Kill -9 at step 1 (before the first checkpoint), mid-run, as a checkpoint is written and during the export, a
-    resume after each: TensorBoard, MLflow and W&B (offline) each hold exactly metrics.jsonl's numbers, once each,
-    in one run, read back with their own readers."""
+    """Kill -9 at step 1 (before the first checkpoint), mid-run as a checkpoint is written (the rows after the step-4
+    checkpoint are already in the trackers) and during the export, a resume after each: TensorBoard, MLflow and W&B
+    (offline) each hold exactly metrics.jsonl's numbers, once each, in one run, read back with their own readers."""
     from mlflow import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -143,7 +143,6 @@ def test_after_kills_at_any_moment_each_tracker_holds_every_metrics_row_once_in_
             "data.validation.limit=32", "eval.generate_samples=0", 'logging.progress_bar="off"',
             'logging.backends=["tensorboard", "wandb", "mlflow"]', 'logging.wandb_mode="offline"']
     killed_at(out, r"^step 1/12", *args)
-    killed_at(out, r"^step 6/12", *args)
     killed_at(out, r"^step 8/12", *args)  # the row is out; the checkpoint of step 8 is being written
     log = killed_at(out, r"^eval @ step 12/12", *args)  # the export comes next
     assert "resumed from" in log
@@ -184,7 +183,7 @@ def test_after_kills_at_any_moment_each_tracker_holds_every_metrics_row_once_in_
     # W&B: every process wrote a segment of one run id (kept in trackers.json); together they hold each row once.
     run_id = json.loads((out / "trackers.json").read_text())["wandb_id"]
     segments = glob.glob(str(out / "wandb" / "offline-run-*"))
-    assert len(segments) == 5 and {Path(p).name.split("-")[-1] for p in segments} == {run_id}
+    assert len(segments) == 4 and {Path(p).name.split("-")[-1] for p in segments} == {run_id}  # 4 processes
     history, _ = wandb_records(out)
     wandb = once([((k, h["_step"]), v) for h in history for k, v in h.items() if not k.startswith("_")], "W&B")
     assert wandb == pytest.approx(expected, rel=1e-12)

@@ -225,8 +225,8 @@ def test_streamed_pairs_train_and_resume_exactly(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher, backend", [("torchrun", []),
-                                               ("deepspeed", ["distributed.backend=deepspeed",
-                                                              "distributed.zero_stage=3"])],
+                                               ("torchrun", ["distributed.backend=deepspeed",
+                                                             "distributed.zero_stage=3"])],
                          ids=["functional-2-ranks", "zero3-2-ranks"])
 def test_two_ranks_equal_one_process(tmp_path, launcher, backend):
     common = SHORT + ["train.loss_chunk_tokens=16", "checkpoint.save_final=false", 'logging.progress_bar="off"',

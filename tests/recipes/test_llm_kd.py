@@ -127,14 +127,15 @@ def test_a_distilled_student_carries_its_teachers_knowledge_past_bad_labels(tmp_
     """The student's labels are unreliable: in 55% of its training rows the answer is the string copied instead of
     reversed. Trained on the labels alone it learns to copy (held-out exact match near 0); distilled (alpha 0.9) it
     learns part of what the teacher knows. Measured with the packages resolved on 2026-12-02 (transformers 5.24,
-    datasets 5.2, tokenizers 0.23) and the shipped quickstart model as the teacher (500 steps): 3.5% against 45.0%,
-    eval loss 1.41 against 0.49 (a 400-step teacher gave 18.5%, 0.84; an earlier package set 78.5%, 0.19)."""
+    datasets 5.2, tokenizers 0.23) and the shipped quickstart model as the teacher (500 steps): after 250 steps,
+    1% against 20% (of 100 held-out prompts), eval loss 1.83 against 1.10 (after 400 steps: 3.5% against 45.0%,
+    1.41 against 0.49)."""
     rng = random.Random(0)
     rows = read_rows(ASSETS / "train.jsonl")
     noisy = [{**r, "output": r["instruction"].split(": ", 1)[1]} if rng.random() < 0.55 else r for r in rows]
     train = write_jsonl(tmp_path / "noisy.jsonl", noisy)
     student = ["model.config.hidden_size=128", "model.config.intermediate_size=384", "model.config.num_hidden_layers=2",
-               f'data.train.source="{train}"', "train.max_steps=400", "eval.generate_samples=200",
+               f'data.train.source="{train}"', "train.max_steps=250", "eval.generate_samples=100",
                "eval.at_start=false", "train.eval_every=0", "checkpoint.save_final=false"]
     labels = automodel.train(helpers.quickstart(tmp_path / "labels", *student))
     distilled = automodel.train(helpers.quickstart(tmp_path / "kd", *student, 'recipe="llm_kd"',
@@ -159,8 +160,8 @@ def test_two_rank_zero3_distillation_equals_one_process(tmp_path):
               "checkpoint.save_final=false", "logging.progress_bar=\"off\""]
     one = helpers.launch_run("python", common + [f"output_dir={tmp_path / 'one'}"])
     assert one.returncode == 0, one.stderr[-3000:]
-    two = helpers.launch_run("deepspeed", common + ["distributed.backend=deepspeed", "distributed.zero_stage=3",
-                                                    f"output_dir={tmp_path / 'two'}"])
+    two = helpers.launch_run("torchrun", common + ["distributed.backend=deepspeed", "distributed.zero_stage=3",
+                                                   f"output_dir={tmp_path / 'two'}"])
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
     assert "2 rank(s), deepspeed (ZeRO-3) backend" in two.stdout and "teacher: LlamaForCausalLM" in two.stdout
     ref, got = helpers.train_losses(tmp_path / "one"), helpers.train_losses(tmp_path / "two")

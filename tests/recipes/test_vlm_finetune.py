@@ -124,7 +124,7 @@ def one_process_run(tmp_path_factory):
 @pytest.mark.parametrize("stage", [0, 2, 3])
 def test_deepspeed_on_two_ranks_matches_one_process_with_frozen_vision(one_process_run, tmp_path, stage):
     ref, out = one_process_run, tmp_path / "ds"
-    done = subprocess.run([*helpers.command("deepspeed"), "launch/run.py", "--config", str(VLM_CPU),
+    done = subprocess.run([*helpers.command("torchrun"), "launch/run.py", "--config", str(VLM_CPU),
                            *_frozen_vision_overrides(), "distributed.backend=\"deepspeed\"",
                            f"distributed.zero_stage={stage}", f"output_dir=\"{out}\""],
                           cwd=REPO, env=helpers.env(), capture_output=True, text=True, timeout=600)
