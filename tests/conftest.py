@@ -28,7 +28,7 @@ atexit.register(shutil.rmtree, os.environ["AUTOMODEL_CACHE"], ignore_errors=True
 
 # configs_toml/quickstart.toml's model as it ships, trained in a process of its own from the start of the session
 # (the collection hook below) so that no test worker sits waiting on it.
-TRAINED_QUICKSTART = "trained_quickstart"
+from tests.helpers import TRAINED_QUICKSTART  # noqa: E402
 
 
 def _shared_root(config) -> Path:
@@ -49,11 +49,11 @@ def _start_training(root: Path) -> None:
         if started.exists():
             return
         started.touch()
-        log = open(root / f"{TRAINED_QUICKSTART}.log", "w")
-        subprocess.Popen([sys.executable, "-c", "import sys; from tests import helpers; "
-                          "helpers.train_shared_quickstart(sys.argv[1])", str(root)],
-                         cwd=helpers.REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                         env={**os.environ, "AUTOMODEL_CACHE": str(root / f"{TRAINED_QUICKSTART}_cache")})
+        with open(root / f"{TRAINED_QUICKSTART}.log", "w") as log:  # the child keeps its own copy open
+            subprocess.Popen([sys.executable, "-c", "import sys; from tests import helpers; "
+                              "helpers.train_shared_quickstart(sys.argv[1])", str(root)],
+                             cwd=helpers.REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                             env={**os.environ, "AUTOMODEL_CACHE": str(root / f"{TRAINED_QUICKSTART}_cache")})
 
 
 @pytest.hookimpl(trylast=True)  # after -m and -k have deselected

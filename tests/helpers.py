@@ -89,6 +89,9 @@ def quickstart(tmp_path, *overrides):
         "logging.progress_bar=\"off\"", "schedule.warmup_steps=2", *overrides], world_size=1)
 
 
+TRAINED_QUICKSTART = "trained_quickstart"  # under the session's shared directory: the run, and its .done/.failed
+
+
 def train_shared_quickstart(root: str) -> None:
     """The conftest's trained_quickstart: trains configs_toml/quickstart.toml's model under `root`, then writes the
     final directory to trained_quickstart.done, or what went wrong to trained_quickstart.failed."""
@@ -98,16 +101,16 @@ def train_shared_quickstart(root: str) -> None:
 
     root_dir = Path(root)
     try:
-        result = automodel.train(quickstart(root_dir / "trained_quickstart", "schedule.warmup_steps=50",
+        result = automodel.train(quickstart(root_dir / TRAINED_QUICKSTART, "schedule.warmup_steps=50",
                                             "eval.generate_samples=100", "eval.at_start=false", "train.eval_every=0",
                                             "checkpoint.every=0"))
         if result.metrics["exact_match"] < 0.95:
             raise AssertionError(f"exact match {result.metrics['exact_match']} < 0.95")
     except BaseException:
-        (root_dir / "trained_quickstart.failed").write_text(traceback.format_exc())
+        (root_dir / f"{TRAINED_QUICKSTART}.failed").write_text(traceback.format_exc())
         raise
-    (root_dir / "trained_quickstart.tmp").write_text(str(result.final_dir))
-    os.replace(root_dir / "trained_quickstart.tmp", root_dir / "trained_quickstart.done")  # whole, or not there
+    (root_dir / f"{TRAINED_QUICKSTART}.tmp").write_text(str(result.final_dir))
+    os.replace(root_dir / f"{TRAINED_QUICKSTART}.tmp", root_dir / f"{TRAINED_QUICKSTART}.done")  # whole, or absent
 
 
 def read_rows(path):

@@ -1,7 +1,6 @@
 """The DeepSpeed backend on 2 CPU processes: agreement with the functional backend (ZeRO 0-3, offload, LoRA,
 bf16), export, the shipped configs. Resume: test_deepspeed_resume.py; QLoRA: test_deepspeed_qlora.py."""
 
-import importlib.util
 import subprocess
 from pathlib import Path
 
@@ -11,11 +10,9 @@ from safetensors.torch import load_file
 
 from tests.helpers import module_eval_loss
 from tests import helpers
-from tests.distributed.runs import AGREE
+from tests.distributed.runs import AGREE, DEEPSPEED_TESTS
 
-pytestmark = [pytest.mark.slow,  # every test here starts processes or trains a whole run
-              # found, not imported: importing deepspeed (and the mlflow it imports) costs collection 5 s
-              pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")]
+pytestmark = DEEPSPEED_TESTS
 
 
 

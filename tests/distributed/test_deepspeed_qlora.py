@@ -1,16 +1,13 @@
 """QLoRA under DeepSpeed on 2 CPU processes: the functional backend's losses and adapter, on ZeRO 0, 2 and 3."""
 
-import importlib.util
 
 import pytest
 from safetensors.torch import load_file
 
 from tests import helpers
-from tests.distributed.runs import AGREE
+from tests.distributed.runs import AGREE, DEEPSPEED_TESTS
 
-pytestmark = [pytest.mark.slow,  # every test here starts processes
-              # found, not imported: importing deepspeed (and the mlflow it imports) costs collection 5 s
-              pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")]
+pytestmark = DEEPSPEED_TESTS
 
 # QLoRA: LoRA on an nf4 base (built from config, saved in float32, loaded back quantised), on every backend.
 QLORA = AGREE + ["model.quantization=nf4", "peft.rank=8", "peft.alpha=16.0", 'peft.target_modules=["all-linear"]',
@@ -51,7 +48,7 @@ def test_qlora_under_deepspeed_matches_the_functional_backend(qlora_reference, t
     expected = load_file(reference / "final" / "adapter_model.safetensors")
     assert set(exported) == set(expected) and len(expected) == 2 * 4 * 7
     for key, tensor in expected.items():
-        # As above: Adam turns last-bit differences of reduction order into visible ones where gradients are near 0
-        # (and 8-bit states in other blocks round differently: 1-3% on some lora_B after 4 steps at lr 1e-2, varying
-        # run to run): compared as a whole tensor.
+        # As in test_deepspeed.py: Adam turns last-bit differences of reduction order into visible ones where
+        # gradients are near 0 (and 8-bit states in other blocks round differently: 1-3% on some lora_B after 4 steps
+        # at lr 1e-2, varying run to run): compared as a whole tensor.
         assert ((exported[key] - tensor).norm() / tensor.norm()).item() < (1e-4 if rel == 1e-5 else 0.1), key

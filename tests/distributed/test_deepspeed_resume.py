@@ -1,6 +1,5 @@
 """DeepSpeed checkpoints on 2 CPU processes: a run killed at a random moment, and a streamed run, resume exactly."""
 
-import importlib.util
 import os
 import random
 import shutil
@@ -10,11 +9,9 @@ import time
 import pytest
 
 from tests import helpers
-from tests.distributed.runs import QUIET
+from tests.distributed.runs import QUIET, DEEPSPEED_TESTS
 
-pytestmark = [pytest.mark.slow,  # every test here starts processes
-              # found, not imported: importing deepspeed (and the mlflow it imports) costs collection 5 s
-              pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")]
+pytestmark = DEEPSPEED_TESTS
 
 RESUME = QUIET + ["train.log_every=1", "schedule.kind=constant", "schedule.warmup_steps=0",
                   "checkpoint.every=2", "checkpoint.keep_last=2", "checkpoint.save_final=false",
