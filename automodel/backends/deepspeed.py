@@ -19,9 +19,12 @@ from transformers.integrations import HfDeepSpeedConfig
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from automodel.backends.base import Backend
+from automodel.backends.functional import functional_optimizer
 from automodel.distributed import AllReduce
 from automodel.models import numel
 from automodel.models.export import save_hf_model
+from automodel.optim import AdamWHyper, no_decay_names
+from automodel.optim.as_torch import TorchOptimizer
 from automodel.training.teacher import Teacher
 from automodel.training.forward import Batch, ModelLoss, Objective
 from automodel.training.state import TrainState, initial_rng, rng_scope
@@ -77,8 +80,8 @@ def build_deepspeed(model: nn.Module, *, ds_config: dict, optim, lr_fn: Callable
     if "optimizer" in ds_config:  # optimizer offload: DeepSpeed's CPU AdamW, built from the JSON
         engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
     else:
-        engine, *_ = deepspeed.initialize(model=model, optimizer=client_optimizer(groups, optim, device),
-                                          config=ds_config)
+        client = client_optimizer(model, trainable, groups, optim, device)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=client, config=ds_config)
     release_shm_buffer(rank)
     stage = ds_config["zero_optimization"]["stage"]
     trainable_params = sum(numel(p) for _, p in trainable)
@@ -173,9 +176,17 @@ def build_deepspeed(model: nn.Module, *, ds_config: dict, optim, lr_fn: Callable
                    generate_kwargs={"synced_gpus": stage == 3 and world_size > 1})
 
 
-def client_optimizer(groups: list[dict], optim: Any, device: torch.device) -> torch.optim.Optimizer:
+def client_optimizer(model: nn.Module, trainable: list[tuple[str, nn.Parameter]], groups: list[dict], optim: Any,
+                     device: torch.device) -> torch.optim.Optimizer:
     """The optimizer the engine steps: torch's AdamW, the arithmetic the functional backend reproduces (fused on
-    CUDA, foreach elsewhere), or bitsandbytes' 8-bit AdamW (the kernel optim/adamw8bit.py calls), paged if asked."""
+    CUDA, foreach elsewhere), or bitsandbytes' 8-bit AdamW (the kernel optim/adamw8bit.py calls), paged if asked.
+    Muon, Adafactor and SOAP need each weight whole: the validator allows them at ZeRO-0 in float32 only, where the
+    engine steps the model's own parameters, and they are the functional backend's own (optim/as_torch.py)."""
+    if optim.name in ("muon", "adafactor", "soap"):
+        names = [n for n, _ in trainable]
+        hyper = AdamWHyper(betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay,
+                           no_decay=no_decay_names(dict(trainable)))
+        return TorchOptimizer(dict(trainable), functional_optimizer(optim, model, names), hyper, optim.lr)
     if optim.name == "adamw8bit":
         import bitsandbytes as bnb
 

@@ -260,9 +260,10 @@ def _shaped_optimizer_problems(cfg: TrainConfig) -> list[str]:
     problems = []
     if o.name not in ("muon", "adafactor", "soap"):
         return problems
-    if d.backend == "deepspeed":
+    if d.backend == "deepspeed" and (d.zero_stage != 0 or cfg.model.dtype != "float32"):
         problems.append(f'optim.name = "{o.name}" needs each weight whole, as a matrix, and DeepSpeed hands its '
-                        "optimizer flat shards (ZeRO 1-3) or flat float32 copies (bfloat16 ZeRO-0); use "
+                        "optimizer flat shards (ZeRO 1-3) or flat float32 copies (bfloat16/float16 ZeRO-0); under "
+                        "DeepSpeed use distributed.zero_stage = 0 with model.dtype = \"float32\", or "
                         'distributed.backend = "functional" (any number of ranks, each holding the whole optimizer '
                         "state)")
     if o.name == "muon":

@@ -163,6 +163,8 @@ def build_model(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed
                                                          **common, **extra)
         except OSError as e:
             raise ConfigError(f"model `{model_cfg.name_or_path}` could not be loaded: {e}") from None
+    if quantized:
+        quantize.keep_one_cpu_kernel(model)
     vocab = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > vocab:
         raise ConfigError(

@@ -69,18 +69,21 @@ def test_the_schedule_scales_muons_rate_as_it_scales_adamws():
     assert all(torch.equal(params[k], ref[k].detach()) for k in matrices)
 
 
-def test_optimizers_that_need_whole_matrices_are_refused_under_deepspeed_in_one_line(tmp_path):
+def test_optimizers_that_need_whole_matrices_are_refused_under_deepspeed_but_zero0_float32_in_one_line(tmp_path):
     from automodel.config import ConfigError
     from tests.helpers import quickstart
 
     for name in ("muon", "adafactor", "soap"):
         quickstart(tmp_path, f"optim.name={name}")  # the functional backend takes each
-        for stage in (0, 3):
+        # ... and so does DeepSpeed's ZeRO-0 in float32, which steps the model's own weights
+        quickstart(tmp_path, f"optim.name={name}", "distributed.backend=deepspeed", "distributed.zero_stage=0")
+        for refused in (["distributed.zero_stage=1"], ["distributed.zero_stage=3"],
+                        ["distributed.zero_stage=0", "model.dtype=bfloat16"]):
             with pytest.raises(ConfigError, match=f'optim.name = "{name}" needs each weight whole, as a matrix, and '
                                                   "DeepSpeed hands its optimizer flat shards") as e:
-                quickstart(tmp_path, f"optim.name={name}", "distributed.backend=deepspeed",
-                           f"distributed.zero_stage={stage}")
-            assert 'use distributed.backend = "functional"' in str(e.value)
+                quickstart(tmp_path, f"optim.name={name}", "distributed.backend=deepspeed", *refused)
+            assert ('use distributed.zero_stage = 0 with model.dtype = "float32", or distributed.backend = '
+                    '"functional"') in str(e.value)
     with pytest.raises(ConfigError, match=r"optim.muon_momentum must be in \[0, 1\) \(got 1.5\)"):
         quickstart(tmp_path, "optim.name=muon", "optim.muon_momentum=1.5")
     with pytest.raises(ConfigError, match='optim.fused is torch\'s AdamW kernel; optim.name = "soap" has none'):
