@@ -214,7 +214,8 @@ class OptimConfig:
         "the embeddings, head, norms and biases. \"adafactor\": torch.optim.Adafactor's (factored second moment, "
         "relative step min(optim.lr, 1/sqrt(t)) times each tensor's RMS). \"soap\": Adam in the eigenbasis of "
         "Shampoo's preconditioner (optim.betas, optim.eps; the authors' algorithm; they use betas [0.95, 0.95]). "
-        "muon, adafactor and soap need each weight whole: the functional backend (any number of ranks)."
+        "muon, adafactor and soap need each weight whole: the functional backend (any number of ranks), or DeepSpeed "
+        "at distributed.zero_stage = 0 with model.dtype = \"float32\"."
     )
     muon_lr: float = field(0.02, "muon: peak learning rate of the Muon matrices (the schedule scales it as it "
                                  "scales optim.lr); 0.02 is the value of Muon's authors and torch's docs.")
