@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
 from automodel.config import ConfigError
 from automodel.data import CHAT_TEMPLATES
 from automodel.data.formats import RENDER_SECONDS, TemplateTimeout, time_limit
-from automodel.models import DTYPES
+from automodel.models import DTYPES, HF_LOAD
 
 HELP = "/reset starts a new conversation, /exit (or Ctrl-D) quits"
 
@@ -80,7 +80,7 @@ def load(model_dir: str, dtype: str = "float32", device: str = "cpu", chat_templ
             raise ConfigError(_damaged(model_dir, "the adapter", e)) from None
     else:
         try:
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, **HF_LOAD)
         except (OSError, *DAMAGE) as e:
             raise ConfigError(_damaged(model_dir, "the model", e)) from None
     try:

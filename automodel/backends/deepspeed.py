@@ -18,6 +18,7 @@ from torch import nn
 from transformers.integrations import HfDeepSpeedConfig
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+from automodel.backends import universal
 from automodel.backends.base import Backend
 from automodel.backends.functional import functional_optimizer
 from automodel.distributed import AllReduce
@@ -138,6 +139,7 @@ def build_deepspeed(model: nn.Module, *, ds_config: dict, optim, lr_fn: Callable
         yield engine.module
 
     has_frozen = any(not p.requires_grad for p in model.parameters())
+    log = print if rank == 0 else (lambda _: None)
 
     def save(state: TrainState, tmp: Path) -> None:
         # Frozen weights (a LoRA base) never change: leave them out of every checkpoint.
@@ -145,8 +147,23 @@ def build_deepspeed(model: nn.Module, *, ds_config: dict, optim, lr_fn: Callable
                                exclude_frozen_parameters=has_frozen)
 
     def load(state: TrainState, path: Path) -> TrainState:
-        loaded, _ = engine.load_checkpoint(str(path), tag=ENGINE_TAG, load_optimizer_states=True,
-                                           load_lr_scheduler_states=False, load_module_strict=not has_frozen)
+        written_by = universal.saved_ranks(path / ENGINE_TAG)
+        if stage == 0 or written_by in (0, world_size):
+            loaded, _ = engine.load_checkpoint(str(path), tag=ENGINE_TAG, load_optimizer_states=True,
+                                               load_lr_scheduler_states=False, load_module_strict=not has_frozen)
+        else:  # ZeRO 1-3 shards cut for another number of ranks
+            folder = universal.convert(path, ENGINE_TAG, rank, log)
+            engine._config.load_universal_checkpoint = True  # read by load_checkpoint only
+            try:
+                loaded, _ = engine.load_checkpoint(str(folder), tag=ENGINE_TAG, load_optimizer_states=True,
+                                                   load_lr_scheduler_states=False)
+            finally:
+                engine._config.load_universal_checkpoint = False
+            if stage == 3:
+                _repair_zero3_universal_load(engine, groups)
+            universal.remove(path, rank)
+            log(f"checkpoint: {path} was written by {written_by} rank(s); its ZeRO-{stage} shards were joined into "
+                f"DeepSpeed's universal checkpoint and cut again for {world_size}")
         if loaded is None:
             raise ValueError(f"{path}: DeepSpeed found no engine state under {path / ENGINE_TAG}")
         return state
@@ -174,6 +191,17 @@ def build_deepspeed(model: nn.Module, *, ds_config: dict, optim, lr_fn: Callable
                    tensor_table=lambda state: {n: [list(getattr(p, "ds_shape", p.shape)),
                                                    str(p.dtype).removeprefix("torch.")] for n, p in sorted(trainable)},
                    generate_kwargs={"synced_gpus": stage == 3 and world_size > 1})
+
+
+def _repair_zero3_universal_load(engine: Any, groups: list[dict]) -> None:
+    """Two things DeepSpeed 0.19's ZeRO-3 universal load gets wrong for an optimizer of several parameter groups (ours:
+    decayed and not decayed): it gives every group the first group's hyperparameters (weight decay included), and one
+    `step` tensor to every group's state, which torch's AdamW then increments once per group and step."""
+    for group, ours in zip(engine.optimizer.optimizer.param_groups, groups):
+        group["weight_decay"] = ours["weight_decay"]
+    for state in engine.optimizer.optimizer.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
 
 
 def client_optimizer(model: nn.Module, trainable: list[tuple[str, nn.Parameter]], groups: list[dict], optim: Any,

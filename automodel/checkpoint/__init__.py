@@ -107,12 +107,12 @@ def choose(paths: list[Path], rank: int, world_size: int, explicit: bool, log: C
 def restore(load_fn: Callable[[TrainState, Path], TrainState], state: TrainState, path: Path, rank: int,
             device: torch.device, meta: dict[str, Any], config: dict[str, Any], allowed: tuple[str, ...],
             tensors: dict[str, list]) -> tuple[TrainState, list[str]]:
-    """(the state saved at `path`, the config changes accepted since it was written). Refused: another backend, batch
-    size, seed or ranks (meta), training files whose bytes changed (meta["data"]), a config change to what is being
+    """(the state saved at `path`, the config changes accepted since it was written). Refused: another backend (ZeRO
+    stage included), global batch size or seed (meta), training files whose bytes changed (meta["data"]), a config change to what is being
     trained (fingerprint.py), tensors of other names,
     shapes or dtypes than this model's."""
     saved = store.read_train_state(path)
-    for key in MUST_MATCH + (("world_size",) if meta["backend"].startswith("deepspeed") else ()):
+    for key in MUST_MATCH:
         if saved.get(key) != meta.get(key):
             raise ConfigError(f"cannot resume from {path}: it was written with {key} = {saved.get(key)!r}, this "
                               f"run has {meta.get(key)!r}; set train.resume = \"never\" or another output_dir")
@@ -135,6 +135,8 @@ def restore(load_fn: Callable[[TrainState, Path], TrainState], state: TrainState
         if wrong:
             raise ConfigError(f"cannot resume from {path}: its tensors do not match this model's "
                               f"({'; '.join(wrong[:3])})")
+    if saved.get("world_size") not in (None, meta["world_size"]):  # allowed: the global batch is what must match
+        accepted.append(f"ranks {saved['world_size']} -> {meta['world_size']}")
     state = attrs.evolve(state, step=saved["step"], data_position=saved["data_position"])
     state = load_fn(state, path)
     # Another number of ranks (functional backend) has no saved RNG for some ranks: derive one.

@@ -351,8 +351,9 @@ def to_toml(cfg: TrainConfig) -> str:
     return tomli_w.dumps(to_dict(cfg))
 
 
-def save_config(cfg: TrainConfig, path: Union[str, os.PathLike]) -> None:
+def save_config(cfg: TrainConfig, path: Union[str, os.PathLike], comment: str = "") -> None:
+    """`cfg` as TOML at `path` (whole or not at all), after `comment`'s lines as TOML comments."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(to_toml(cfg))
+    tmp.write_text("".join(f"# {line}\n" for line in comment.splitlines()) + to_toml(cfg))
     os.replace(tmp, path)

@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from automodel.config import ConfigError, ModelConfig, TokenizerConfig
 from automodel.models import quantize
-from automodel.models.tensors import DTYPES, numel
+from automodel.models.tensors import DTYPES, HF_LOAD, numel
 
 def build_tokenizer(tok_cfg: TokenizerConfig, model_cfg: ModelConfig) -> PreTrainedTokenizerBase:
     """The tokenizer named in [tokenizer], else the model's. A missing pad token becomes EOS (padding is
@@ -141,6 +141,7 @@ def build_model(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed
     dtype = DTYPES[model_cfg.dtype]
     common: dict[str, Any] = dict(attn_implementation=attention_for(model_cfg),
                                   trust_remote_code=model_cfg.trust_remote_code)
+    loading = {**common, **HF_LOAD}
     quantized = model_cfg.quantization != "none"
     missing_local_dir("model.name_or_path", model_cfg.name_or_path)
     if model_cfg.init == "random":
@@ -151,7 +152,7 @@ def build_model(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed
         except (ValueError, StrictDataclassError) as e:
             raise ConfigError(f"model.config: cannot build the model: {_last_line(e)}") from None
         if quantized:
-            model = quantize.quantize_built(model, model_cfg, base_dir, zero3, **common)
+            model = quantize.quantize_built(model, model_cfg, base_dir, zero3, **loading)
     else:
         extra: dict[str, Any] = {}
         if quantized:
@@ -160,7 +161,7 @@ def build_model(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed
                          **({} if zero3 else {"device_map": quantize.device_map()}))
         try:
             model = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, dtype=dtype, **model_cfg.config,
-                                                         **common, **extra)
+                                                         **loading, **extra)
         except OSError as e:
             raise ConfigError(f"model `{model_cfg.name_or_path}` could not be loaded: {e}") from None
     if quantized:

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from automodel.config import ConfigError, ModelConfig, TokenizerConfig
+from automodel.models.tensors import HF_LOAD
 
 VISION_MODULES = ("vision_tower", "visual", "vision_model", "vision_encoder")
 LANGUAGE_MODULES = ("language_model", "text_model")
@@ -119,7 +120,7 @@ def build_vlm(model_cfg: ModelConfig, processor: Any, seed: int) -> nn.Module:
     else:
         try:
             model = AutoModelForImageTextToText.from_pretrained(model_cfg.name_or_path, dtype=dtype,
-                                                                **model_cfg.config, **common)
+                                                                **model_cfg.config, **common, **HF_LOAD)
         except (OSError, ValueError) as e:
             raise ConfigError(f"model `{model_cfg.name_or_path}` could not be loaded as an image-text-to-text "
                               f"model: {e}") from None

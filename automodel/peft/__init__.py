@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.pytorch_utils import Conv1D
 
 from automodel.models.export import save_hf_model
+from automodel.models.tensors import HF_LOAD
 from automodel.config import ConfigError, PeftConfig
 
 ALL_LINEAR = "all-linear"
@@ -94,7 +95,7 @@ def merge(base: str, adapter: str, out: str, dtype: torch.dtype = torch.float32)
                           "into the full-precision model it was quantised from (a QLoRA run trains on the hub or local "
                           "model that model.name_or_path names, quantised as it loads: merge into that)")
     try:
-        base_model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+        base_model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, **HF_LOAD)
     except OSError as e:
         raise ConfigError(f"base model `{base}` could not be loaded: {e}") from None
     merged = PeftModel.from_pretrained(base_model, adapter).merge_and_unload()

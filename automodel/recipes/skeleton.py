@@ -228,7 +228,9 @@ def set_up(cfg: TrainConfig, parts_of: Callable[[Setup], Parts], ranks: distribu
     if setup.is_main:  # the resolved config, and one per segment of the run (configs/step_N.toml)
         save_config(cfg, out / "config.toml")
         (out / "configs").mkdir(exist_ok=True)
-        save_config(cfg, out / "configs" / f"step_{state.step:06d}.toml")
+        save_config(cfg, out / "configs" / f"step_{state.step:06d}.toml",
+                    comment=f"from step {state.step} on {ranks.world_size} rank(s)"
+                            + (f"; changed on resume: {'; '.join(changes)}" if changes else ""))
     return Job(cfg, setup, parts, train_data, backend, state, meta, resumed_from, changes, watch, continues,
                attention, compiled, quantized)
 

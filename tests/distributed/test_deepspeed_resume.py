@@ -7,6 +7,8 @@ import signal
 import time
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from tests import helpers
 from tests.distributed.runs import QUIET, DEEPSPEED_TESTS
@@ -76,3 +78,46 @@ def test_streamed_data_resumes_exactly_under_deepspeed(tmp_path):
     assert "stream resumed after 32 training rows" in proc.stdout
     assert (parts / "checkpoints" / "step_000004" / "stream" / "rank_00000.json").is_file()
     assert helpers.train_losses(parts) == helpers.train_losses(whole) and len(helpers.train_losses(whole)) == 4
+
+
+@pytest.mark.parametrize("stage, offload, saved_on, resumed_on", [
+    (None, False, 2, 1), (2, False, 2, 1), (2, False, 1, 2), (3, False, 2, 1), (3, False, 1, 2), (3, True, 2, 1)])
+def test_a_checkpoint_resumes_on_another_number_of_ranks(tmp_path, stage, offload, saved_on, resumed_on):
+    """Written on `saved_on` ranks, resumed on `resumed_on` (the same global batch: 1 x 4 accumulation x 8 or 2 x 2 x
+    8): the ZeRO shards go through DeepSpeed's universal checkpoint, and steps 3-4 are the uninterrupted run's to
+    float32 rounding (the ranks sum gradients in another order), as are its final weights; the checkpoint itself is
+    untouched, and the converted copy gone. A converted copy left half-written (a kill during the conversion) is
+    converted again. (stage None: the functional backend, whose ranks each saved the whole state.)"""
+    common = RESUME + ["train.max_steps=4", "train.global_batch_size=32", "train.micro_batch_size=8",
+                       "checkpoint.save_final=true"]
+    common += ["distributed.backend=functional"] if stage is None else [f"distributed.zero_stage={stage}"]
+    if offload:
+        common += ["distributed.offload_optimizer=cpu"]
+    launcher = {1: "python", 2: "torchrun"}
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    proc = helpers.launch_run(launcher[saved_on], common + [f"output_dir={whole}"], nproc=saved_on)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shutil.copytree(whole, parts)
+    shutil.rmtree(parts / "checkpoints" / "step_000004")
+    step2 = parts / "checkpoints" / "step_000002"
+    digests = {p: p.read_bytes() for p in step2.rglob("*") if p.is_file()}
+    if stage is not None:  # debris of a killed conversion
+        (parts / "checkpoints" / ".universal-step_000002" / "engine").mkdir(parents=True)
+
+    proc = helpers.launch_run(launcher[resumed_on], common + [f"output_dir={parts}"], nproc=resumed_on)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert f"resumed from {step2} at step 2" in proc.stdout
+    assert f"ranks {saved_on} -> {resumed_on}" in (parts / "configs" / "step_000002.toml").read_text()
+    if stage is not None:
+        assert (f"{step2} was written by {saved_on} rank(s); its ZeRO-{stage} shards were joined into DeepSpeed's "
+                f"universal checkpoint and cut again for {resumed_on}") in proc.stdout
+        assert "is incomplete (no manifest); converting again" in proc.stdout
+    assert not list((parts / "checkpoints").glob(".universal-*"))
+    assert {p: p.read_bytes() for p in step2.rglob("*") if p.is_file()} == digests
+
+    got, ref = helpers.train_losses(parts), helpers.train_losses(whole)
+    assert list(got) == [1, 2, 3, 4] and [got[1], got[2]] == [ref[1], ref[2]]
+    assert [got[3], got[4]] == pytest.approx([ref[3], ref[4]], rel=1e-5)
+    exported, expected = (load_file(d / "final" / "model.safetensors") for d in (parts, whole))
+    for key, tensor in expected.items():
+        torch.testing.assert_close(exported[key], tensor, rtol=1e-4, atol=3e-5)

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 
+import attrs
 import pytest
 import torch
 from torch import nn
@@ -236,12 +237,22 @@ def test_a_qlora_run_from_config_keeps_a_full_precision_base_and_resumes_exactly
 
 
 @pytest.mark.slow
-def test_the_shipped_qlora_cpu_config_learns_longer_words(trained_quickstart, tmp_path):
+def test_the_shipped_qlora_cpu_config_learns_longer_words_as_lora_on_the_full_precision_base_does(trained_quickstart,
+                                                                                                  tmp_path):
     """configs_toml/qlora_cpu.toml on the trained quickstart model: the NF4 base with 8-bit AdamW adapters learns to
-    reverse 9-12 letter words (it saw 3-8) from 0% held-out exact match to >= 95%, and its packed weights stay."""
+    reverse 9-12 letter words (it saw 3-8) from 0% held-out exact match, as far as the same adapters on the
+    full-precision base do. How far that is depends on how the base reaches back over the longer distance from a
+    reversed word's last letter to its first: bases trained by the same config on different CPUs differ (measured:
+    100% by step 100 from one; 52% from one trained on an AVX512-BF16 machine, where LoRA on the full-precision base,
+    300 steps, and full fine-tuning all stop at 52% too)."""
     cfg = automodel.load_config(REPO / "configs_toml" / "qlora_cpu.toml", [
         f'model.name_or_path="{trained_quickstart}"', f'output_dir="{tmp_path / "qlora"}"', "train.eval_every=0",
         'logging.progress_bar="off"', "checkpoint.export_merged=false"], world_size=1)
-    result = automodel.train(cfg)
-    assert result.metrics["exact_match_at_start"] < 0.05
-    assert result.metrics["exact_match"] >= 0.95
+    quantized = automodel.train(cfg).metrics
+    full = automodel.train(attrs.evolve(cfg, output_dir=str(tmp_path / "lora"), model=attrs.evolve(
+        cfg.model, quantization="none", quantization_compute_dtype="auto"))).metrics
+    for m in (quantized, full):
+        assert m["exact_match_at_start"] < 0.05 and m["exact_match"] >= 0.5
+        assert m["eval_loss"] < m["eval_loss_at_start"] / 10
+    assert quantized["exact_match"] == pytest.approx(full["exact_match"], abs=0.05)
+    assert quantized["eval_loss"] == pytest.approx(full["eval_loss"], rel=0.15)
