@@ -1,5 +1,6 @@
 """DeepSpeed checkpoints on 2 CPU processes: a run killed at a random moment, and a streamed run, resume exactly."""
 
+import json
 import os
 import random
 import shutil
@@ -80,19 +81,27 @@ def test_streamed_data_resumes_exactly_under_deepspeed(tmp_path):
     assert helpers.train_losses(parts) == helpers.train_losses(whole) and len(helpers.train_losses(whole)) == 4
 
 
-@pytest.mark.parametrize("stage, offload, saved_on, resumed_on", [
-    (None, False, 2, 1), (2, False, 2, 1), (2, False, 1, 2), (3, False, 2, 1), (3, False, 1, 2), (3, True, 2, 1)])
-def test_a_checkpoint_resumes_on_another_number_of_ranks(tmp_path, stage, offload, saved_on, resumed_on):
+@pytest.mark.parametrize("stage, offload, saved_on, resumed_on, mixed", [
+    (None, False, 2, 1, False), (None, False, 1, 2, True), (2, False, 2, 1, False), (2, False, 1, 2, False),
+    (3, False, 2, 1, False), (3, False, 1, 2, True), (3, True, 2, 1, False)])
+def test_a_checkpoint_resumes_on_another_number_of_ranks(tmp_path, stage, offload, saved_on, resumed_on, mixed):
     """Written on `saved_on` ranks, resumed on `resumed_on` (the same global batch: 1 x 4 accumulation x 8 or 2 x 2 x
     8): the ZeRO shards go through DeepSpeed's universal checkpoint, and steps 3-4 are the uninterrupted run's to
     float32 rounding (the ranks sum gradients in another order), as are its final weights; the checkpoint itself is
     untouched, and the converted copy gone. A converted copy left half-written (a kill during the conversion) is
-    converted again. (stage None: the functional backend, whose ranks each saved the whole state.)"""
+    converted again. (stage None: the functional backend, whose ranks each saved the whole state; `mixed`: two
+    weighted sources, the mixture a function of seed and step, so it continues in the global order too.)"""
     common = RESUME + ["train.max_steps=4", "train.global_batch_size=32", "train.micro_batch_size=8",
                        "checkpoint.save_final=true"]
     common += ["distributed.backend=functional"] if stage is None else [f"distributed.zero_stage={stage}"]
     if offload:
         common += ["distributed.offload_optimizer=cpu"]
+    if mixed:
+        small = helpers.write_jsonl(tmp_path / "small.jsonl",
+                                    [{"instruction": f"count {i}", "output": str(i) * 3} for i in range(40)])
+        common += [f"data.train=[{{source = {json.dumps(str(helpers.ASSETS / 'train.jsonl'))}, format = "
+                   f"\"instruction\", weight = 1.0}}, {{source = {json.dumps(str(small))}, format = \"instruction\", "
+                   "weight = 1.0, name = \"small\"}]"]
     launcher = {1: "python", 2: "torchrun"}
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     proc = helpers.launch_run(launcher[saved_on], common + [f"output_dir={whole}"], nproc=saved_on)
