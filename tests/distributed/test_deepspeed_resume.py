@@ -82,14 +82,16 @@ def test_streamed_data_resumes_exactly_under_deepspeed(tmp_path):
 
 
 @pytest.mark.parametrize("stage, offload, saved_on, resumed_on, mixed", [
-    (None, False, 2, 1, False), (None, False, 1, 2, True), (2, False, 2, 1, False), (2, False, 1, 2, False),
+    (None, False, 2, 1, False), (None, False, 1, 2, True), (0, False, 2, 1, False), (2, False, 2, 1, False),
+    (2, False, 1, 2, False),
     (3, False, 2, 1, False), (3, False, 1, 2, True), (3, True, 2, 1, False)])
 def test_a_checkpoint_resumes_on_another_number_of_ranks(tmp_path, stage, offload, saved_on, resumed_on, mixed):
     """Written on `saved_on` ranks, resumed on `resumed_on` (the same global batch: 1 x 4 accumulation x 8 or 2 x 2 x
     8): the ZeRO shards go through DeepSpeed's universal checkpoint, and steps 3-4 are the uninterrupted run's to
     float32 rounding (the ranks sum gradients in another order), as are its final weights; the checkpoint itself is
     untouched, and the converted copy gone. A converted copy left half-written (a kill during the conversion) is
-    converted again. (stage None: the functional backend, whose ranks each saved the whole state; `mixed`: two
+    converted again. (stage None: the functional backend, whose ranks each saved the whole state, as did ZeRO-0's
+    (no conversion); `mixed`: two
     weighted sources, the mixture a function of seed and step, so it continues in the global order too.)"""
     common = RESUME + ["train.max_steps=4", "train.global_batch_size=32", "train.micro_batch_size=8",
                        "checkpoint.save_final=true"]
@@ -110,14 +112,15 @@ def test_a_checkpoint_resumes_on_another_number_of_ranks(tmp_path, stage, offloa
     shutil.rmtree(parts / "checkpoints" / "step_000004")
     step2 = parts / "checkpoints" / "step_000002"
     digests = {p: p.read_bytes() for p in step2.rglob("*") if p.is_file()}
-    if stage is not None:  # debris of a killed conversion
+    converts = stage not in (None, 0)
+    if converts:  # debris of a killed conversion
         (parts / "checkpoints" / ".universal-step_000002" / "engine").mkdir(parents=True)
 
     proc = helpers.launch_run(launcher[resumed_on], common + [f"output_dir={parts}"], nproc=resumed_on)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert f"resumed from {step2} at step 2" in proc.stdout
     assert f"ranks {saved_on} -> {resumed_on}" in (parts / "configs" / "step_000002.toml").read_text()
-    if stage is not None:
+    if converts:
         assert (f"{step2} was written by {saved_on} rank(s); its ZeRO-{stage} shards were joined into DeepSpeed's "
                 f"universal checkpoint and cut again for {resumed_on}") in proc.stdout
         assert "is incomplete (no manifest); converting again" in proc.stdout
