@@ -16,18 +16,14 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 
-def _drop(prefixes: tuple[str, ...]) -> logging.Filter:
-    f = logging.Filter()
-    f.filter = lambda record: not str(record.msg).startswith(prefixes)  # type: ignore[method-assign]
-    return f
-
-
 # On a CPU with AVX512-BF16, importing bitsandbytes (peft imports it) tries to fetch a CPU kernel from the Hugging Face
 # hub and logs two warnings when it cannot (offline). automodel never runs that kernel (models/quantize.py:
 # keep_one_cpu_kernel), so the attempt's failure is not news: those two messages, and only they, are dropped.
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop(("Failed to load CPU gemm_4bit_forward",)))
-logging.getLogger("kernels._internals.hf_hub").addFilter(_drop(("Skipping publisher trust check for "
-                                                                 "'kernels-community/quantization-bitsandbytes'",)))
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward"))
+logging.getLogger("kernels._internals.hf_hub").addFilter(
+    lambda record: not str(record.msg).startswith("Skipping publisher trust check for "
+                                                  "'kernels-community/quantization-bitsandbytes'"))
 
 
 def __getattr__(name: str) -> Any:

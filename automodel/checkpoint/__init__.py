@@ -108,9 +108,9 @@ def restore(load_fn: Callable[[TrainState, Path], TrainState], state: TrainState
             device: torch.device, meta: dict[str, Any], config: dict[str, Any], allowed: tuple[str, ...],
             tensors: dict[str, list]) -> tuple[TrainState, list[str]]:
     """(the state saved at `path`, the config changes accepted since it was written). Refused: another backend (ZeRO
-    stage included), global batch size or seed (meta), training files whose bytes changed (meta["data"]), a config change to what is being
-    trained (fingerprint.py), tensors of other names,
-    shapes or dtypes than this model's."""
+    stage included), global batch size or seed (meta), training files whose bytes changed (meta["data"]), a config
+    change to what is being trained (fingerprint.py), tensors of other names, shapes or dtypes than this model's.
+    Another number of ranks is accepted and listed among the changes."""
     saved = store.read_train_state(path)
     for key in MUST_MATCH:
         if saved.get(key) != meta.get(key):

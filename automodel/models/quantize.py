@@ -78,7 +78,7 @@ def quantize_built(model: nn.Module, model_cfg: ModelConfig, save_to: Optional[P
     return quantized
 
 
-def keep_one_cpu_kernel(model: nn.Module) -> nn.Module:
+def keep_one_cpu_kernel(model: nn.Module) -> None:
     """Turns off bitsandbytes' repacking of 4-bit weights for its CPU bfloat16 kernel. On a CPU with AVX512-BF16, the
     first forward in eval mode without gradients (the loss's calibration probe, an evaluation) repacks each weight in
     place and every later forward, training's included, goes through that kernel: the adapters then train on other
@@ -87,7 +87,6 @@ def keep_one_cpu_kernel(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
-    return model
 
 
 def is_quantized_weight(p: torch.Tensor) -> bool:
