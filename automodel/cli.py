@@ -41,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="train with a config")
     _add_config_args(run)
     run.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    node = sub.add_parser("node", help="start this node's ranks of a multi-node run (a Kubernetes pod's command)",
+                          description="Starts NPROC_PER_NODE ranks of `run` with RANK/WORLD_SIZE from NNODES, NODE_RANK "
+                          "(or JOB_COMPLETION_INDEX), MASTER_ADDR and MASTER_PORT, passes SIGTERM/SIGUSR1 on to them, "
+                          "and exits 75 when they stopped at a checkpoint (docs/k8s.md).")
+    _add_config_args(node)
     config = sub.add_parser("config", help="inspect configs")
     config_sub = config.add_subparsers(dest="config_command", required=True)
     _add_config_args(config_sub.add_parser("show", help="print the resolved config as TOML, defaults included"))
@@ -111,6 +116,9 @@ def _add_launch_parser(sub) -> None:
     launch.add_argument("--nproc-per-node", type=int, default=None,
                         help="ranks per node with --gpus-per-node 0 (default: launch.nproc_per_node or 1)")
     launch.add_argument("--slurm", action="store_true", help="write an sbatch script instead of running")
+    launch.add_argument("--k8s", action="store_true",
+                        help="print Kubernetes manifests (an Indexed Job per run, one pod per node; docs/k8s.md)")
+    launch.add_argument("--out", default=None, metavar="DIR", help="with --k8s: write the manifests under DIR")
     launch.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
                         help="sweep a key over values; several --sweep flags make a grid (repeatable)")
     launch.add_argument("--sweep-file", default=None, help="TOML sweep: [grid] and/or [[runs]] (see docs/slurm.md)")
@@ -187,6 +195,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.overrides = [*args.overrides, *extra]
     if args.command == "run":
         return run_command(args.config, args.overrides)
+    if args.command == "node":
+        from automodel.launcher.node import run_node
+
+        try:
+            return run_node(args.config, args.overrides)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
     if args.command in ("launch", "sweep"):
         return _launch_or_sweep(args)
     if args.command in ("chat", "generate", "plot", "merge"):
@@ -296,7 +312,7 @@ def _launch_or_sweep(args: argparse.Namespace) -> int:
             return 0
         return launch(LaunchArgs(
             config=args.config, overrides=tuple(args.overrides), nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-            nproc_per_node=args.nproc_per_node, slurm=args.slurm, sweep=tuple(args.sweep),
+            nproc_per_node=args.nproc_per_node, slurm=args.slurm, k8s=args.k8s, out=args.out, sweep=tuple(args.sweep),
             sweep_file=args.sweep_file, max_parallel=args.max_parallel, submit=args.submit, dry_run=args.dry_run,
         ))
     except ConfigError as e:

@@ -471,6 +471,60 @@ class SlurmConfig:
 
 
 @attrs.frozen(kw_only=True)
+class K8sConfig:
+    """The manifests `automodel launch --k8s` writes: an Indexed Job (one pod per node) and a headless Service for the
+    rendezvous, a ConfigMap with the frozen config, and a PersistentVolumeClaim for output_dir (docs/k8s.md)."""
+
+    image: str = field("", "Container image with automodel installed (required for --k8s), e.g. "
+                           "\"registry.example.com/automodel:0.1\"; docs/k8s.md has a Dockerfile.")
+    image_pull_policy: Literal["IfNotPresent", "Always", "Never"] = field("IfNotPresent", "The container's "
+                                                                          "imagePullPolicy.")
+    image_pull_secrets: list[str] = field(doc="Names of Secrets holding registry credentials (imagePullSecrets).",
+                                          factory=list)
+    name: str = field("", "Name of the Job (and Service, ConfigMap, claim); empty means output_dir's name. Made a "
+                          "valid DNS-1123 label; a sweep's tasks append their overrides.")
+    namespace: str = field("", "metadata.namespace of every object; empty leaves it to kubectl's current namespace.")
+    workdir: str = field("/workspace", "The container's working directory: relative paths in the config "
+                                       "(output_dir, data files) are relative to it.")
+    python: str = field("python", "The interpreter in the image that runs `-m automodel node`.")
+    port: int = field(29500, "Rendezvous port on the first pod (MASTER_PORT).")
+    cpu: str = field("", "CPU request and limit of each pod (one per node), e.g. \"32\"; empty sets none.")
+    memory: str = field("", "Memory request and limit of each pod, e.g. \"200Gi\"; empty sets none.")
+    gpu_resource: str = field("nvidia.com/gpu", "The extended resource each pod asks gpus_per_node of.")
+    shm_size: str = field("16Gi", "Size of the memory-backed /dev/shm (data workers, NCCL); empty keeps the "
+                                  "container runtime's 64 MB.")
+    volume_claim: str = field("", "An existing PersistentVolumeClaim to mount at output_dir; empty creates "
+                                  "<name>-output (volume_size, storage_class, volume_access_mode).")
+    volume_size: str = field("100Gi", "Storage request of the claim that is created.")
+    storage_class: str = field("", "storageClassName of the claim that is created; empty means the cluster's default.")
+    volume_access_mode: Literal["ReadWriteMany", "ReadWriteOnce"] = field(
+        "ReadWriteMany", "Access mode of the claim that is created; several nodes need ReadWriteMany (checkpoints are "
+        "written by every rank and read back by all).")
+    hf_home: str = field("", "HF_HOME in the pods; empty means <output_dir>/.cache/huggingface, on the volume, so "
+                             "restarted pods do not download the model again.")
+    env: dict[str, str] = field(doc="Environment variables set in the container, e.g. {NCCL_DEBUG = \"WARN\"}.",
+                                factory=dict)
+    secret_env: dict[str, str] = field(
+        doc="Environment variables read from Secrets, NAME = \"secret-name/key\", e.g. {HF_TOKEN = "
+        "\"hf-token/token\"}; the value never appears in the manifests.", factory=dict)
+    node_selector: dict[str, str] = field(doc="The pods' nodeSelector, e.g. {\"nvidia.com/gpu.product\" = "
+                                              "\"NVIDIA-H100-80GB-HBM3\"}.", factory=dict)
+    tolerations: list[str] = field(doc="Taints the pods tolerate, in kubectl's taint syntax KEY[=VALUE]:EFFECT, e.g. "
+                                       "[\"nvidia.com/gpu:NoSchedule\"].", factory=list)
+    service_account: str = field("", "The pods' serviceAccountName; empty means the namespace's default.")
+    priority_class: str = field("", "The pods' priorityClassName (what a scheduler may preempt for); empty: none.")
+    termination_grace_seconds: int = field(
+        300, "terminationGracePeriodSeconds: after SIGTERM (eviction, preemption) the ranks stop at the next step and "
+        "checkpoint; Kubernetes kills the pod after this many seconds (its default, 30, is short for a large model).")
+    backoff_limit: int = field(
+        2, "Failures (not preemptions: exit 75 and evictions are not counted) retried before the Job fails; the "
+        "Job's backoffLimit is this times the nodes, since one failure ends every node's pod.")
+    ttl_seconds_after_finished: int = field(
+        604800, "ttlSecondsAfterFinished: a finished Job and its pods are deleted after this long (7 days); 0 keeps "
+        "them. The claim and its files are kept either way.")
+
+
+@attrs.frozen(kw_only=True)
 class LaunchConfig:
     """Defaults for `automodel launch`; its flags override them."""
 
@@ -478,6 +532,7 @@ class LaunchConfig:
     gpus_per_node: int = field(8, "GPUs per node, one rank each (--gpus-per-node); 0 runs on CPU with gloo.")
     nproc_per_node: int = field(0, "Ranks per node (--nproc-per-node); 0 means gpus_per_node, or 1 on CPU.")
     slurm: SlurmConfig = field(factory=SlurmConfig, doc="")
+    k8s: K8sConfig = field(factory=K8sConfig, doc="")
 
 
 @attrs.frozen(kw_only=True)

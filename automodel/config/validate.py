@@ -453,6 +453,43 @@ def _launch_problems(launch: Any) -> list[str]:
     for name in ("job_name", "partition", "account", "qos", "mem"):
         if any(ch.isspace() for ch in getattr(s, name)):
             problems.append(f"launch.slurm.{name} must not contain spaces")
+    return problems + _k8s_problems(launch.k8s)
+
+
+# A Kubernetes resource quantity: "32", "500m", "200Gi", "1.5e3".
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?([eE][0-9]+|[numkKMGTPE]|[KMGTPE]i)?$")
+# kubectl's taint syntax: KEY[=VALUE]:EFFECT.
+_TAINT = re.compile(r"^([A-Za-z0-9./_-]+)(=([A-Za-z0-9._-]*))?:(NoSchedule|PreferNoSchedule|NoExecute)$")
+
+
+def _k8s_problems(k: Any) -> list[str]:
+    problems = []
+    if not 1 <= k.port <= 65535:
+        problems.append(f"launch.k8s.port {k.port} is not a port (1-65535)")
+    if k.termination_grace_seconds < 0 or k.backoff_limit < 0 or k.ttl_seconds_after_finished < 0:
+        problems.append("launch.k8s.termination_grace_seconds, backoff_limit and ttl_seconds_after_finished must "
+                        "be >= 0")
+    for name in ("cpu", "memory", "shm_size", "volume_size"):
+        value = getattr(k, name)
+        if value and not _QUANTITY.match(value):
+            problems.append(f'launch.k8s.{name} "{value}" is not a Kubernetes quantity; e.g. "32", "500m", "200Gi"')
+    if not k.volume_claim and not k.volume_size:
+        problems.append("launch.k8s.volume_size is empty: give the size of the claim to create, or an existing "
+                        "launch.k8s.volume_claim")
+    for taint in k.tolerations:
+        if not _TAINT.match(taint):
+            problems.append(f'launch.k8s.tolerations entry "{taint}" is not KEY[=VALUE]:EFFECT, e.g. '
+                            '"nvidia.com/gpu:NoSchedule" (EFFECT: NoSchedule, PreferNoSchedule or NoExecute)')
+    for table in ("env", "secret_env"):
+        for key in getattr(k, table):
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+                problems.append(f'launch.k8s.{table} key "{key}" is not an environment variable name')
+    for key, ref in k.secret_env.items():
+        secret, _, item = ref.partition("/")
+        if not secret or not item or "/" in item:
+            problems.append(f'launch.k8s.secret_env.{key} = "{ref}": give "secret-name/key", e.g. "hf-token/token"')
+    if not k.workdir.startswith("/"):
+        problems.append(f'launch.k8s.workdir "{k.workdir}" must be an absolute path in the container')
     return problems
 
 

@@ -30,6 +30,8 @@ class LaunchArgs:
     gpus_per_node: Optional[int] = None
     nproc_per_node: Optional[int] = None
     slurm: bool = False
+    k8s: bool = False
+    out: Optional[str] = None                 # --k8s: write the manifests under this directory
     sweep: tuple[str, ...] = ()
     sweep_file: Optional[str] = None
     max_parallel: Optional[int] = None
@@ -87,11 +89,17 @@ def sbatch_job(args: LaunchArgs, p: LaunchPlan, workdir: Path) -> SbatchJob:
 
 
 def launch(args: LaunchArgs) -> int:
+    if args.slurm and args.k8s:
+        raise ConfigError("--slurm or --k8s, not both")
+    if args.out and not args.k8s:
+        raise ConfigError("--out goes with --k8s (a Slurm script is written under output_dir/slurm/)")
     p = plan(args)
     if args.slurm:
         return _slurm(args, p)
     if args.submit:
-        raise ConfigError("--submit goes with --slurm")
+        raise ConfigError("--submit goes with --slurm; apply --k8s manifests with kubectl apply -f")
+    if args.k8s:
+        return _k8s(args, p)
     commands = [deepspeed_command(args.config, [*args.overrides, *extra], p.topo) for extra in p.task_overrides] \
         if p.points else [deepspeed_command(args.config, list(args.overrides), p.topo)]
     if args.dry_run:
@@ -144,4 +152,27 @@ def _slurm(args: LaunchArgs, p: LaunchPlan) -> int:
         return done.returncode
     job_id = done.stdout.strip().split(";")[0]
     print(f"submitted job {job_id}; logs in {slurm_dir}")
+    return 0
+
+
+def _k8s(args: LaunchArgs, p: LaunchPlan) -> int:
+    from automodel.launcher.k8s import K8sRun, dns_label, render
+
+    run = K8sRun(
+        base_name=p.base.launch.k8s.name or Path(p.base.output_dir).name,
+        config_toml=f"# Frozen by `automodel launch --k8s` from {args.config}.\n" + to_toml(p.base),
+        output_dir=p.base.output_dir, topo=p.topo, k8s=p.base.launch.k8s,
+        tasks=tuple(p.task_overrides) if p.points else ((),), task_dirs=tuple(d.name for d in p.dirs),
+        source=f"{args.config} (--nodes {p.topo.nodes} --gpus-per-node {p.topo.gpus_per_node})",
+    )
+    text = render(run)
+    if not args.out or args.dry_run:
+        sys.stdout.write(text)
+        return 0
+    path = Path(args.out) / f"{dns_label(run.base_name)}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    print(f"kubectl apply -f {path}")
     return 0
