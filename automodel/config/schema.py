@@ -440,7 +440,9 @@ class SlurmConfig:
     account: str = field("", "#SBATCH --account; empty leaves it out.")
     qos: str = field("", "#SBATCH --qos; empty leaves it out.")
     time: str = field("04:00:00", "#SBATCH --time: the wall-clock limit of one job (or of each requeued start).")
-    cpus_per_task: int = field(8, "#SBATCH --cpus-per-task: CPU cores per rank (data loading, tokenisation).")
+    cpus_per_task: int = field(
+        0, "#SBATCH --cpus-per-task: CPU cores per rank (data loading, tokenisation). 0: the partition's CPUs per node "
+        "shared among the node's ranks (asked of sinfo), or 8 where sinfo does not answer.")
     mem: str = field("", "#SBATCH --mem per node, e.g. \"200G\" (\"0\": all of it); empty leaves it out.")
     exclusive: bool = field(False, "#SBATCH --exclusive: nodes are not shared with other jobs.")
     signal_seconds: int = field(

@@ -441,8 +441,8 @@ def _launch_problems(launch: Any) -> list[str]:
     if not _SLURM_TIME.match(s.time):
         problems.append(f'launch.slurm.time "{s.time}" is not a Slurm time; e.g. "04:00:00", "90" (minutes) '
                         'or "2-00:00:00"')
-    if s.cpus_per_task < 1 or s.signal_seconds < 0 or s.max_requeues < 0:
-        problems.append("launch.slurm.cpus_per_task must be >= 1, signal_seconds and max_requeues >= 0")
+    if s.cpus_per_task < 0 or s.signal_seconds < 0 or s.max_requeues < 0:
+        problems.append("launch.slurm.cpus_per_task, signal_seconds and max_requeues must be >= 0")
     for line in s.sbatch:
         if not line.startswith("-") or "\n" in line:
             problems.append(f'launch.slurm.sbatch entry "{line}": one sbatch option per entry, e.g. '

@@ -12,6 +12,7 @@ import attrs
 
 from automodel.config import ConfigError, TrainConfig, load_config, to_toml
 from automodel.launcher import Topology, deepspeed_command, topology
+from automodel.launcher.partition import NodeGroup, fit, sinfo
 from automodel.launcher.slurm import SbatchJob, render
 from automodel.launcher.sweep import (
     check_no_output_dir,
@@ -76,14 +77,17 @@ def plan(args: LaunchArgs) -> LaunchPlan:
     return LaunchPlan(base, topo, points, dirs, task_overrides, max_parallel)
 
 
-def sbatch_job(args: LaunchArgs, p: LaunchPlan, workdir: Path) -> SbatchJob:
+def sbatch_job(args: LaunchArgs, p: LaunchPlan, workdir: Path,
+               partition: Optional[list[NodeGroup]] = None) -> SbatchJob:
+    """The script's settings; with the partition's node groups (sinfo), checked against what the nodes have."""
     run_dir = (workdir / p.base.output_dir).resolve()
     flags = [f"--nodes {p.topo.nodes}", f"--gpus-per-node {p.topo.gpus_per_node}"]
     if not p.topo.gpus_per_node:
         flags.append(f"--nproc-per-node {p.topo.nproc_per_node}")
     return SbatchJob(
         job_name=p.base.launch.slurm.job_name or run_dir.name, run_dir=run_dir,
-        config=run_dir / "slurm" / "config.toml", workdir=workdir, topo=p.topo, slurm=p.base.launch.slurm,
+        config=run_dir / "slurm" / "config.toml", workdir=workdir, topo=p.topo,
+        slurm=fit(p.base.launch.slurm, p.topo, partition),
         sweep=tuple(p.task_overrides), max_parallel=p.max_parallel, source=f"{args.config} ({' '.join(flags)})",
     )
 
@@ -125,7 +129,7 @@ def shell_quote_toml(path: str) -> str:
 
 def _slurm(args: LaunchArgs, p: LaunchPlan) -> int:
     workdir = Path.cwd()  # relative paths in the config are relative to it
-    job = sbatch_job(args, p, workdir)
+    job = sbatch_job(args, p, workdir, sinfo())
     script = render(job)
     if args.dry_run:
         sys.stdout.write(script)

@@ -7,7 +7,7 @@ from tests.launcher import slurm_cluster
 
 @pytest.fixture(scope="session")
 def slurm(tmp_path_factory):
-    """A running one-node Slurm (2 CPUs here) for the session; its clients find it through SLURM_CONF."""
+    """A running two-node Slurm (on this host; each node has its CPUs) for the session; its clients find it through SLURM_CONF."""
     root = tmp_path_factory.mktemp("slurm")
     started = slurm_cluster.start(root)
     if isinstance(started, str):

@@ -1,6 +1,9 @@
-"""A real one-node Slurm for the tests: Debian's slurmctld + slurmd + munge, installed when missing (as root,
-about a minute), a slurm.conf in a temporary directory (SLURM_CONF points the clients at it), started for the
-test session and shut down after it. `start` returns the reason instead when Slurm cannot run here."""
+"""A real two-node Slurm for the tests, on this one host: Debian's slurmctld, two slurmd (`slurmd -N`, each on its
+own port; the nodes are named after loopback addresses, 127.0.0.1 and 127.0.0.2, so the first host of an allocation
+is a rendezvous address that resolves) and munge, installed when missing (as root, about a minute), a slurm.conf
+in a temporary directory (SLURM_CONF points the clients at it), started for the test session and shut down after
+it. Both nodes say they have all of this host's CPUs (SlurmdParameters=config_overrides lets them). `start` returns
+the reason instead when Slurm cannot run here."""
 
 import os
 import shutil
@@ -66,26 +69,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+NODES = ("127.0.0.1", "127.0.0.2")
+
+
 def write_conf(root: Path) -> Path:
     host = socket.gethostname().split(".")[0]
-    for d in ("state", "spool", "log"):
+    for d in ("state", "log", *(f"spool/{n}" for n in NODES)):
         (root / d).mkdir(parents=True, exist_ok=True)
+    nodes = "\n".join(f"NodeName={n} NodeHostname={host} Port={_free_port()} CPUs={os.cpu_count()} RealMemory=10000 "
+                      "State=UNKNOWN" for n in NODES)
     conf = root / "slurm.conf"
     conf.write_text(f"""\
 ClusterName=automodeltest
 SlurmctldHost={host}
 SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
 AuthType=auth/munge
 # Requeued jobs wait this long before starting again (default 120 s).
 AuthInfo=cred_expire=10
 SlurmUser=root
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+SlurmdSpoolDir={root}/spool/%n
 SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
+SlurmdPidFile={root}/slurmd.%n.pid
 SlurmctldLogFile={root}/log/slurmctld.log
-SlurmdLogFile={root}/log/slurmd.log
+SlurmdLogFile={root}/log/slurmd.%n.log
+SlurmdParameters=config_overrides
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 MpiDefault=none
@@ -97,8 +105,8 @@ MinJobAge=600
 KillWait=10
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
-NodeName={host} CPUs={os.cpu_count()} RealMemory=20000 State=UNKNOWN
-PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
+{nodes}
+PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=UP
 """)
     return conf
 
@@ -110,25 +118,26 @@ def start(root: Path) -> Union[dict, str]:
         return why
     conf = write_conf(root)
     env = {**os.environ, "SLURM_CONF": str(conf)}
-    for daemon in (["slurmctld", "-c", "-f", str(conf)], ["slurmd", "-f", str(conf)]):
+    daemons = [["slurmctld", "-c", "-f", str(conf)], *(["slurmd", "-f", str(conf), "-N", n] for n in NODES)]
+    for daemon in daemons:
         done = _run(daemon, env=env)
         if done.returncode != 0:
             stop(root, env)
-            return f"{daemon[0]} did not start: {done.stderr.strip()[-500:]}"
+            return f"{' '.join(daemon[:1] + daemon[3:])} did not start: {done.stderr.strip()[-500:]}"
     deadline = time.time() + 60
     while time.time() < deadline:
-        state = _run(["sinfo", "-h", "-o", "%t"], env=env).stdout.strip()
-        if state == "idle":
+        states = _run(["sinfo", "-h", "-N", "-o", "%t"], env=env).stdout.split()
+        if states == ["idle"] * len(NODES):
             return {"SLURM_CONF": str(conf)}
         time.sleep(0.5)
-    log = (root / "log" / "slurmd.log").read_text()[-1000:] if (root / "log" / "slurmd.log").exists() else ""
+    logs = "".join(p.read_text()[-500:] for p in sorted((root / "log").glob("slurmd.*.log")))
     stop(root, env)
-    return f"the Slurm node did not become idle within 60 s (sinfo: {state!r}); slurmd log: {log}"
+    return f"the Slurm nodes did not become idle within 60 s (sinfo: {states!r}); slurmd logs: {logs}"
 
 
 def stop(root: Path, env: dict) -> None:
     _run(["scancel", "--full", "--user", "root"], env={**os.environ, **env})
-    pid_files = [root / "slurmd.pid", root / "slurmctld.pid"]
+    pid_files = [*(root / f"slurmd.{n}.pid" for n in NODES), root / "slurmctld.pid"]
     if (root / "munged.ours").exists():
         pid_files.append(MUNGE_PID)
     for pid_file in pid_files:
