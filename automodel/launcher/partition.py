@@ -9,6 +9,7 @@ and cpus_per_task = 0 means 8.
 
 import re
 import subprocess
+import sys
 from typing import Optional
 
 import attrs
@@ -19,6 +20,7 @@ from automodel.launcher import Topology
 
 CPUS_PER_TASK_UNKNOWN = 8  # cpus_per_task = 0 where sinfo does not answer
 SINFO_FORMAT = "%P|%D|%c|%m|%G|%l"
+SINFO_TIMEOUT_S = 15
 
 
 @attrs.frozen
@@ -86,8 +88,13 @@ def parse_sinfo(text: str) -> list[NodeGroup]:
 def sinfo() -> Optional[list[NodeGroup]]:
     """The cluster's node groups, or None where sinfo does not answer."""
     try:
-        done = subprocess.run(["sinfo", "-h", "-o", SINFO_FORMAT], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
+        done = subprocess.run(["sinfo", "-h", "-o", SINFO_FORMAT], capture_output=True, text=True,
+                              timeout=SINFO_TIMEOUT_S)
+    except OSError:
+        return None
+    except subprocess.TimeoutExpired:  # (a SLURM_CONF that names no file: sinfo retries for a minute)
+        print(f"warning: sinfo did not answer in {SINFO_TIMEOUT_S} s; the partition was not checked",
+              file=sys.stderr)
         return None
     if done.returncode != 0:
         return None

@@ -207,6 +207,21 @@ def test_node_environment_and_status():
     assert exit_code([75, 1, -9]) == 1
 
 
+def test_a_node_whose_ranks_fail_says_so(tmp_path):
+    """Both ranks of a node stop on a config error (status 2); the node exits with it, not 0 or 75."""
+    node_env = {**env(), "NNODES": "1", "NODE_RANK": "0", "NPROC_PER_NODE": "2", "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": "29500"}
+    done = subprocess.run([sys.executable, "-m", "automodel", "node", "--config", QUICK, "train.max_steps=-1",
+                           f"output_dir={tmp_path}"], cwd=REPO, env=node_env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "automodel node 0/1: ranks 0-1 of 2" in done.stderr and done.stderr.count("error: ") == 2
+    missing = subprocess.run([sys.executable, "-m", "automodel", "node", "--config", QUICK], cwd=REPO,
+                             env={**env(), "NNODES": "2"}, capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "MASTER_ADDR, MASTER_PORT, NODE_RANK (or JOB_COMPLETION_INDEX) not set" in \
+        missing.stderr
+
+
 TRAIN = ["schedule.warmup_steps=0", "train.log_every=1", "eval.generate_samples=0", "data.validation.limit=16",
          'logging.progress_bar="off"', "train.global_batch_size=16", "train.micro_batch_size=8",
          "train.max_steps=60"]
