@@ -141,7 +141,7 @@ def restore(load_fn: Callable[[TrainState, Path], TrainState], state: TrainState
     state = load_fn(state, path)
     # Another number of ranks (functional backend) has no saved RNG for some ranks: derive one.
     rng = store.load_rng(path, rank) or initial_rng(meta["seed"] + saved["step"], rank, device)
-    return attrs.evolve(state, rng=rng, stream=store.load_stream(path, rank, meta["world_size"])), accepted
+    return attrs.evolve(state, rng=rng, stream=store.load_stream(path)), accepted
 
 
 __all__ = ["RunLock", "choose", "fingerprint", "manifest", "restore", "save", "store"]

@@ -101,19 +101,31 @@ def save_stream(tmp: Path, rank: int, position: Optional[dict]) -> None:
         _write_atomic(tmp / "stream" / f"rank_{rank:05d}.json", json.dumps(position))
 
 
-def load_stream(path: Path, rank: int, world_size: int) -> Optional[dict]:
-    """A rank's saved stream position; None when the checkpoint has none (data read in full). A checkpoint of a
-    streamed run written by another number of ranks cannot resume: each rank's position is in its own share."""
+def load_stream(path: Path) -> Optional[dict]:
+    """Every shard's saved stream position ({"shards": count, "positions": {shard: position}}), gathered from the
+    ranks' files, whatever number of ranks wrote them; None when the checkpoint has none (data read in full)."""
     folder = path / "stream"
     if not folder.is_dir():
         return None
     # The writer's number of ranks as train_state.json records it (a stray file in the folder does not count).
     saved_ranks = read_train_state(path).get("world_size") or len(list(folder.glob("rank_*.json")))
-    if saved_ranks != world_size:
-        raise ConfigError(f"cannot resume from {path}: it holds the stream positions of {saved_ranks} ranks (each "
-                          f"reads its own share of a streamed source), this run has {world_size}; resume with "
-                          f"{saved_ranks} ranks, or start afresh (train.resume = \"never\" or another output_dir)")
-    return json.loads((folder / f"rank_{rank:05d}.json").read_text())
+    count, positions = saved_ranks, {}
+    for rank in range(saved_ranks):
+        file = folder / f"rank_{rank:05d}.json"
+        if not file.is_file():  # (a rank that read only shards another rank read too is not missed)
+            continue
+        saved = json.loads(file.read_text())
+        if "shards" in saved:
+            count = saved["shards"]
+            positions.update(saved["positions"])
+        else:  # written before a stream recorded its shards: one shard a rank
+            positions[str(rank)] = saved
+    missing = [v for v in range(count) if str(v) not in positions]
+    if missing:
+        raise ConfigError(f"cannot resume from {path}: its stream/ folder lacks the position of shard(s) "
+                          f"{', '.join(map(str, missing))} of {count}; resume from another checkpoint, or start afresh "
+                          "(train.resume = \"never\" or another output_dir)")
+    return {"shards": count, "positions": positions}
 
 
 def write_train_state(tmp: Path, train_state: dict[str, Any]) -> None:

@@ -9,12 +9,18 @@ EOS between them, as when a text source is tokenised in full. Preference pairs (
 tokenised as data/preference.py tokenises them. When a source ends, its next pass starts at its first row. Memory is
 a window's worth, whatever the corpus size.
 
-Several streamed sources mix by weight: which source fills a rank's n-th row is a seeded draw, a pure function of
-(seed, rank, n). So where a rank's stream stands after a step is a small record: per source, its pass, the datasets
-iterator's state at the start of the current window, how many of the window's samples were taken and how many
-tokens of the next one (text); plus the rank's row counter. The training loop carries it in the train state and a
-checkpoint stores it per rank: a resumed run reads the window again, skips what was taken, and trains on exactly
-the rows the uninterrupted run would have."""
+Several streamed sources mix by weight: which source fills a rank's (a shard's, below) n-th row is a seeded draw,
+a pure function of (seed, rank, n). So where a rank's stream stands after a step is a small record: per source, its
+pass, the datasets iterator's state at the start of the current window, how many of the window's samples were taken
+and how many tokens of the next one (text); plus the rank's row counter. The training loop carries it in the train
+state and a checkpoint stores it per rank: a resumed run reads the window again, skips what was taken, and trains
+on exactly the rows the uninterrupted run would have.
+
+The shares are cut once, for the ranks of the run's first start (its shards), and stay so for the whole run: a run
+resumed on another number of ranks reads the same shards, each rank those whose rows of the step fall in its part of
+the global batch (RankStream). So each step's global batch is the same rows in the same order on any number of
+ranks, and no sample is lost or read twice. (A rank whose part is smaller than a shard's reads the whole shard and
+keeps its part: a run that grew tokenises some rows on more than one rank.)"""
 
 import copy
 from collections import deque
@@ -233,6 +239,56 @@ class TrainStream:
         return [self.collate(rows[i:i + m]) for i in range(0, len(rows), m)], self.position()
 
 
+class RankStream:
+    """A rank's part of each step's global batch, from the shards (the first start's ranks) it overlaps: a step takes
+    global_batch_size / shards rows from each shard in turn, and this rank keeps rows [rank x per_rank, (rank + 1) x
+    per_rank) of them. Its position holds each shard's it reads."""
+
+    def __init__(self, shards: dict[int, TrainStream], count: int, shape: BatchShape, rank: int,
+                 collate: Callable[[list], dict]):
+        self.shards, self.count, self.shape, self.rank, self.collate = shards, count, shape, rank, collate
+
+    def position(self) -> dict:
+        return {"shards": self.count, "positions": {str(v): s.position() for v, s in self.shards.items()}}
+
+    def next_step(self) -> tuple[list[dict[str, torch.Tensor]], dict]:
+        """This rank's micro-batches of the next step, and the position after them."""
+        per_shard = self.shape.global_batch_size // self.count
+        first = self.rank * self.shape.per_rank
+        rows = []
+        for v, shard in self.shards.items():
+            for k in range(per_shard):
+                row = shard.next_row()
+                if first <= v * per_shard + k < first + self.shape.per_rank:
+                    rows.append(row)
+        m = self.shape.micro_batch_size
+        return [self.collate(rows[i:i + m]) for i in range(0, len(rows), m)], self.position()
+
+
+def open_rank_stream(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, options: FormatOptions,
+                     shape: BatchShape, seed: int, rank: int, position: Optional[dict] = None,
+                     collate: Optional[Callable[[list], dict]] = None) -> RankStream:
+    """This rank's training rows of the streamed sources of [data], from `position` (a checkpoint's: every shard's,
+    see checkpoint.store.load_stream) or from the start, where the shards are this run's ranks."""
+    count = position["shards"] if position is not None else shape.world_size
+    if shape.global_batch_size % count:  # the global batch is checked unchanged on resume; this cannot happen
+        raise ConfigError(f"the checkpoint's stream is cut into {count} shards, which do not divide "
+                          f"train.global_batch_size ({shape.global_batch_size})")
+    per_shard, first = shape.global_batch_size // count, rank * shape.per_rank
+    held = range(first // per_shard, (first + shape.per_rank - 1) // per_shard + 1)
+    shard_shape = attrs.evolve(shape, world_size=count)
+    shards = {v: open_train_stream(data_cfg, tokenizer, options, shard_shape, seed, v,
+                                   position["positions"][str(v)] if position is not None else None, collate)
+              for v in held}
+    collate = collate or (lambda rows: collate_rows(rows, tokenizer.pad_token_id))
+    return RankStream(shards, count, shape, rank, collate)
+
+
+def first_shard(position: dict) -> dict:
+    """The position of the first shard a rank's position holds (the only one, unless the run changed its ranks)."""
+    return position["positions"][min(position["positions"], key=int)] if "shards" in position else position
+
+
 def shares_of(sources: Sequence[DataSourceConfig]) -> list[float]:
     """Each streamed source's share of the rows: its weight normalised (equal without weights: a stream's size is
     not known ahead)."""
@@ -284,12 +340,13 @@ def preflight(data_cfg: DataConfig, options: FormatOptions) -> list[str]:
 
 
 def passes(position: dict) -> list[int]:
-    """The pass (from 1) each source of a stream position is in."""
-    return [at["pass"] + 1 for at in position["sources"]]
+    """The pass (from 1) each source of a stream position (its first shard) is in."""
+    return [at["pass"] + 1 for at in first_shard(position)["sources"]]
 
 
 def resumed_line(position: Any, sources: Sequence[DataSourceConfig]) -> str:
-    """The log's line for a stream resumed from a checkpoint (this rank's position)."""
+    """The log's line for a stream resumed from a checkpoint (its first shard's position)."""
+    shard = first_shard(position)
     parts = [f"{source_label(src) if len(sources) > 1 else 'train'} in pass {at['pass'] + 1}, {at['taken']} samples "
-             f"into the window from row {at['rows_read']:,}" for src, at in zip(sources, position["sources"])]
-    return f"stream resumed after {position['rows']:,} training rows on rank 0: " + "; ".join(parts)
+             f"into the window from row {at['rows_read']:,}" for src, at in zip(sources, shard["sources"])]
+    return f"stream resumed after {shard['rows']:,} training rows of shard 0: " + "; ".join(parts)

@@ -91,11 +91,11 @@ def parts(setup: Setup) -> Parts:
         return ValidationSet(lambda: (pairs.collate(vset, idx, pad, nll, ref_logps.get(vset.name))
                                       for idx in pairs.eval_batches(vset, eval_size, cfg.eval.max_batches)))
 
-    def stream(position):  # this rank's share of the streamed sources, from a checkpoint's position or the start
-        return data.stream.open_train_stream(cfg.data, tokenizer, options,
-                                             BatchShape.of(cfg.train, setup.ranks.world_size), cfg.seed,
-                                             setup.ranks.rank, position,
-                                             collate=lambda samples: pairs.collate_samples(samples, pad, nll))
+    def stream(position):  # this rank's part of the streamed sources, from a checkpoint's position or the start
+        return data.stream.open_rank_stream(cfg.data, tokenizer, options,
+                                            BatchShape.of(cfg.train, setup.ranks.world_size), cfg.seed,
+                                            setup.ranks.rank, position,
+                                            collate=lambda samples: pairs.collate_samples(samples, pad, nll))
 
     names = data.validation_names(cfg.data)
     unit = "pairs" if pref.loss != "kto" else "examples"

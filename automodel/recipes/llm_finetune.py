@@ -66,10 +66,10 @@ def parts(setup: Setup) -> Parts:
 
         return ValidationSet(batches, answers)
 
-    def stream(position):  # this rank's share of the streamed sources, from a checkpoint's position or the start
-        return data.stream.open_train_stream(cfg.data, tokenizer, data.format_options(cfg.data, tokenizer),
-                                             BatchShape.of(cfg.train, setup.ranks.world_size), cfg.seed,
-                                             setup.ranks.rank, position)
+    def stream(position):  # this rank's part of the streamed sources, from a checkpoint's position or the start
+        return data.stream.open_rank_stream(cfg.data, tokenizer, data.format_options(cfg.data, tokenizer),
+                                            BatchShape.of(cfg.train, setup.ranks.world_size), cfg.seed,
+                                            setup.ranks.rank, position)
 
     names = data.validation_names(cfg.data)
     return Parts(

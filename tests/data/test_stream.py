@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 from automodel.config import BatchShape, ConfigError, DataConfig, DataSourceConfig, load_config
 from automodel.data import format_options, load_examples, tokenize_examples
 from automodel.data import stream as stream_module
-from automodel.data.stream import TrainStream, open_train_stream, preflight
+from automodel.data.stream import TrainStream, open_rank_stream, open_train_stream, preflight
 from automodel.data.tokenize import chunk_stream, document_stream
 from automodel.loss import IGNORE_INDEX
 from tests.helpers import ASSETS, QUICKSTART, shared_data, write_jsonl
@@ -167,6 +167,37 @@ def test_a_stream_resumed_from_a_saved_position_gives_the_rows_of_the_uninterrup
             assert all(same_batches(got, want) for (got, _), (want, _) in zip(again, whole[cut + 2:]))
     # Every source was read past its end: the cuts above include positions in a second pass.
     assert min(at["pass"] for at in whole[-1][1]["sources"]) >= 1
+
+
+def global_steps(data_cfg: DataConfig, tokenizer, shape: BatchShape, n: int, position=None) -> tuple[list, dict]:
+    """Each step's global batch (every rank's micro-batches, in rank order), and the position gathered from every
+    rank's last one as a checkpoint's stream/ folder is (checkpoint.store.load_stream)."""
+    per_rank = [steps(open_rank_stream(data_cfg, tokenizer, format_options(data_cfg, tokenizer), shape, seed=5,
+                                       rank=r, position=position), n) for r in range(shape.world_size)]
+    batches = [[b for r in range(shape.world_size) for b in per_rank[r][s][0]] for s in range(n)]
+    last = [json.loads(json.dumps(per_rank[r][-1][1])) for r in range(shape.world_size)]
+    gathered = {"shards": last[0]["shards"], "positions": {k: v for p in last for k, v in p["positions"].items()}}
+    return batches, gathered
+
+
+@pytest.mark.parametrize("kind", ["packed", "mixed"])
+@pytest.mark.parametrize("saved_on, resumed_on", [(2, 1), (1, 2), (2, 4), (4, 2)])
+def test_a_stream_resumed_on_another_number_of_ranks_gives_the_same_global_batches(tmp_path, tokenizer, kind,
+                                                                                    saved_on, resumed_on):
+    """The shards are the first start's ranks: resumed on another number of ranks, each step's global batch holds
+    the uninterrupted run's micro-batches in the same order (so no sample is lost or read twice), whether a rank
+    reads several shards (2 -> 1), a part of one (1 -> 2), or of one of several (2 -> 4)."""
+    sources = {"packed": [instruction_source(limit=25)],
+               "mixed": [instruction_source(limit=8, weight=1.0), attrs.evolve(text_source(tmp_path, docs=6),
+                                                                              weight=2.0)]}
+    data_cfg = DataConfig(seq_len=40, packing=True, train=sources[kind])
+    shape = BatchShape(8, 2, world_size=saved_on)
+    whole, _ = global_steps(data_cfg, tokenizer, shape, 10)
+    _, at_4 = global_steps(data_cfg, tokenizer, shape, 4)
+    assert at_4["shards"] == saved_on and sorted(at_4["positions"], key=int) == [str(v) for v in range(saved_on)]
+    resumed, at_10 = global_steps(data_cfg, tokenizer, attrs.evolve(shape, world_size=resumed_on), 6, at_4)
+    assert all(same_batches(got, want) for got, want in zip(resumed, whole[4:]))
+    assert at_10["shards"] == saved_on  # and so on: the shards stay the first start's
 
 
 def test_a_shuffle_window_permutes_each_window_afresh_each_pass_as_a_function_of_the_seed(tokenizer):

@@ -54,9 +54,9 @@ def test_two_ranks_match_one_rank(tmp_path):
 
 
 def test_two_ranks_stream_their_own_shares_and_resume_exactly(tmp_path):
-    """A streamed source on 2 ranks: each rank's checkpoint holds its own stream position; resumed from the step-2
-    checkpoint (a copy without the later one), the losses equal the uninterrupted run's; its positions do not resume
-    on 1 rank (each is a share of 2)."""
+    """A streamed source on 2 ranks: each rank's checkpoint holds its own shard's stream position; resumed from the
+    step-2 checkpoint (a copy without the later one), the losses equal the uninterrupted run's; the positions are
+    gathered from every rank's file (tests/distributed/test_deepspeed_resume.py resumes them on 1 rank)."""
     base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "launch/run.py",
             "--config", "configs_toml/quickstart.toml", *COMMON, "data.train.streaming=true", "data.packing=true",
             "schedule.kind=\"constant\"", "checkpoint.every=2", f"data.cache_dir={tmp_path / 'c'}"]
@@ -65,12 +65,16 @@ def test_two_ranks_stream_their_own_shares_and_resume_exactly(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = whole / "checkpoints" / "step_000004" / "stream"
     positions = [json.loads((saved / f"rank_{r:05d}.json").read_text()) for r in (0, 1)]
-    assert positions[0]["rows"] == positions[1]["rows"] == 4 * 16  # 16 rows per rank per step
+    shards = [p["positions"][str(r)] for r, p in enumerate(positions)]
+    assert [p["shards"] for p in positions] == [2, 2] and [len(p["positions"]) for p in positions] == [1, 1]
+    assert shards[0]["rows"] == shards[1]["rows"] == 4 * 16  # 16 rows per rank per step
     shutil.copytree(whole, parts)
     shutil.rmtree(parts / "checkpoints" / "step_000004")
     resumed = subprocess.run([*base, f"output_dir={parts}"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "stream resumed after 32 training rows on rank 0" in resumed.stdout
+    assert "stream resumed after 32 training rows of shard 0" in resumed.stdout
     assert losses(parts)[0] == losses(whole)[0]
-    with pytest.raises(ConfigError, match="holds the stream positions of 2 ranks .* this run has 1"):
-        store.load_stream(saved.parent, rank=0, world_size=1)
+    assert store.load_stream(saved.parent) == {"shards": 2, "positions": {"0": shards[0], "1": shards[1]}}
+    (saved / "rank_00001.json").unlink()
+    with pytest.raises(ConfigError, match=r"lacks the position of shard\(s\) 1 of 2"):
+        store.load_stream(saved.parent)

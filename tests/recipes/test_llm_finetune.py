@@ -194,6 +194,8 @@ def test_streamed_sources_train_and_resume_exactly(tmp_path, capsys):
     assert "training: 6 steps of 16 rows" in printed
     assert [p.name.split("-")[0] for p in (tmp_path / "c").iterdir()] == ["validation"]  # only validation is stored
     position = json.loads((whole.output_dir / "checkpoints" / "step_000006" / "stream" / "rank_00000.json").read_text())
+    assert position["shards"] == 1
+    position = position["positions"]["0"]
     assert position["rows"] == 6 * 16 and position["sources"][1]["pass"] >= 2  # 6 rows a pass, ~24 rows drawn
     passes = [r["passes"] for r in read_rows(whole.output_dir / "metrics.jsonl") if "loss" in r]
     assert passes[-1] == [1, position["sources"][1]["pass"] + 1] and passes[-1][1] >= 3  # the log row says so
@@ -203,7 +205,7 @@ def test_streamed_sources_train_and_resume_exactly(tmp_path, capsys):
 
     first = automodel.train(quickstart(tmp_path / "parts", *common, "train.max_steps=3"))
     resumed = automodel.train(quickstart(tmp_path / "parts", *common, "train.max_steps=6"))
-    assert "data: stream resumed after 48 training rows on rank 0: train in pass 1, " in capsys.readouterr().out
+    assert "data: stream resumed after 48 training rows of shard 0: train in pass 1, " in capsys.readouterr().out
     assert resumed.output_dir == first.output_dir
     losses = lambda d: {r["step"]: r["loss"] for r in read_rows(d / "metrics.jsonl") if "loss" in r}  # noqa: E731
     assert losses(resumed.output_dir) == losses(whole.output_dir) and len(losses(whole.output_dir)) == 6
