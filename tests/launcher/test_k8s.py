@@ -265,3 +265,23 @@ def test_two_pod_run_is_evicted_exits_75_restarts_and_resumes_exactly(capsys, tm
     assert train_losses(run_dir) == train_losses(whole) and len(train_losses(whole)) == 60
     assert json.loads((run_dir / "summary.json").read_text())["eval_loss"] == \
         json.loads((whole / "summary.json").read_text())["eval_loss"]
+
+
+@pytest.mark.slow
+def test_a_real_failure_counts_against_the_backoff_limit_and_fails_the_job(capsys, tmp_path):
+    """Not a preemption: both pods exit 2 (a config error), each failure counts (launch.k8s.backoff_limit = 1 is a
+    backoffLimit of 2 for 2 pods), the replacements fail the same way, and the Job fails."""
+    code, _, err = k8s(capsys, IMAGE, "--nodes", "2", "--gpus-per-node", "0", *TRAIN, "launch.k8s.backoff_limit=1",
+                       "--out", str(tmp_path / "manifests"))
+    assert code == 0, err
+    objects = list(yaml.safe_load_all((tmp_path / "manifests" / "quickstart.yaml").read_text()))
+    # The frozen config is broken after the fact (as an edited ConfigMap would be): every rank stops with status 2.
+    objects[1]["data"]["config.toml"] = objects[1]["data"]["config.toml"].replace("max_steps = 60", "max_steps = -1")
+    job = LocalJob(objects, "quickstart", tmp_path / "cluster")
+    job.start()
+    try:
+        assert job.wait(timeout=300) == "Failed"
+    finally:
+        job.stop()
+    assert job.failures == 3 and all(code == 2 and action == "Count" for _, code, action in job.events[:3])
+    assert "train.max_steps" in job.log(0)
