@@ -10,8 +10,10 @@ Llama-3 vocabulary of 128,256, untied head; float32, micro-batch 1, full fine-tu
 
 Step variants (each in a fresh process; memory = its resident set, read from /proc):
 - bare: the model's own `.loss`, `.backward()`, torch.optim.AdamW(foreach=True), `zero_grad(set_to_none=True)`;
-- ours: our functional step with whole logits; ours_chunk: + the chunked loss (train.loss_chunk_tokens = 256);
-  ours_ac: + activation checkpointing, whole logits; ours_ac_chunk: both (what a user of that size would run).
+- ours: our functional step with whole logits; ours_chunk: + the chunked loss (train.loss_chunk_tokens = 256, its
+  gradients computed in the forward: train.fused_loss); ours_ac: + activation checkpointing, whole logits;
+  ours_ac_chunk: both (what a user of that size would run). `--one ours_ac_chunk_recompute` (or any chunked variant
+  with `_recompute`): the chunks recomputed in the backward instead (train.fused_loss = false).
 glibc is told to mmap every allocation over 64 KiB (MALLOC_MMAP_THRESHOLD_), so a freed tensor leaves the resident
 set at once; the high-water mark (VmHWM, reset through /proc/self/clear_refs just before the third step) is then
 the peak of live tensors plus the interpreter's constant share, which is the same for every variant.
@@ -107,7 +109,7 @@ def measure_step(variant: str, seq: int, layers: int, chunk: int = CHUNK) -> dic
         backend = build_functional(model, optim=OptimConfig(lr=1e-5), clip_grad_norm=1.0, lr_fn=lambda s: 1e-5,
                                    device=torch.device("cpu"), grad_method="autograd", all_reduce=None, rank=0,
                                    world_size=1, seed=0, loss_chunk_tokens=chunk if "chunk" in variant else 0,
-                                   master_dtype="auto")
+                                   master_dtype="auto", fused_loss="recompute" not in variant.split("_"))
         state = backend.state
 
         def step():

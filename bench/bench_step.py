@@ -3,6 +3,7 @@
     python bench/bench_step.py                      # CPU-sized Llama
     python bench/bench_step.py --hidden 1024 --layers 8 --device cuda --dtype bfloat16
     python bench/bench_step.py --compile            # train.compile on our side (its first steps compile)
+    python bench/bench_step.py --hidden 128 --layers 2 --vocab 50257 --seq 256 --micro 4 --accum 1 --chunk 256 --trained 1.0 --recompute-loss
 
 The bare loop shares none of our code: the model's own `.loss` (summed over the global batch's label tokens via
 num_items_in_batch, so it is the same objective), `.backward()` per micro-batch, clip_grad_norm_, and
@@ -42,7 +43,7 @@ def batches(args, n):
     for _ in range(n):
         ids = torch.randint(0, args.vocab, (args.micro, args.seq), generator=gen)
         labels = ids.clone()
-        labels[:, : args.seq // 4] = -100
+        labels[:, : round(args.seq * (1 - args.trained))] = -100
         out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
     return out
 
@@ -65,6 +66,10 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--chunk", type=int, default=1024, help="train.loss_chunk_tokens; 0 = whole logits")
+    p.add_argument("--recompute-loss", action="store_true", help="train.fused_loss = false: each chunk's logits "
+                   "recomputed in the backward (default: the fused loss, its gradients computed in the forward)")
+    p.add_argument("--trained", type=float, default=0.75, help="share of each row's positions that are trained "
+                   "(labels; the rest is a masked prompt)")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing on both sides")
     p.add_argument("--fused", action="store_true", help="optim.fused on our side (the bare loop is fused anyway)")
     p.add_argument("--compile", action="store_true", help="train.compile on our side (the bare loop stays eager)")
@@ -86,7 +91,8 @@ def main():
         compile_layers(model)
     backend = build_functional(model, optim=OptimConfig(**hp, fused=args.fused), clip_grad_norm=1.0, lr_fn=lambda s: hp["lr"],
                                device=device, grad_method=args.grad_method, all_reduce=None, rank=0, world_size=1,
-                               seed=0, loss_chunk_tokens=args.chunk, master_dtype="auto")
+                               seed=0, loss_chunk_tokens=args.chunk, master_dtype="auto",
+                               fused_loss=not args.recompute_loss)
     state = backend.state
     ours_data = [to_device(b, device) for b in host]
 
@@ -125,7 +131,9 @@ def main():
         for _ in range(3):
             fn()
     print(f"Llama {n_params / 1e6:.1f}M params, {args.accum} x {args.micro} x {args.seq} tokens per step, "
-          f"{args.dtype} on {args.device}, loss chunks {args.chunk or 'off'}, checkpointing "
+          f"{args.dtype} on {args.device}, loss chunks {args.chunk or 'off'}"
+          f"{(' (recomputed)' if args.recompute_loss else ' (fused)') if args.chunk else ''}, "
+          f"{100 * args.trained:.0f}% trained, checkpointing "
           f"{'on' if args.checkpointing else 'off'}, our layers {'compiled' if args.compile else 'eager'}, our AdamW {'fused' if args.fused else 'foreach'}, bare AdamW "
           f"{'fused' if fused else 'foreach'}, torch "
           f"{torch.__version__}")

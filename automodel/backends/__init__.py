@@ -53,13 +53,14 @@ def build_backend(cfg: TrainConfig, model: nn.Module, ds_config: Optional[dict],
         return build_deepspeed(model, ds_config=ds_config, optim=cfg.optim, lr_fn=lr_fn, device=device,
                                all_reduce=all_reduce, rank=rank, world_size=world_size, seed=cfg.seed,
                                loss_chunk_tokens=cfg.train.loss_chunk_tokens, teacher=teacher, objective=objective,
-                               offload_activations=cfg.train.activation_offloading)
+                               offload_activations=cfg.train.activation_offloading, fused_loss=cfg.train.fused_loss)
     return build_functional(model.to(device), optim=cfg.optim, clip_grad_norm=cfg.optim.clip_grad_norm, lr_fn=lr_fn,
                             device=device, grad_method=cfg.train.grad_method, all_reduce=all_reduce, rank=rank,
                             world_size=world_size, seed=cfg.seed, loss_chunk_tokens=cfg.train.loss_chunk_tokens,
                             master_dtype=cfg.optim.master_dtype, teacher=teacher,
                             on_nonfinite=cfg.train.on_nonfinite, bucket_mb=cfg.distributed.bucket_mb,
-                            objective=objective, offload_activations=cfg.train.activation_offloading)
+                            objective=objective, offload_activations=cfg.train.activation_offloading,
+                            fused_loss=cfg.train.fused_loss)
 
 
 def build_frozen(model: nn.Module, ds_config: Optional[dict], device: torch.device) -> FrozenModel:

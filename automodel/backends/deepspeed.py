@@ -21,6 +21,7 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from automodel.backends import universal
 from automodel.backends.base import Backend
 from automodel.backends.functional import functional_optimizer
+from automodel.config import TrainingConfig
 from automodel.distributed import AllReduce
 from automodel.models import numel
 from automodel.models.export import save_hf_model
@@ -73,7 +74,8 @@ def _is_matrix(p: torch.Tensor) -> bool:
 def build_deepspeed(model: nn.Module, *, ds_config: dict, optim, lr_fn: Callable[[int], float],
                     device: torch.device, all_reduce: AllReduce, rank: int, world_size: int, seed: int,
                     loss_chunk_tokens: int, teacher: Optional[Teacher] = None,
-                    objective: Optional[Objective] = None, offload_activations: bool = False) -> Backend:
+                    objective: Optional[Objective] = None, offload_activations: bool = False,
+                    fused_loss: bool = TrainingConfig().fused_loss) -> Backend:
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [{"params": [p for _, p in trainable if _is_matrix(p)], "weight_decay": optim.weight_decay},
               {"params": [p for _, p in trainable if not _is_matrix(p)], "weight_decay": 0.0}]
@@ -89,7 +91,8 @@ def build_deepspeed(model: nn.Module, *, ds_config: dict, optim, lr_fn: Callable
     dtype = (torch.bfloat16 if ds_config["bf16"]["enabled"] else
              torch.float16 if ds_config["fp16"]["enabled"] else torch.float32)  # the engine's compute dtype
     loss = (objective(engine.module, loss_chunk_tokens, dtype, stage == 3) if objective is not None
-            else ModelLoss(engine.module, loss_chunk_tokens, dtype, teacher=teacher, partitioned=stage == 3))
+            else ModelLoss(engine.module, loss_chunk_tokens, dtype, teacher=teacher, partitioned=stage == 3,
+                           fused=fused_loss))
 
     def run(inputs: dict):
         return engine(**inputs)  # through the engine: its hooks gather ZeRO-3 weights

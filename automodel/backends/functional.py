@@ -26,7 +26,8 @@ def build_functional(model: nn.Module, *, optim, clip_grad_norm: float, lr_fn: C
                      seed: int, loss_chunk_tokens: int, master_dtype: str,
                      teacher: Optional[Teacher] = None, on_nonfinite: str = TrainingConfig().on_nonfinite,
                      bucket_mb: float = DistributedConfig().bucket_mb,
-                     objective: Optional[Objective] = None, offload_activations: bool = False) -> Backend:
+                     objective: Optional[Objective] = None, offload_activations: bool = False,
+                     fused_loss: bool = TrainingConfig().fused_loss) -> Backend:
     """The functional step with an in-place optimizer (optim.name: AdamW with float32 or 8-bit states, Muon, Adafactor,
     SOAP); several ranks all-reduce the
     gradient dict, nothing else. With a low-precision model and master_dtype "float32"/"auto" the state holds float32
@@ -41,7 +42,7 @@ def build_functional(model: nn.Module, *, optim, clip_grad_norm: float, lr_fn: C
                        no_decay=no_decay_names(params), fused=optim.fused)
     chunk_tokens = loss_chunk_tokens if grad_method == "autograd" else 0
     loss = (objective(model, chunk_tokens, compute_dtype, False) if objective is not None
-            else ModelLoss(model, chunk_tokens, compute_dtype, teacher=teacher))
+            else ModelLoss(model, chunk_tokens, compute_dtype, teacher=teacher, fused=fused_loss))
     loss.calibrate(lambda inputs: model(**inputs), device, weights=lambda: binding.bound(params))
     opt = functional_optimizer(optim, model, list(params))
     step = make_train_step(binding, loss, hyper=hyper, lr_fn=lr_fn, clip_grad_norm=clip_grad_norm, device=device,

@@ -295,6 +295,12 @@ class TrainingConfig:
         "chunk's logits recomputed in the backward, so the (tokens x vocab) logits never exist at once; 0 computes "
         "whole logits."
     )
+    fused_loss: bool = field(
+        True, "With loss_chunk_tokens > 0: compute each chunk's gradients in the loss's forward pass instead of "
+        "recomputing its logits in the backward (three head matmuls a chunk instead of four; the head weight's "
+        "gradient is held until the backward). For a Linear head and the cross-entropy (not distillation or preference "
+        "losses); elsewhere the start-up line says the recomputing path runs. false: always recompute."
+    )
     compile: bool = field(
         False, "torch.compile each decoder layer (functional backend, grad_method \"autograd\"): the first step "
         "compiles (tens of seconds; once per distinct layer type), later steps run fused kernels. Losses match the "

@@ -10,6 +10,7 @@ from torch import nn
 from automodel.data.packing import block_causal_mask, flex_block_mask, varlen_boundaries
 from automodel.loss import (chunked_cross_entropy, chunked_distill, count_label_tokens, distill_sum,
                             next_token_targets, target_index, token_cross_entropy)
+from automodel.loss.fused import fused_linear_cross_entropy
 from automodel.models.head import OutputHead, probe_input_ids
 from automodel.training.teacher import RunModel, Teacher
 
@@ -76,8 +77,10 @@ class ModelLoss:
     """
 
     def __init__(self, model: nn.Module, chunk_tokens: int, dtype: torch.dtype, teacher: Optional[Teacher] = None,
-                 partitioned: bool = False):
-        """partitioned: the weights are ZeRO-3 partitions, gathered by hooks on each module call."""
+                 partitioned: bool = False, fused: bool = False):
+        """partitioned: the weights are ZeRO-3 partitions, gathered by hooks on each module call. fused: the chunks'
+        gradients are computed in the forward (loss/fused.py) where the head is a Linear and there is no teacher."""
+        self.fused = fused
         self.model = model
         self.partitioned = partitioned
         self.attn = getattr(model.config, "_attn_implementation", "sdpa")
@@ -104,6 +107,12 @@ class ModelLoss:
         names = [h.transform_name for h in (self.head, self.teacher_head) if h is not None and h.transform_name != "none"]
         transform = f", then {' / '.join(names)}" if names else ""
         self.description = f"chunks of {self.chunk_tokens} tokens from the hidden states (output head{transform})"
+        if self.fused:
+            why_not = ("with a teacher" if self.teacher is not None else None if type(self.head.module) is nn.Linear
+                       else f"the head is a {type(self.head.module).__name__}, not a Linear")
+            self.fused = why_not is None
+            self.description += (", gradients in the forward (train.fused_loss)" if self.fused else
+                                 f", recomputed in the backward (train.fused_loss does not apply {why_not})")
         return self.description
 
     # The step's interface (training/preference.py's PreferenceLoss has the same three):
@@ -144,6 +153,10 @@ class ModelLoss:
         index = batch.get("target_index")
         if teacher is None:
             chunk = self.chunk_tokens
+            if self.fused:
+                module, transform = self.head.module, self.head.transform
+                return self.head.loss(seen[-1], batch["labels"], index, lambda project, h, t: fused_linear_cross_entropy(
+                    h, module.weight, module.bias, t, transform, chunk))
             return self.head.loss(seen[-1], batch["labels"], index,
                                   lambda project, h, t: chunked_cross_entropy(h, t, project, chunk))
         with torch.no_grad(), self.teacher_head.capture() as seen_teacher:

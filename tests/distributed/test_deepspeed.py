@@ -39,12 +39,17 @@ def reference(tmp_path_factory):
                             "train.activation_checkpointing=true", "train.loss_chunk_tokens=16"]),
     ("zero3-offload", "torchrun", ["distributed.backend=deepspeed", "distributed.zero_stage=3",
                                    "distributed.offload_optimizer=cpu", "distributed.offload_params=cpu"]),
+    # (Every case above takes the fused loss, the default: the head's gradient comes from the loss's forward and is
+    # returned to the gathered weight in the backward.) The recomputing loss, under ZeRO-3 too.
+    ("zero3-recompute", "torchrun", ["distributed.backend=deepspeed", "distributed.zero_stage=3",
+                                     "train.loss_chunk_tokens=16", "train.fused_loss=false"]),
 ])
 def test_two_ranks_match_the_single_process_functional_run(reference, tmp_path, name, launcher, overrides):
     out = tmp_path / name
     proc = helpers.launch_run(launcher, AGREE + overrides + [f"output_dir={out}"])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "2 rank(s)" in proc.stdout and "(2 accumulation x 8 per rank)" in proc.stdout
+    assert ("gradients in the forward (train.fused_loss)" in proc.stdout) != name.endswith("recompute")
     ref = helpers.train_losses(reference)
     got = helpers.train_losses(out)
     assert list(got) == [1, 2, 3, 4]

@@ -35,11 +35,13 @@ def test_zero0_ranks_match_the_functional_ranks_and_resume_from_the_engines_chec
     assert "2 rank(s), deepspeed (ZeRO-0) backend" in proc.stdout
 
     # Against the functional backend on 2 ranks (the same split of the batch): steps 2-4 see updates 1-3, equal to
-    # float32 rounding (measured: <= 1.1e-7); a wrong rate, schedule, decay or clipping is off by far more (a step
-    # changes the loss by 0.1-0.5 here).
+    # float32 rounding (measured: <= 1.1e-7 with the recomputing loss, <= 2.8e-6 with the fused one, whose chunk
+    # gradients take the step's 1/N after their products, and the two backends' 1/N differ in the last bit, which
+    # Muon amplifies, below); a wrong rate, schedule, decay or clipping is off by far more (a step changes the loss by
+    # 0.1-0.5 here).
     ref, got = helpers.train_losses(reference), helpers.train_losses(engine)
     assert list(got) == [1, 2, 3, 4]
-    assert list(got.values()) == pytest.approx(list(ref.values()), rel=1e-6)
+    assert list(got.values()) == pytest.approx(list(ref.values()), rel=1e-5)
     # Not compared to that precision: the weights after the 4th update. Muon and SOAP amplify a last-bit difference
     # of the gradient (the two backends sum the ranks' gradients in another order): Muon's Newton-Schulz iteration
     # lifts the gradient's near-zero singular directions to full size, SOAP's first Adam step in the eigenbasis is a

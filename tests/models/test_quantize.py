@@ -255,4 +255,6 @@ def test_the_shipped_qlora_cpu_config_learns_longer_words_as_lora_on_the_full_pr
         assert m["exact_match_at_start"] < 0.05 and m["exact_match"] >= 0.5
         assert m["eval_loss"] < m["eval_loss_at_start"] / 10
     assert quantized["exact_match"] == pytest.approx(full["exact_match"], abs=0.05)
-    assert quantized["eval_loss"] == pytest.approx(full["eval_loss"], rel=0.15)
+    # As far: within 2% of the way both came (eval losses of ~3.5 at the start; at the end ~0.005 from a base that
+    # learns to 99%, where a relative comparison measures rounding, or ~0.16 from one that stops at 52%).
+    assert quantized["eval_loss"] == pytest.approx(full["eval_loss"], abs=0.02 * full["eval_loss_at_start"])

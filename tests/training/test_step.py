@@ -7,7 +7,7 @@ import attrs
 import pytest
 import torch
 
-from automodel.config import PeftConfig, ScheduleConfig
+from automodel.config import PeftConfig, ScheduleConfig, TrainingConfig
 from automodel.config.schema import OptimConfig
 from automodel.backends import build_functional
 from automodel.models import enable_activation_checkpointing
@@ -22,11 +22,11 @@ OPTIM = OptimConfig(lr=LR, weight_decay=WD, betas=(0.9, 0.95), eps=1e-8)
 
 
 def backend_for(model, grad_method="autograd", chunk_tokens=0, master_dtype="auto", optim=OPTIM, lr_fn=None,
-                offload=False):
+                offload=False, fused=TrainingConfig().fused_loss):
     return build_functional(model, optim=optim, clip_grad_norm=CLIP, device=CPU,
                             lr_fn=lr_fn or (lambda s: lr_at(s, SCHED, LR, STEPS)), grad_method=grad_method,
                             all_reduce=None, rank=0, world_size=1, seed=0, loss_chunk_tokens=chunk_tokens,
-                            master_dtype=master_dtype, offload_activations=offload)
+                            master_dtype=master_dtype, offload_activations=offload, fused_loss=fused)
 
 
 def functional_run(model, batches, micro_batch_size, **backend_kwargs):
@@ -86,6 +86,33 @@ def test_functional_step_matches_the_models_own_loss_and_torch_adamw():
     state, losses, _ = functional_run(copy.deepcopy(model), batches, micro_batch_size=4, chunk_tokens=16)
     assert losses == pytest.approx(ref_losses, rel=1e-5)
     assert_params(state, ref_model, rel=1e-5)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_the_fused_loss_gives_the_recomputing_losses_steps(lora):
+    """train.fused_loss: the chunks' gradients from the forward give the recomputing path's losses and weights to
+    float32 rounding over 12 updates (the sum is scaled after the products instead of before); with LoRA the head is
+    frozen and only the hidden states' gradient is computed."""
+    batches = [random_batch(8, 24, 64, seed=i % 2) for i in range(STEPS)]
+
+    def run(fused: bool):
+        model = tiny_llama()
+        if lora:
+            model = apply_lora(model, PeftConfig(rank=4, target_modules=["*_proj"]), seed=0, base_path="base")
+        backend = backend_for(model, chunk_tokens=16, fused=fused)
+        assert ("gradients in the forward" in backend.loss_description) == fused
+        state, losses = backend.state, []
+        for batch in batches:
+            state, metrics = backend.step(state, split_batch(batch, 4))
+            losses.append(metrics.loss.item())
+        return state, losses
+
+    state_fused, losses_fused = run(True)
+    state, losses = run(False)
+    assert losses_fused == pytest.approx(losses, rel=1e-6) and losses[-1] < losses[0] - 0.05
+    for name in state.params:  # (as a whole: Adam lifts a near-zero gradient's last-bit difference to 1e-6)
+        diff = (state_fused.params[name] - state.params[name]).norm() / state.params[name].norm()
+        assert diff.item() <= 1e-5, name
 
 
 def test_grad_accumulation_matches_one_big_batch():
