@@ -429,6 +429,7 @@ def _vlm_problems(cfg: TrainConfig) -> list[str]:
     return problems
 
 
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")  # a shell (and container) environment variable's name
 # Slurm's --time: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, or UNLIMITED.
 _SLURM_TIME = re.compile(r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+(:\d{1,2}){0,2}|UNLIMITED|INFINITE)$")
 
@@ -448,7 +449,7 @@ def _launch_problems(launch: Any) -> list[str]:
             problems.append(f'launch.slurm.sbatch entry "{line}": one sbatch option per entry, e.g. '
                             '"--constraint=h100" (without "#SBATCH")')
     for key in s.env:
-        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+        if not _ENV_NAME.match(key):
             problems.append(f'launch.slurm.env key "{key}" is not a shell variable name')
     for name in ("job_name", "partition", "account", "qos", "mem"):
         if any(ch.isspace() for ch in getattr(s, name)):
@@ -482,7 +483,7 @@ def _k8s_problems(k: Any) -> list[str]:
                             '"nvidia.com/gpu:NoSchedule" (EFFECT: NoSchedule, PreferNoSchedule or NoExecute)')
     for table in ("env", "secret_env"):
         for key in getattr(k, table):
-            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+            if not _ENV_NAME.match(key):
                 problems.append(f'launch.k8s.{table} key "{key}" is not an environment variable name')
     for key, ref in k.secret_env.items():
         secret, _, item = ref.partition("/")

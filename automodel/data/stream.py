@@ -277,16 +277,16 @@ def open_rank_stream(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, o
     per_shard, first = shape.global_batch_size // count, rank * shape.per_rank
     held = range(first // per_shard, (first + shape.per_rank - 1) // per_shard + 1)
     shard_shape = attrs.evolve(shape, world_size=count)
+    collate = collate or (lambda rows: collate_rows(rows, tokenizer.pad_token_id))
     shards = {v: open_train_stream(data_cfg, tokenizer, options, shard_shape, seed, v,
                                    position["positions"][str(v)] if position is not None else None, collate)
               for v in held}
-    collate = collate or (lambda rows: collate_rows(rows, tokenizer.pad_token_id))
     return RankStream(shards, count, shape, rank, collate)
 
 
 def first_shard(position: dict) -> dict:
     """The position of the first shard a rank's position holds (the only one, unless the run changed its ranks)."""
-    return position["positions"][min(position["positions"], key=int)] if "shards" in position else position
+    return position["positions"][min(position["positions"], key=int)]
 
 
 def shares_of(sources: Sequence[DataSourceConfig]) -> list[float]:

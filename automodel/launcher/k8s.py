@@ -46,10 +46,12 @@ def dns_label(text: str, limit: int = DNS_LABEL_MAX) -> str:
     clean = re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]+", "-", text.lower())).strip("-")
     if not clean or not clean[0].isalpha():
         clean = f"run-{clean}".rstrip("-")
-    if len(clean) <= limit:
-        return clean
-    digest = hashlib.sha1(text.encode()).hexdigest()[:6]
-    return f"{clean[:limit - 7].rstrip('-')}-{digest}"
+    return clean if len(clean) <= limit else _with_digest(clean, text, limit)
+
+
+def _with_digest(name: str, text: str, limit: int) -> str:
+    """`name` cut to end in a hash of `text`, within `limit` characters."""
+    return f"{name[:limit - 7].rstrip('-')}-{hashlib.sha1(text.encode()).hexdigest()[:6]}"
 
 
 def job_names(run: K8sRun) -> list[str]:
@@ -61,8 +63,7 @@ def job_names(run: K8sRun) -> list[str]:
     for i, d in enumerate(run.task_dirs):
         name = dns_label(f"{run.base_name}-{d}", limit)
         if name in names:  # two directories that differ only in case or punctuation
-            digest = hashlib.sha1(f"{i}:{d}".encode()).hexdigest()[:6]
-            name = f"{name[:limit - 7].rstrip('-')}-{digest}"
+            name = _with_digest(name, f"{i}:{d}", limit)
         names.append(name)
     return names
 

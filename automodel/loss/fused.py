@@ -18,6 +18,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from automodel.loss.cross_entropy import chunked_cross_entropy
+
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -65,8 +67,6 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias:
     `chunk_tokens` rows at a time, its gradients computed as it goes (no recompute in the backward). Without
     gradients it is the plain chunked sum."""
     if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad):
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for h, t in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens)):
-            total = total + F.cross_entropy(transform(F.linear(h, weight, bias)).float(), t, reduction="sum")
-        return total
+        with torch.no_grad():  # nothing to differentiate: the chunked sum, nothing recomputed
+            return chunked_cross_entropy(hidden, targets, lambda h: transform(F.linear(h, weight, bias)), chunk_tokens)
     return _FusedLinearCrossEntropy.apply(hidden, weight, bias, targets, transform, chunk_tokens)

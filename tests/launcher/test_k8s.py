@@ -18,7 +18,7 @@ from automodel.cli import main
 from automodel.config import ConfigError
 from automodel.launcher.k8s import dns_label
 from automodel.launcher.node import exit_code, node_from_env
-from tests.helpers import REPO, env, train_losses
+from tests.helpers import REPO, env, launch_run, train_losses
 from tests.launcher.k8s_pods import LocalJob
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate (in [dev])")
@@ -246,9 +246,7 @@ def test_two_pod_run_is_evicted_exits_75_restarts_and_resumes_exactly(capsys, tm
         job.evict(1)  # one node drained: its pod's ranks tell the others, and every rank checkpoints
         # Meanwhile the uninterrupted reference: the same 2 ranks on one machine, without pods.
         whole = tmp_path / "whole"
-        ref = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                              "launch/run.py", "--config", QUICK, *TRAIN, f"output_dir={whole}"], cwd=REPO, env=env(),
-                             capture_output=True, text=True, timeout=600)
+        ref = launch_run("torchrun", [*TRAIN, f"output_dir={whole}"], config=QUICK)
         assert ref.returncode == 0, ref.stderr[-3000:]
         assert job.wait() == "Complete", (job.events, job.log(0)[-3000:], job.log(1)[-3000:])
     finally:
