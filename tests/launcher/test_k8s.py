@@ -210,7 +210,10 @@ def test_node_environment_and_status():
 def test_a_node_whose_ranks_fail_says_so(tmp_path):
     """A node's ranks stop on a config error (status 2; the first to fail gets the other terminated, which may then
     not have said anything yet); the node exits with it, not 0 or 75."""
-    node_env = {**env(), "NNODES": "1", "NODE_RANK": "0", "NPROC_PER_NODE": "2", "MASTER_ADDR": "127.0.0.1",
+    # (Not this process's own: an earlier run in it may have set MASTER_ADDR and MASTER_PORT.)
+    clean = {k: v for k, v in env().items() if k not in ("NNODES", "NODE_RANK", "JOB_COMPLETION_INDEX",
+                                                         "NPROC_PER_NODE", "MASTER_ADDR", "MASTER_PORT")}
+    node_env = {**clean, "NNODES": "1", "NODE_RANK": "0", "NPROC_PER_NODE": "2", "MASTER_ADDR": "127.0.0.1",
                 "MASTER_PORT": "29500"}
     done = subprocess.run([sys.executable, "-m", "automodel", "node", "--config", QUICK, "train.max_steps=-1",
                            f"output_dir={tmp_path}"], cwd=REPO, env=node_env, capture_output=True, text=True,
@@ -218,7 +221,7 @@ def test_a_node_whose_ranks_fail_says_so(tmp_path):
     assert done.returncode == 2, done.stderr[-2000:]
     assert "automodel node 0/1: ranks 0-1 of 2" in done.stderr and "error: " in done.stderr
     missing = subprocess.run([sys.executable, "-m", "automodel", "node", "--config", QUICK], cwd=REPO,
-                             env={**env(), "NNODES": "2"}, capture_output=True, text=True, timeout=300)
+                             env={**clean, "NNODES": "2"}, capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "MASTER_ADDR, MASTER_PORT, NODE_RANK (or JOB_COMPLETION_INDEX) not set" in \
         missing.stderr
 
