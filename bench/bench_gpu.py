@@ -16,10 +16,18 @@ Cases (random weights: nothing is downloaded; synthetic documents packed into fu
 
 Each line: tokens/s per GPU, TFLOP/s per GPU and MFU by the formula of docs/performance.md ("The MFU meter"), and
 the peak GPU memory of rank 0, from the run's own metrics.jsonl (the mean of its log windows after the first).
+
+Beside ours, the same step time counted as NeMo Automodel counts it, so the figures compare with its published
+table (`nemo_tflops_per_gpu`, `nemo_mfu`): its Llama formula (flops_utils.py's llama2_flops: causal attention
+halved, the head's 6 x vocab term included, every row a full seq_len) times, for LoRA, (2 + adapter / frozen) / 3
+(its benchmark recipe: forward, input gradients and weight gradients a third each, only the last scaling with what
+trains; "frozen" is every other parameter, embeddings and head included). Ours counts 6 per trainable and 4 per
+frozen weight entry per token, without the input embedding, and attention over each sample's own length.
 """
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -30,12 +38,40 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from automodel.training.throughput import peak_tflops_of  # noqa: E402
+
 LLAMA_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
             "num_key_value_heads": 8, "vocab_size": 128256, "rope_theta": 500000.0, "tie_word_embeddings": False}
 LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
             "num_key_value_heads": 8, "vocab_size": 128256, "rope_theta": 500000.0, "tie_word_embeddings": True}
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "vocab_size": 512, "tie_word_embeddings": False}
+
+
+def parameter_counts(shape: dict, lora_rank: int) -> tuple[int, int]:
+    """(all parameters, LoRA's on every linear layer of the decoder at `lora_rank`; 0 without) of a Llama shape:
+    embeddings, head (unless tied), attention, MLP and norms, as the model holds them (4-bit ones unpacked)."""
+    h, ffn = shape["hidden_size"], shape["intermediate_size"]
+    layers, vocab = shape["num_hidden_layers"], shape["vocab_size"]
+    kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    linears = [(h, h), (h, kv), (h, kv), (h, h), (h, ffn), (h, ffn), (ffn, h)]  # q k v o gate up down: (in, out)
+    per_layer = sum(i * o for i, o in linears) + 2 * h  # + two RMSNorm weights
+    total = vocab * h * (1 if shape["tie_word_embeddings"] else 2) + layers * per_layer + h
+    lora = layers * sum(lora_rank * (i + o) for i, o in linears)
+    return total + lora, lora
+
+
+def nemo_step_flops(shape: dict, seq: int, rows: int, lora_rank: int) -> float:
+    """A step's FLOPs as NeMo Automodel's benchmark counts them (see the module docstring)."""
+    h, ffn = shape["hidden_size"], shape["intermediate_size"]
+    layers, vocab = shape["num_hidden_layers"], shape["vocab_size"]
+    heads, groups = shape["num_attention_heads"], shape["num_key_value_heads"]
+    flops = rows * seq * layers * h * h * (12 + 12 * groups / heads + 18 * ffn / h + 12 * seq / h * 0.5
+                                           + 6 * vocab / (layers * h))
+    if lora_rank:
+        total, adapter = parameter_counts(shape, lora_rank)
+        flops *= (2 + adapter / (total - adapter)) / 3
+    return flops
 
 
 def corpus(root: Path, rows: int) -> tuple[Path, Path]:
@@ -54,11 +90,15 @@ def corpus(root: Path, rows: int) -> tuple[Path, Path]:
     return data, root / "tokenizer"
 
 
-def toml_for(case: str, root: Path, data: Path, tokenizer: Path, args) -> Path:
+def case_shape(case: str, args) -> tuple[bool, dict, int, int]:
+    """(LoRA or not, model shape, seq_len, micro-batch) of a case."""
     lora = case in ("lora8b", "qlora8b")
     shape = TINY if args.smoke else (LLAMA_8B if lora else LLAMA_1B)
-    seq = 128 if args.smoke else 4096
-    micro = 1 if lora else (2 if args.smoke else 4)
+    return lora, shape, 128 if args.smoke else 4096, 1 if lora else (2 if args.smoke else 4)
+
+
+def toml_for(case: str, root: Path, data: Path, tokenizer: Path, args) -> Path:
+    lora, shape, seq, micro = case_shape(case, args)
     steps = 6 if args.smoke else args.steps
     lines = [
         'recipe = "llm_finetune"', "seed = 0", f'output_dir = "{root / case}"',
@@ -118,10 +158,22 @@ def run_case(case: str, root: Path, data: Path, tokenizer: Path, args) -> dict:
         values = [r[key] for r in rows if r.get(key) is not None]
         return sum(values) / len(values) if values else None
 
+    lora, shape, seq, micro = case_shape(case, args)
+    total, adapter = parameter_counts(shape, 16 if lora else 0)
+    logged = re.search(r"model: \S+, ([\d,]+) parameters \(([\d,]+) trainable", proc.stdout)
+    if args.smoke and case != "qlora8b" and logged:  # the count NeMo's convention divides by is the model's own
+        counted = (int(logged[1].replace(",", "")), int(logged[2].replace(",", "")))
+        assert counted == (total, adapter or total), (logged[0], total, adapter)
+    global_rows = micro * 4 * gpus
+    nemo = nemo_step_flops(shape, seq, global_rows, 16 if lora else 0) / gpus / (mean("ms_per_step") / 1e3) / 1e12
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    peak = args.peak_tflops or peak_tflops_of(device)
     return {"case": case, "gpus": gpus, "tokens_per_s_per_gpu": mean("tokens_per_s") / gpus,
-            "tflops_per_gpu": mean("tflops"), "mfu": mean("mfu"), "ms_per_step": mean("ms_per_step"),
+            "tflops_per_gpu": mean("tflops"), "mfu": mean("mfu"),
+            "nemo_tflops_per_gpu": nemo, "nemo_mfu": nemo / peak if peak else None,
+            "parameters": total, "trainable": adapter or total, "ms_per_step": mean("ms_per_step"),
             "peak_memory_gb": max((r.get("peak_memory_gb") or 0) for r in rows) or None,
-            "loss": rows[-1]["loss"], "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+            "loss": rows[-1]["loss"], "device": device}
 
 
 def main() -> None:

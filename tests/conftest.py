@@ -77,3 +77,12 @@ def trained_quickstart(request):
         assert time.time() < deadline, f"the quickstart was not trained in 20 min: {root / TRAINED_QUICKSTART}.log"
         time.sleep(0.5)
     return Path(done.read_text())
+
+
+@pytest.fixture(autouse=True)
+def no_cluster_unless_asked(request, monkeypatch):
+    """A test that does not ask for the test Slurm cluster (tests/launcher/conftest.py's `slurm`, which sets
+    SLURM_CONF for the rest of its worker's session) sees none, nor one this machine may belong to: sinfo answers
+    nothing, so `launch --slurm` checks no partition. (Any test: a worker that started the cluster runs others.)"""
+    if "slurm" not in request.fixturenames:
+        monkeypatch.setenv("SLURM_CONF", "/dev/null")  # (a missing file: sinfo retries for 60 s)

@@ -298,8 +298,9 @@ class TrainingConfig:
     fused_loss: bool = field(
         True, "With loss_chunk_tokens > 0: compute each chunk's gradients in the loss's forward pass instead of "
         "recomputing its logits in the backward (three head matmuls a chunk instead of four; the head weight's "
-        "gradient is held until the backward). For a Linear head and the cross-entropy (not distillation or preference "
-        "losses); elsewhere the start-up line says the recomputing path runs. false: always recompute."
+        "gradient is held until the backward). For a Linear or LoRA-adapted Linear head, with the cross-entropy or "
+        "distillation (not the preference losses); elsewhere the start-up line says the recomputing path runs. "
+        "false: always recompute."
     )
     compile: bool = field(
         False, "torch.compile each decoder layer (functional backend, grad_method \"autograd\"): the first step "

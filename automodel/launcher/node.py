@@ -44,11 +44,14 @@ def node_from_env(env: Mapping[str, str]) -> tuple[int, int, int, str, str]:
     return nnodes, rank, nproc, env["MASTER_ADDR"], env["MASTER_PORT"]
 
 
-def exit_code(codes: Sequence[int]) -> int:
-    """The node's status: 0 when every rank finished, 75 when they stopped at a checkpoint, else the first failure."""
+def exit_code(codes: Sequence[int], first_failure: Optional[int] = None) -> int:
+    """The node's status: 0 when every rank finished, 75 when they stopped at a checkpoint, else the failure seen
+    first (`first_failure`: the ranks stopped after it may have died of the signal that stopped them), a rank killed
+    by a signal as the shell writes it (128 + the signal)."""
     failed = [c for c in codes if c not in (0, EXIT_PREEMPTED)]
     if failed:
-        return failed[0]
+        code = first_failure if first_failure is not None else failed[0]
+        return code if code >= 0 else 128 - code
     return EXIT_PREEMPTED if EXIT_PREEMPTED in codes else 0
 
 
@@ -76,21 +79,23 @@ def run_node(config: str, overrides: Sequence[str], env: Optional[Mapping[str, s
             forward(signum, None)
         print(f"automodel node {node_rank}/{nnodes}: ranks {node_rank * nproc}-{node_rank * nproc + nproc - 1} of "
               f"{nnodes * nproc}, rendezvous {addr}:{port}", file=sys.stderr, flush=True)
-        return exit_code(_wait(ranks))
+        return exit_code(*_wait(ranks))
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def _wait(ranks: list[subprocess.Popen]) -> list[int]:
-    """Waits for every rank; once one fails (not 0, not 75), the others are terminated, then killed."""
-    failed_at = None
+def _wait(ranks: list[subprocess.Popen]) -> tuple[list[int], Optional[int]]:
+    """Waits for every rank; once one fails (not 0, not 75), the others are terminated, then killed. Returns every
+    rank's status and the failure seen first (None if none)."""
+    failed_at = first_failure = None
     while True:
         codes = [p.poll() for p in ranks]
         if all(c is not None for c in codes):
-            return codes
+            return codes, first_failure
         if failed_at is None and any(c not in (None, 0, EXIT_PREEMPTED) for c in codes):
             failed_at = time.monotonic()
+            first_failure = next(c for c in codes if c not in (None, 0, EXIT_PREEMPTED))
             for p in ranks:
                 if p.poll() is None:
                     p.terminate()

@@ -10,8 +10,9 @@ from torch import nn
 from automodel.data.packing import block_causal_mask, flex_block_mask, varlen_boundaries
 from automodel.loss import (chunked_cross_entropy, chunked_distill, count_label_tokens, distill_sum,
                             next_token_targets, target_index, token_cross_entropy)
-from automodel.loss.fused import fused_linear_cross_entropy
+from automodel.loss.fused import cross_entropy_sum, fused_linear_loss, linear_head
 from automodel.models.head import OutputHead, probe_input_ids
+from automodel.models.masks import rows_not_packed
 from automodel.training.teacher import RunModel, Teacher
 
 Batch = dict[str, torch.Tensor]
@@ -19,20 +20,33 @@ Batch = dict[str, torch.Tensor]
 # (prepare, terms, samples, calibrate, __call__ for evaluation); training/preference.py's PreferenceLoss is one.
 Objective = Callable[[nn.Module, int, torch.dtype, bool], Any]
 # Batch keys that are not forward arguments (a processor's image extras are).
-NOT_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids", "target_index", "cu_seq_lens", "max_length")
+NOT_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids", "target_index", "cu_seq_lens", "max_length",
+              "padding")
 FLASH = ("flash_attention_2", "flash_attention_3")
 
 
 def host_ready(batch: Batch, pin: bool = False) -> Batch:
-    """A collated batch with the flat positions the loss trains on (`target_index`) worked out on the host, so the
-    chunked loss never has to ask the device how many there are (a sync), and for packed rows flash-attention's
-    sample boundaries; with `pin`, in pinned memory (CUDA copies from it run asynchronously)."""
+    """A collated batch with what the device would otherwise be asked for (a sync each) worked out on the host: the
+    flat positions the loss trains on (`target_index`), for packed rows flash-attention's sample boundaries, and for
+    unpacked rows where their padding lies (`padding`, see model_inputs); with `pin`, in pinned memory (CUDA copies
+    from it run asynchronously)."""
     batch = {**batch, "target_index": target_index(batch["labels"])}
     if "position_ids" in batch:
         batch["cu_seq_lens"], batch["max_length"] = varlen_boundaries(batch["position_ids"])
+    elif "attention_mask" in batch:
+        batch["padding"] = padding_kind(batch["attention_mask"])
     if pin:
         batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     return batch
+
+
+def padding_kind(attention_mask: torch.Tensor) -> str:
+    """"none" (every position real), "trailing" (each row's padding after its tokens: right padding) or "other",
+    read from a host mask with numpy (no tensor op, so nothing a device would be asked)."""
+    mask = attention_mask.numpy()
+    if mask.all():
+        return "none"
+    return "trailing" if (mask[:, 1:] <= mask[:, :-1]).all() else "other"
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
@@ -43,14 +57,25 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
 
 
 def model_inputs(batch: Batch, attn_implementation: str, dtype: torch.dtype) -> dict:
-    """The forward's keyword arguments for a batch, packed or not. Packed: flash-attention's varlen path reads sample
-    boundaries from position_ids; flex_attention gets a BlockMask (cross-sample blocks skipped); sdpa and eager a
-    dense (batch, 1, T, T) block-diagonal causal mask (the fallback: attention over the whole row, masked)."""
+    """The forward's keyword arguments for a batch, packed or not.
+
+    Unpacked rows go without their attention mask where the host knows it changes nothing the loss reads: rows with
+    no padding, and rows padded only after their tokens (causal attention never lets a real token see a later
+    position, so only the untrained padding positions differ). transformers' sdpa mask code would otherwise read
+    the mask on the host (a device sync, twice a forward) to see whether it may use `is_causal`; without a mask it
+    does, and SDPA can pick its flash kernels. flash-attention keeps a padded batch's mask: its varlen path skips the
+    padding (transformers finds the lengths with a sync). A batch not made by host_ready keeps its mask.
+
+    Packed: flash-attention's varlen path reads sample boundaries from position_ids; flex_attention gets a BlockMask
+    (cross-sample blocks skipped); sdpa and eager a dense (batch, 1, T, T) block-diagonal causal mask (the fallback:
+    attention over the whole row, masked)."""
     # What a processor adds for images (pixel_values, image_sizes, ...) goes to the forward as it is.
     extras = {k: v for k, v in batch.items() if k not in NOT_INPUTS}
     if "position_ids" not in batch:
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False,
-                **extras}
+        padding = batch.get("padding", "other")
+        masked = padding == "other" or (padding == "trailing" and attn_implementation in FLASH)
+        return {"input_ids": batch["input_ids"], **({"attention_mask": batch["attention_mask"]} if masked else {}),
+                "use_cache": False, **extras}
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False, **extras}
     if attn_implementation in FLASH:
         if "cu_seq_lens" in batch:
@@ -79,7 +104,7 @@ class ModelLoss:
     def __init__(self, model: nn.Module, chunk_tokens: int, dtype: torch.dtype, teacher: Optional[Teacher] = None,
                  partitioned: bool = False, fused: bool = False):
         """partitioned: the weights are ZeRO-3 partitions, gathered by hooks on each module call. fused: the chunks'
-        gradients are computed in the forward (loss/fused.py) where the head is a Linear and there is no teacher."""
+        gradients are computed in the forward (loss/fused.py) where the head is a Linear or a LoRA Linear."""
         self.fused = fused
         self.model = model
         self.partitioned = partitioned
@@ -108,8 +133,8 @@ class ModelLoss:
         transform = f", then {' / '.join(names)}" if names else ""
         self.description = f"chunks of {self.chunk_tokens} tokens from the hidden states (output head{transform})"
         if self.fused:
-            why_not = ("with a teacher" if self.teacher is not None else None if type(self.head.module) is nn.Linear
-                       else f"the head is a {type(self.head.module).__name__}, not a Linear")
+            why_not = (None if linear_head(self.head.module, self.head.transform) is not None
+                       else f"the head is a {type(self.head.module).__name__}, not a Linear or a LoRA Linear")
             self.fused = why_not is None
             self.description += (", gradients in the forward (train.fused_loss)" if self.fused else
                                  f", recomputed in the backward (train.fused_loss does not apply {why_not})")
@@ -135,7 +160,11 @@ class ModelLoss:
     def __call__(self, run: RunModel, batch: Batch, distill: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """distill=False: the student's cross-entropy alone (what evaluation reports, comparable across runs)."""
         inputs = model_inputs(batch, self.attn, self.dtype)
-        teacher = self.teacher if distill else None
+        with rows_not_packed(inputs):
+            return self._loss(run, batch, inputs, self.teacher if distill else None)
+
+    def _loss(self, run: RunModel, batch: Batch, inputs: dict,
+              teacher: Optional[Teacher]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.head is None:
             logits = run(inputs).logits
             if teacher is None:
@@ -151,12 +180,10 @@ class ModelLoss:
         with self.head.capture() as seen:
             run(inputs)
         index = batch.get("target_index")
+        chunk = self.chunk_tokens
         if teacher is None:
-            chunk = self.chunk_tokens
             if self.fused:
-                module, transform = self.head.module, self.head.transform
-                return self.head.loss(seen[-1], batch["labels"], index, lambda project, h, t: fused_linear_cross_entropy(
-                    h, module.weight, module.bias, t, transform, chunk))
+                return self.head.loss(seen[-1], batch["labels"], index, self._fused(cross_entropy_sum))
             return self.head.loss(seen[-1], batch["labels"], index,
                                   lambda project, h, t: chunked_cross_entropy(h, t, project, chunk))
         with torch.no_grad(), self.teacher_head.capture() as seen_teacher:
@@ -167,11 +194,30 @@ class ModelLoss:
         def project_teacher(h: torch.Tensor) -> torch.Tensor:
             return transform_teacher(F.linear(h, weight, bias))
 
+        if self.fused:
+            def distill_chunk(logits: torch.Tensor, t: torch.Tensor, h_teacher: torch.Tensor) -> torch.Tensor:
+                with torch.no_grad():
+                    teacher_logits = project_teacher(h_teacher)
+                return distill_sum(logits, teacher_logits, t, teacher.alpha, teacher.temperature)
+
+            return self.head.loss(seen[-1], batch["labels"], index, self._fused(distill_chunk), seen_teacher[-1])
+
         def chunked(project, h, t, h_teacher):
-            return chunked_distill(h, t, h_teacher, project, project_teacher, self.chunk_tokens, teacher.alpha,
+            return chunked_distill(h, t, h_teacher, project, project_teacher, chunk, teacher.alpha,
                                    teacher.temperature)
 
         return self.head.loss(seen[-1], batch["labels"], index, chunked, seen_teacher[-1])
+
+    def _fused(self, chunk_loss: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        """The head's chunked function (OutputHead.loss's `chunked`) with the chunks' gradients in the forward: the
+        head's parameters are read as it runs (bound by the functional backend, gathered by ZeRO-3's hooks)."""
+        module, transform, chunk = self.head.module, self.head.transform, self.chunk_tokens
+
+        def chunked(project, h, t, *aligned):
+            head, params = linear_head(module, transform)
+            return fused_linear_loss(h, head, params, t, chunk, chunk_loss, aligned)
+
+        return chunked
 
 
 def chunked_path_problem(head: OutputHead, model: nn.Module, run: RunModel, device: torch.device,

@@ -27,6 +27,7 @@ from automodel.config import PreferenceConfig
 from automodel.loss import chunked_token_logps
 from automodel.loss.preference import kto_losses, pair_losses
 from automodel.models.head import OutputHead
+from automodel.models.masks import rows_not_packed
 from automodel.training.teacher import FrozenModel, RunModel
 from automodel.training.forward import Batch, chunked_path_problem, model_inputs
 
@@ -110,9 +111,13 @@ class PreferenceLoss:
         """Pairs (or KTO examples) in a batch: what data_position counts."""
         return batch["input_ids"].shape[0] // (2 if "kl_input_ids" not in batch else 1)
 
-    def _inputs(self, batch: Batch, dtype: torch.dtype) -> dict:
-        return model_inputs({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, self.attn,
-                            dtype)
+    def _forward(self, run: RunModel, batch: Batch, dtype: torch.dtype):
+        """run(the batch's forward arguments): the host's `padding` travels with the mask (model_inputs leaves out
+        what changes nothing), and transformers is told the rows are not packed (models/masks.py)."""
+        inputs = model_inputs({k: batch[k] for k in ("input_ids", "attention_mask", "padding") if k in batch},
+                              self.attn, dtype)
+        with rows_not_packed(inputs):
+            return run(inputs)
 
     @staticmethod
     def _targets(batch: Batch) -> torch.Tensor:
@@ -123,9 +128,9 @@ class PreferenceLoss:
         """The policy's log p(next token) at logp_index, float32 (with gradients when enabled)."""
         index, targets = batch["logp_index"], self._targets(batch)
         if self.head is None:
-            return _logps_of_logits(run(self._inputs(batch, self.dtype)).logits, index, targets)
+            return _logps_of_logits(self._forward(run, batch, self.dtype).logits, index, targets)
         with self.head.capture() as seen:
-            run(self._inputs(batch, self.dtype))
+            self._forward(run, batch, self.dtype)
         chunk = self.chunk_tokens
         return self.head.apply(seen[-1], index, targets, lambda project, h, t: chunked_token_logps(h, t, project, chunk))
 
@@ -138,9 +143,9 @@ class PreferenceLoss:
                 return self.token_logps(run, batch)
         index, targets = batch["logp_index"], self._targets(batch)
         if self.reference_head is None:
-            return _logps_of_logits(ref.run(self._inputs(batch, ref.dtype)).logits, index, targets)
+            return _logps_of_logits(self._forward(ref.run, batch, ref.dtype).logits, index, targets)
         with self.reference_head.capture() as seen:
-            ref.run(self._inputs(batch, ref.dtype))
+            self._forward(ref.run, batch, ref.dtype)
         weight, bias = ref.head_weights()  # once per micro-batch, on every rank (a gather under ZeRO-3)
         transform = self.reference_head.transform
         rows = seen[-1].flatten(0, 1).index_select(0, index)

@@ -29,6 +29,7 @@ from automodel.distributed import AllReduce
 from automodel.distributed.buckets import GradBuckets
 from automodel.loss import token_cross_entropy
 from automodel.optim import AdamWHyper, Optimizer, clip_by_global_norm_, optimizer
+from automodel.models.masks import rows_not_packed
 from automodel.training.forward import Batch, ModelLoss, model_inputs
 from automodel.training.offload import Offloaded
 from automodel.training.preference import PreferenceLoss, add_stats, finish_stats
@@ -105,7 +106,8 @@ def make_train_step(
             loss_sum, _ = token_cross_entropy(out.logits, batch["labels"])
             return loss_sum / n, loss_sum
 
-        grads, (_, loss_sum) = torch.func.grad_and_value(objective, has_aux=True)(params)
+        with rows_not_packed(inputs):
+            grads, (_, loss_sum) = torch.func.grad_and_value(objective, has_aux=True)(params)
         return [grads[k] for k in params], loss_sum.detach(), {}
 
     def grads_reduced(params: Tensors, batch: Batch, totals: dict,

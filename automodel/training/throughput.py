@@ -10,9 +10,17 @@ import torch
 
 from automodel.models import FlopModel
 
-# Dense bf16 peak TFLOP/s of known GPUs (per device), for MFU.
-PEAK_TFLOPS = (("H200", 989), ("H100", 989), ("GH200", 989), ("B200", 2250), ("A100", 312), ("L40S", 362),
+# Dense bf16 peak TFLOP/s of known GPUs (per device, the vendors' data sheets), for MFU. Looked up by the first key
+# the device's name contains, so a variant comes before its family: "NVIDIA H100 PCIe" and "NVIDIA H100 NVL" are
+# not the SXM part ("NVIDIA H100 80GB HBM3"), and "GB200" is not a "B200".
+PEAK_TFLOPS = (("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989), ("H800", 989),
+               ("GB200", 2500), ("B200", 2250), ("A100", 312), ("A800", 312), ("L40S", 362), ("L40", 181),
                ("A10G", 125), ("L4", 121), ("4090", 165), ("V100", 125))
+
+
+def peak_tflops_of(device_name: str) -> Optional[float]:
+    """The dense bf16 peak TFLOP/s of a GPU by its CUDA device name; None where unknown."""
+    return next((tflops for key, tflops in PEAK_TFLOPS if key in device_name), None)
 
 
 def peak_flops(device: torch.device, configured_tflops: float) -> Optional[float]:
@@ -21,8 +29,8 @@ def peak_flops(device: torch.device, configured_tflops: float) -> Optional[float
         return configured_tflops * 1e12
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((tflops * 1e12 for key, tflops in PEAK_TFLOPS if key in name), None)
+    tflops = peak_tflops_of(torch.cuda.get_device_name(device))
+    return tflops * 1e12 if tflops is not None else None
 
 
 class Throughput:

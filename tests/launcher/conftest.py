@@ -20,11 +20,3 @@ def slurm(tmp_path_factory):
         os.environ.pop("SLURM_CONF", None)
     else:
         os.environ["SLURM_CONF"] = previous
-
-
-@pytest.fixture(autouse=True)
-def no_cluster_unless_asked(request, monkeypatch):
-    """A test that does not ask for the cluster sees none (not the session's, nor one this machine may belong to):
-    sinfo answers nothing, so `launch --slurm` checks no partition."""
-    if "slurm" not in request.fixturenames:
-        monkeypatch.setenv("SLURM_CONF", "/dev/null")  # (a missing file: sinfo retries for 60 s)

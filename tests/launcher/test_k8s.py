@@ -205,6 +205,9 @@ def test_node_environment_and_status():
     # Every rank checkpointed (75), or some finished first: the node says 75; any other failure wins.
     assert exit_code([0, 0]) == 0 and exit_code([75, 75]) == 75 and exit_code([0, 75]) == 75
     assert exit_code([75, 1, -9]) == 1
+    # The failure seen first, not the rank it got terminated (which died of SIGTERM, maybe after saying the same);
+    # a rank killed by a signal as the shell writes it.
+    assert exit_code([-15, 2], first_failure=2) == 2 and exit_code([-9, 0]) == 137
 
 
 def test_a_node_whose_ranks_fail_says_so(tmp_path):

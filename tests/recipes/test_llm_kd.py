@@ -28,12 +28,10 @@ def teacher_of(model, alpha: float, temperature: float) -> Teacher:
                    head_weights=local_head_weights(model), alpha=alpha, temperature=temperature)
 
 
-def backend(model, chunk: int, teacher=None):
-    # The distillation loss recomputes its chunks (the fused loss is the cross-entropy's): so does the plain run that
-    # alpha = 0 must equal bit for bit.
+def backend(model, chunk: int, teacher=None, fused: bool = True):
     return build_functional(model, optim=OptimConfig(lr=3e-3), clip_grad_norm=1.0, lr_fn=lambda s: 3e-3, device=CPU,
                             grad_method="autograd", all_reduce=None, rank=0, world_size=1, seed=0,
-                            loss_chunk_tokens=chunk, master_dtype="auto", teacher=teacher, fused_loss=False)
+                            loss_chunk_tokens=chunk, master_dtype="auto", teacher=teacher, fused_loss=fused)
 
 
 def steps(b, batches):
@@ -44,15 +42,19 @@ def steps(b, batches):
     return state, losses
 
 
-@pytest.mark.parametrize("chunk", [8, 0], ids=["chunked", "whole-logits"])
-def test_alpha_zero_is_the_fine_tuning_step_bit_for_bit(chunk):
+@pytest.mark.parametrize("chunk, fused", [(8, True), (8, False), (0, False)],
+                         ids=["chunked-fused", "chunked-recomputed", "whole-logits"])
+def test_alpha_zero_is_the_fine_tuning_step_bit_for_bit(chunk, fused):
     batches = [random_batch(4, 16, 64, seed=10 + i) for i in range(3)]
-    plain, plain_losses = steps(backend(tiny_llama(), chunk), batches)
-    kd, kd_losses = steps(backend(tiny_llama(), chunk, teacher_of(tiny_llama(seed=7), 0.0, 2.0)), batches)
+    plain, plain_losses = steps(backend(tiny_llama(), chunk, fused=fused), batches)
+    kd_backend = backend(tiny_llama(), chunk, teacher_of(tiny_llama(seed=7), 0.0, 2.0), fused=fused)
+    assert ("gradients in the forward" in kd_backend.loss_description) == fused
+    kd, kd_losses = steps(kd_backend, batches)
     assert kd_losses == plain_losses
     assert all(torch.equal(kd.params[k], plain.params[k]) for k in plain.params)
     # With alpha > 0 the teacher is in the loss: the first step's is distill_sum over both models' own logits.
-    mixed, mixed_losses = steps(backend(tiny_llama(), chunk, teacher_of(tiny_llama(seed=7), 0.5, 2.0)), batches)
+    mixed, mixed_losses = steps(backend(tiny_llama(), chunk, teacher_of(tiny_llama(seed=7), 0.5, 2.0), fused=fused),
+                                batches)
     first = batches[0]
     with torch.no_grad():
         logits = tiny_llama()(input_ids=first["input_ids"], attention_mask=first["attention_mask"]).logits

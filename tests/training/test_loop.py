@@ -13,15 +13,23 @@ from tests.helpers import quickstart, random_batch, read_rows, split_batch, tiny
 
 class HostReads(TorchDispatchMode):
     """Counts reads of a tensor's value by the host: item(), float(), int(), bool() (aten._local_scalar_dense) and
-    tolist() (which reads without an aten op: counted at the Python method)."""
+    tolist() (which reads without an aten op: counted at the Python method); with `shapes`, also the ops whose
+    result's size depends on the values (a GPU must sync to allocate it)."""
+
+    SHAPES = {torch.ops.aten.nonzero.default, torch.ops.aten.masked_select.default,
+              torch.ops.aten._unique2.default, torch.ops.aten.unique_consecutive.default,
+              torch.ops.aten.unique_dim.default, torch.ops.aten.repeat_interleave.Tensor}
 
     def __init__(self):
         super().__init__()
-        self.count, self.active = 0, True
+        self.count, self.active, self.shapes = 0, True, False
+        self.seen: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if self.active and func is torch.ops.aten._local_scalar_dense.default:
+        if self.active and (func is torch.ops.aten._local_scalar_dense.default
+                            or (self.shapes and func in self.SHAPES)):
             self.count += 1
+            self.seen.append(str(func))
         return func(*args, **(kwargs or {}))
 
 
@@ -36,19 +44,20 @@ def test_twenty_steps_read_the_device_once_per_log_window(tmp_path, monkeypatch)
         return tolist(self)
 
     real_loop = skeleton.run_loop
-    windows = []
+    windows, step_reads = [], []
 
     def counting_loop(state, loop, watch):
         save, row, step = loop.save_checkpoint, loop.logger.row, loop.train_step
 
-        def step_uncounted(*a):
-            # Inside the step only transformers reads: its SDPA mask code checks the padding mask on the host (twice
-            # per forward), which the loop cannot change; what is counted is the loop's use of the step's outputs.
-            reads.active = False
+        def step_counted(*a):
+            # The step's own reads, counted apart: there should be none (the batch's padding, trained positions
+            # and sample boundaries were worked out on the host; the losses stay on the device until a log window).
+            before, reads.shapes = reads.count, True
             try:
                 return step(*a)
             finally:
-                reads.active = True
+                step_reads.append(reads.count - before)
+                reads.count, reads.shapes = before, False
 
         def save_uncounted(*a):  # checkpoints hash and verify files: not the loop's reads
             reads.active = False
@@ -66,7 +75,7 @@ def test_twenty_steps_read_the_device_once_per_log_window(tmp_path, monkeypatch)
         monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
         try:
             with reads:
-                return real_loop(state, attrs.evolve(loop, save_checkpoint=save_uncounted, train_step=step_uncounted),
+                return real_loop(state, attrs.evolve(loop, save_checkpoint=save_uncounted, train_step=step_counted),
                                  watch)
         finally:
             reads.active = False
@@ -75,6 +84,8 @@ def test_twenty_steps_read_the_device_once_per_log_window(tmp_path, monkeypatch)
     result = automodel.train(quickstart(tmp_path, "train.max_steps=20", "train.log_every=10", "train.eval_every=0",
                                         "eval.at_start=false", "data.validation.limit=4", "checkpoint.every=0"))
     assert result.metrics["steps"] == 20 and windows == [10, 20]
+    # Unpacked rows (the quickstart's, padded to the longest of each micro-batch): no read inside any step.
+    assert step_reads == [0] * 20, (step_reads, reads.seen)
     # One read of (loss, grad_norm, non-finite guard) per window, and the guard's before the final checkpoint.
     assert reads.count == len(windows) + 1
 

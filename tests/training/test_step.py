@@ -88,19 +88,21 @@ def test_functional_step_matches_the_models_own_loss_and_torch_adamw():
     assert_params(state, ref_model, rel=1e-5)
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("lora", [None, ["*_proj"], ["*_proj", "lm_head"]], ids=["full", "lora", "lora-head"])
 def test_the_fused_loss_gives_the_recomputing_losses_steps(lora):
     """train.fused_loss: the chunks' gradients from the forward give the recomputing path's losses and weights to
     float32 rounding over 12 updates (the sum is scaled after the products instead of before); with LoRA the head is
-    frozen and only the hidden states' gradient is computed."""
+    frozen and only the hidden states' gradient is computed; with LoRA on the head too, its adapter's."""
     batches = [random_batch(8, 24, 64, seed=i % 2) for i in range(STEPS)]
 
     def run(fused: bool):
         model = tiny_llama()
         if lora:
-            model = apply_lora(model, PeftConfig(rank=4, target_modules=["*_proj"]), seed=0, base_path="base")
+            model = apply_lora(model, PeftConfig(rank=4, target_modules=lora), seed=0, base_path="base")
         backend = backend_for(model, chunk_tokens=16, fused=fused)
         assert ("gradients in the forward" in backend.loss_description) == fused
+        assert lora is None or any(k.endswith("lm_head.lora_B.default.weight") for k in backend.state.params) == \
+            ("lm_head" in lora)
         state, losses = backend.state, []
         for batch in batches:
             state, metrics = backend.step(state, split_batch(batch, 4))
