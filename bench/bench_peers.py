@@ -1,15 +1,31 @@
-"""Our step time against the Hugging Face Trainer on the same work, alternating rounds in one command.
+"""Our step time against the Hugging Face Trainer and TRL's SFTTrainer on the same work, alternating rounds in one
+command.
 
-    python bench/bench_peers.py [--rounds 3] [--steps 8] [--hidden 384] [--layers 4] [--ours KEY=VALUE ...]
+    python bench/bench_peers.py [--rounds 5] [--steps 4] [--warmup 1] [--seq-len 256] [--only NAME ...]
 
-Same work: one initial Llama (random weights, GPT-2's 50,257-token vocabulary) saved once and loaded by both; the
-same alpaca rows (../shared/data/llamafactory-demos/alpaca_en_demo.json), tokenised once by our pipeline (prompt
-masked, answer + EOS trained, `plain` prompt template) and fed to both in the same order (our BatchPlan's); micro-
-batches of 4 padded to their longest, 4 accumulation steps, float32, constant learning rate, AdamW, clipping at 1.0,
-no evaluation. The Trainer runs its own loop (its collator pads labels with -100, the model's own loss normalised by
-the tokens of the whole accumulated batch, torch's AdamW); it shares none of our training code. The first step's
-losses must agree (printed), then each round times --steps steps of each after --warmup steps, and the ratio
-ours / Trainer is printed per round with the median. One JSON line per round, then the summary.
+Same work: one initial Llama (random weights, GPT-2's 50,257-token vocabulary, float32; its parameter count is
+printed from the model) saved once and loaded by every side; the same alpaca rows
+(../shared/data/llamafactory-demos/alpaca_en_demo.json), tokenised once by our pipeline (prompt masked, answer + EOS
+trained, `plain` prompt template) and fed to every side in the same order (our BatchPlan's); micro-batches of 4,
+4 accumulation steps, lr 1e-4 constant, no weight decay, clipping at 1.0, no evaluation. The peers run their own
+loops, collators, losses and optimizers: they share none of our training code.
+
+Four comparisons, each its own pair of runs (`--only` picks some):
+
+- `trainer_equal_math`: our whole-logits loss (`train.loss_chunk_tokens = 0`) and foreach AdamW against the
+  Trainer with `optim = "adamw_torch"` (foreach): the same arithmetic, so what differs is the loop;
+- `trainer_defaults`: ours as shipped (the fused chunked loss) against the Trainer's defaults (its fused AdamW);
+- `trl_padding_free`: ours as shipped (rows padded to the longest of each micro-batch) against TRL's SFTTrainer with
+  `padding_free = True` (each micro-batch flattened into one row) and its other defaults (its chunked log-prob head,
+  activation checkpointing on: TRL's default, printed);
+- `trl_packed`: ours with `data.packing = true` against TRL with `packing = true` (its best-fit-decreasing packing),
+  rows of --seq-len tokens. The two pack differently, so their first losses are not comparable and the ratio is of
+  time per trained token, not per step.
+
+For the first three, one step of each side is run first and the step-1 losses must agree (relative difference <=
+1e-5; the bench exits 1 if not: the comparison would not be of the same work). Then each round times --steps steps
+of each after --warmup steps, the side that goes first alternating by round; per round the ratio ours / peer, then
+the median and the spread. One JSON line per measurement, then a summary line per comparison.
 """
 
 import argparse
@@ -19,6 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 
@@ -46,6 +63,8 @@ def setup(root: Path, args) -> tuple[Path, Path, list[dict]]:
                                          pad_token_id=tokenizer.eos_token_id, tie_word_embeddings=False))
     model.save_pretrained(root / "init")
     tokenizer.save_pretrained(root / "init")
+    print(json.dumps({"model": "LlamaForCausalLM", "parameters": sum(p.numel() for p in model.parameters()),
+                      "hidden": args.hidden, "layers": args.layers, "vocab": len(tokenizer)}), flush=True)
     cfg = ours_config(root, data, args, steps=1)
     train_set, _ = build(cfg.data, tokenizer, use_cache=False)
     plan = BatchPlan(len(train_set), BatchShape.of(cfg.train, 1), cfg.seed)
@@ -54,7 +73,7 @@ def setup(root: Path, args) -> tuple[Path, Path, list[dict]]:
     return root / "init", data, [{"input_ids": train_set.input_ids[i], "labels": train_set.labels[i]} for i in order]
 
 
-def ours_config(root: Path, data: Path, args, steps: int, out: str = "ours"):
+def ours_config(root: Path, data: Path, args, steps: int, out: str = "ours", overrides: Sequence[str] = ()):
     from automodel.config import load_config
 
     toml = root / "ours.toml"
@@ -88,89 +107,178 @@ save_final = false
 progress_bar = "off"
 plot = false
 """)
-    return load_config(toml, list(args.ours))
+    return load_config(toml, [*overrides, *args.ours])
 
 
-def run_ours(root: Path, data: Path, args, steps: int) -> tuple[float, float]:
-    """(first logged loss, ms per step over the last args.steps steps)."""
+def run_ours(root: Path, data: Path, args, steps: int, overrides: Sequence[str] = ()) -> dict:
+    """{first logged loss, ms per step and trained tokens per step over the last args.steps steps}."""
     import automodel
 
-    result = automodel.train(ours_config(root, data, args, steps))
+    result = automodel.train(ours_config(root, data, args, steps, overrides=overrides))
     rows = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
-    timed = [r["ms_per_step"] for r in rows[-args.steps:]]  # a row per step, as the Trainer logs (logging_steps=1)
-    return rows[0]["loss"], sum(timed) / len(timed)
+    rows = [r for r in rows if "loss" in r]
+    timed = rows[-args.steps:]  # a row per step, as the peers log (logging_steps=1)
+    ms = sum(r["ms_per_step"] for r in timed) / len(timed)
+    tokens = sum(r["tokens_per_s"] * r["ms_per_step"] / 1e3 for r in timed) / len(timed)
+    return {"loss": rows[0]["loss"], "ms_per_step": ms, "tokens_per_step": tokens}
 
 
-def run_trainer(root: Path, rows: list[dict], args, steps: int) -> tuple[float, float]:
-    """(first step's loss, ms per step over the last args.steps steps), with the HF Trainer."""
+class _Clock:
+    """A TrainerCallback (made on first use: transformers is imported late) recording step ends and logged losses."""
+
+    @staticmethod
+    def make():
+        from transformers import TrainerCallback
+
+        class Clock(TrainerCallback):
+            def __init__(self):
+                self.ends, self.losses = [], []
+
+            def on_step_end(self, *a, **k):
+                self.ends.append(time.perf_counter())
+
+            def on_log(self, _args, state, control, logs=None, **k):
+                if logs and "loss" in logs:
+                    self.losses.append(float(logs["loss"]))
+
+        return Clock()
+
+
+def _timed(trainer, clock, args) -> dict:
+    from transformers import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # its log dicts on stdout
+    trainer.train()
+    ends = clock.ends[-(args.steps + 1):]
+    steps = len(ends) - 1
+    ms = 1000 * (ends[-1] - ends[0]) / steps if steps else float("nan")
+    tokens = trainer.state.num_input_tokens_seen / max(trainer.state.global_step, 1)
+    return {"loss": clock.losses[0], "ms_per_step": ms, "tokens_per_step": tokens}
+
+
+def run_trainer(root: Path, rows: list[dict], args, steps: int, optim: Optional[str] = None) -> dict:
+    """{first step's loss, ms per step over the last args.steps steps, tokens per step}, with the HF Trainer (its
+    default optimizer unless `optim`)."""
     from torch.utils.data import SequentialSampler
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, PrinterCallback, Trainer,
-                              TrainerCallback, TrainingArguments)
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     class InOrder(Trainer):  # the rows are already in our order
         def _get_train_sampler(self, *a, **k):
             return SequentialSampler(self.train_dataset)
 
-    class Clock(TrainerCallback):
-        def __init__(self):
-            self.ends, self.losses = [], []
-
-        def on_step_end(self, *a, **k):
-            self.ends.append(time.perf_counter())
-
-        def on_log(self, _args, state, control, logs=None, **k):
-            if logs and "loss" in logs:
-                self.losses.append(float(logs["loss"]))
-
     tokenizer = AutoTokenizer.from_pretrained(root / "init")
     model = AutoModelForCausalLM.from_pretrained(root / "init", dtype=torch.float32, attn_implementation="sdpa")
-    clock = Clock()
+    clock = _Clock.make()
     training_args = TrainingArguments(
         output_dir=str(root / "trainer"), per_device_train_batch_size=4, gradient_accumulation_steps=4,
         max_steps=steps, learning_rate=1e-4, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
         max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True, seed=0,
-        dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), optim="adamw_torch")
+        dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
+        include_num_input_tokens_seen="non_padding", **({"optim": optim} if optim else {}))
     trainer = InOrder(model=model, args=training_args, train_dataset=rows[:steps * 16],
                       data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100),
                       callbacks=[clock])
-    trainer.remove_callback(PrinterCallback)  # its log dicts on stdout
-    trainer.train()
-    timed = clock.ends[-(args.steps + 1):]
-    return clock.losses[0], 1000 * (timed[-1] - timed[0]) / args.steps
+    return _timed(trainer, clock, args)
+
+
+def run_trl(root: Path, rows: list[dict], args, steps: int, packed: bool) -> dict:
+    """The same with TRL's SFTTrainer: padding-free (our rows and order), or packed (its own packing of all the rows,
+    its own order)."""
+    from datasets import Dataset
+    from torch.utils.data import SequentialSampler
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    class InOrder(SFTTrainer):
+        def _get_train_sampler(self, *a, **k):
+            return SequentialSampler(self.train_dataset)
+
+    model = AutoModelForCausalLM.from_pretrained(root / "init", dtype=torch.float32, attn_implementation="sdpa")
+    clock = _Clock.make()
+    config = SFTConfig(
+        output_dir=str(root / "trl"), per_device_train_batch_size=4, gradient_accumulation_steps=4,
+        max_steps=steps, learning_rate=1e-4, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+        max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True, seed=0,
+        dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), bf16=False, max_length=args.seq_len,
+        include_num_input_tokens_seen="non_padding", **({"packing": True} if packed else {"padding_free": True}))
+    used = rows if packed else rows[:steps * 16]
+    data = Dataset.from_list([{"input_ids": list(map(int, r["input_ids"])),
+                               "completion_mask": [int(label != -100) for label in r["labels"]]} for r in used])
+    trainer = (SFTTrainer if packed else InOrder)(model=model, args=config, train_dataset=data, callbacks=[clock])
+    result = _timed(trainer, clock, args)
+    result["activation_checkpointing"] = bool(config.gradient_checkpointing)
+    return result
+
+
+# name -> (our overrides, the peer's runner, step-1 losses must agree, ratio of: "step" or "token")
+COMPARISONS = {
+    "trainer_equal_math": (["train.loss_chunk_tokens=0"],
+                           lambda root, rows, args, steps: run_trainer(root, rows, args, steps, optim="adamw_torch"),
+                           True, "step"),
+    "trainer_defaults": ([], run_trainer, True, "step"),
+    "trl_padding_free": ([], lambda root, rows, args, steps: run_trl(root, rows, args, steps, packed=False), True,
+                         "step"),
+    "trl_packed": (["data.packing=true"], lambda root, rows, args, steps: run_trl(root, rows, args, steps, packed=True),
+                   False, "token"),
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per run")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--hidden", type=int, default=384)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--only", nargs="*", choices=sorted(COMPARISONS), default=sorted(COMPARISONS))
     parser.add_argument("--ours", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="overrides of our config, e.g. train.loss_chunk_tokens=0 optim.fused=true")
+                        help="more overrides of our config on every comparison, e.g. optim.fused=true")
     args = parser.parse_args()
     if not (SHARED / "llamafactory-demos" / "alpaca_en_demo.json").is_file():
         sys.exit(f"bench_peers needs the shared data at {SHARED} (alpaca_en_demo.json, gpt2-tokenizer)")
-    torch.set_num_threads(torch.get_num_threads())
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         init, data, rows = setup(root, args)
         steps = args.warmup + args.steps
-        first_ours, _ = run_ours(root, data, args, 1)
-        first_trainer, _ = run_trainer(root, rows, args, 1)
-        print(json.dumps({"step_1_loss": {"ours": first_ours, "trainer": first_trainer},
-                          "relative_difference": abs(first_ours - first_trainer) / first_trainer}), flush=True)
-        ratios = []
-        for r in range(args.rounds):
-            _, ours_ms = run_ours(root, data, args, steps)
-            _, trainer_ms = run_trainer(root, rows, args, steps)
-            ratios.append(ours_ms / trainer_ms)
-            print(json.dumps({"round": r, "ours_ms_per_step": round(ours_ms, 1),
-                              "trainer_ms_per_step": round(trainer_ms, 1), "ratio": round(ratios[-1], 3)}),
-                  flush=True)
-        print(json.dumps({"median_ratio_ours_over_trainer": round(statistics.median(ratios), 3),
-                          "rounds": args.rounds, "timed_steps": args.steps, "ours": args.ours}), flush=True)
+        for name in args.only:  # the same work first: every comparison's step-1 losses, before any timing
+            overrides, peer, agree, _ = COMPARISONS[name]
+            if agree:
+                ours, theirs = run_ours(root, data, args, 1, overrides), peer(root, rows, args, 1)
+                difference = abs(ours["loss"] - theirs["loss"]) / theirs["loss"]
+                print(json.dumps({"comparison": name, "step_1_loss": {"ours": ours["loss"], "peer": theirs["loss"]},
+                                  "relative_difference": difference}), flush=True)
+                if not difference <= 1e-5:
+                    sys.exit(f"bench_peers: {name}: the step-1 losses differ ({difference:.2e} relative): not the "
+                             "same work, so no timing")
+        summary = []
+        for name in args.only:
+            overrides, peer, _, per = COMPARISONS[name]
+            ratios = []
+            for r in range(args.rounds):
+                sides = [("ours", lambda: run_ours(root, data, args, steps, overrides)),
+                         ("peer", lambda: peer(root, rows, args, steps))]
+                got = dict((side, run()) for side, run in (sides if r % 2 == 0 else sides[::-1]))
+                ours, theirs = got["ours"], got["peer"]
+                if per == "token":
+                    ratio = (ours["ms_per_step"] / ours["tokens_per_step"]) / (theirs["ms_per_step"] /
+                                                                                  theirs["tokens_per_step"])
+                else:
+                    ratio = ours["ms_per_step"] / theirs["ms_per_step"]
+                ratios.append(ratio)
+                print(json.dumps({"comparison": name, "round": r, "first": "ours" if r % 2 == 0 else "peer",
+                                  "ours_ms_per_step": round(ours["ms_per_step"], 1),
+                                  "peer_ms_per_step": round(theirs["ms_per_step"], 1),
+                                  "ours_tokens_per_step": round(ours["tokens_per_step"]),
+                                  "peer_tokens_per_step": round(theirs["tokens_per_step"]),
+                                  **({"peer_activation_checkpointing": theirs["activation_checkpointing"]}
+                                     if "activation_checkpointing" in theirs else {}),
+                                  f"ratio_per_{per}": round(ratio, 3)}), flush=True)
+            summary.append({"comparison": name, f"median_ratio_per_{per}": round(statistics.median(ratios), 3),
+                            "min": round(min(ratios), 3), "max": round(max(ratios), 3), "rounds": args.rounds,
+                            "timed_steps": args.steps, "ours": overrides + list(args.ours)})
+        for line in summary:
+            print(json.dumps(line), flush=True)
 
 
 if __name__ == "__main__":
