@@ -10,7 +10,7 @@ trained, `plain` prompt template) and fed to every side in the same order (our B
 4 accumulation steps, lr 1e-4 constant, no weight decay, clipping at 1.0, no evaluation. The peers run their own
 loops, collators, losses and optimizers: they share none of our training code.
 
-Four comparisons, each its own pair of runs (`--only` picks some):
+Five comparisons, each its own pair of runs (`--only` picks some):
 
 - `trainer_equal_math`: our whole-logits loss (`train.loss_chunk_tokens = 0`) and foreach AdamW against the
   Trainer with `optim = "adamw_torch"` (foreach): the same arithmetic, so what differs is the loop;
@@ -18,11 +18,12 @@ Four comparisons, each its own pair of runs (`--only` picks some):
 - `trl_padding_free`: ours as shipped (rows padded to the longest of each micro-batch) against TRL's SFTTrainer with
   `padding_free = True` (each micro-batch flattened into one row) and its other defaults (its chunked log-prob head,
   activation checkpointing on: TRL's default, printed);
+- `trl_padding_free_no_checkpointing`: the same with TRL's activation checkpointing off, as ours is: like for like;
 - `trl_packed`: ours with `data.packing = true` against TRL with `packing = true` (its best-fit-decreasing packing),
   rows of --seq-len tokens. The two pack differently, so their first losses are not comparable and the ratio is of
   time per trained token, not per step.
 
-For the first three, one step of each side is run first and the step-1 losses must agree (relative difference <=
+For all but the packed one, one step of each side is run first and the step-1 losses must agree (relative difference <=
 1e-5; the bench exits 1 if not: the comparison would not be of the same work). Then each round times --steps steps
 of each after --warmup steps, the side that goes first alternating by round; per round the ratio ours / peer, then
 the median and the spread. One JSON line per measurement, then a summary line per comparison.
@@ -132,10 +133,11 @@ class _Clock:
 
         class Clock(TrainerCallback):
             def __init__(self):
-                self.ends, self.losses = [], []
+                self.ends, self.seen, self.losses = [], [], []
 
-            def on_step_end(self, *a, **k):
+            def on_step_end(self, _args, state, control, **k):
                 self.ends.append(time.perf_counter())
+                self.seen.append(state.num_input_tokens_seen)
 
             def on_log(self, _args, state, control, logs=None, **k):
                 if logs and "loss" in logs:
@@ -149,10 +151,10 @@ def _timed(trainer, clock, args) -> dict:
 
     trainer.remove_callback(PrinterCallback)  # its log dicts on stdout
     trainer.train()
-    ends = clock.ends[-(args.steps + 1):]
-    steps = len(ends) - 1
+    ends, seen = clock.ends[-(args.steps + 1):], clock.seen[-(args.steps + 1):]
+    steps = len(ends) - 1  # the timed steps: from the end of the last warm-up step
     ms = 1000 * (ends[-1] - ends[0]) / steps if steps else float("nan")
-    tokens = trainer.state.num_input_tokens_seen / max(trainer.state.global_step, 1)
+    tokens = (seen[-1] - seen[0]) / steps if steps else float("nan")
     return {"loss": clock.losses[0], "ms_per_step": ms, "tokens_per_step": tokens}
 
 
@@ -181,9 +183,9 @@ def run_trainer(root: Path, rows: list[dict], args, steps: int, optim: Optional[
     return _timed(trainer, clock, args)
 
 
-def run_trl(root: Path, rows: list[dict], args, steps: int, packed: bool) -> dict:
+def run_trl(root: Path, rows: list[dict], args, steps: int, packed: bool, checkpointing: Optional[bool] = None) -> dict:
     """The same with TRL's SFTTrainer: padding-free (our rows and order), or packed (its own packing of all the rows,
-    its own order)."""
+    its own order); activation checkpointing as TRL defaults (on) unless `checkpointing`."""
     from datasets import Dataset
     from torch.utils.data import SequentialSampler
     from transformers import AutoModelForCausalLM
@@ -199,8 +201,11 @@ def run_trl(root: Path, rows: list[dict], args, steps: int, packed: bool) -> dic
         output_dir=str(root / "trl"), per_device_train_batch_size=4, gradient_accumulation_steps=4,
         max_steps=steps, learning_rate=1e-4, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
         max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True, seed=0,
-        dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), bf16=False, max_length=args.seq_len,
-        include_num_input_tokens_seen="non_padding", **({"packing": True} if packed else {"padding_free": True}))
+        dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), bf16=False,
+        include_num_input_tokens_seen="non_padding", completion_only_loss=True,  # the prompt masked, as ours
+        # (padding-free: our rows, already cut to seq_len; packed: TRL's rows of seq_len)
+        **({"packing": True, "max_length": args.seq_len} if packed else {"padding_free": True, "max_length": None}),
+        **({} if checkpointing is None else {"gradient_checkpointing": checkpointing}))
     used = rows if packed else rows[:steps * 16]
     data = Dataset.from_list([{"input_ids": list(map(int, r["input_ids"])),
                                "completion_mask": [int(label != -100) for label in r["labels"]]} for r in used])
@@ -218,6 +223,9 @@ COMPARISONS = {
     "trainer_defaults": ([], run_trainer, True, "step"),
     "trl_padding_free": ([], lambda root, rows, args, steps: run_trl(root, rows, args, steps, packed=False), True,
                          "step"),
+    "trl_padding_free_no_checkpointing": (
+        [], lambda root, rows, args, steps: run_trl(root, rows, args, steps, packed=False, checkpointing=False), True,
+        "step"),
     "trl_packed": (["data.packing=true"], lambda root, rows, args, steps: run_trl(root, rows, args, steps, packed=True),
                    False, "token"),
 }

@@ -33,8 +33,11 @@ def host_ready(batch: Batch, pin: bool = False) -> Batch:
     batch = {**batch, "target_index": target_index(batch["labels"])}
     if "position_ids" in batch:
         batch["cu_seq_lens"], batch["max_length"] = varlen_boundaries(batch["position_ids"])
-    elif "attention_mask" in batch:
-        batch["padding"] = padding_kind(batch["attention_mask"])
+    # Each unpacked set of rows (KTO's mismatched rows come under "kl_" keys beside the batch's own).
+    for key in [k for k in batch if k.endswith("attention_mask")]:
+        prefix = key[:-len("attention_mask")]
+        if f"{prefix}position_ids" not in batch:
+            batch[f"{prefix}padding"] = padding_kind(batch[key])
     if pin:
         batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     return batch
@@ -43,7 +46,11 @@ def host_ready(batch: Batch, pin: bool = False) -> Batch:
 def padding_kind(attention_mask: torch.Tensor) -> str:
     """"none" (every position real), "trailing" (each row's padding after its tokens: right padding) or "other",
     read from a host mask with numpy (no tensor op, so nothing a device would be asked)."""
+    if attention_mask.device.type != "cpu":  # not a host batch: reading it would be the sync this avoids
+        return "other"
     mask = attention_mask.numpy()
+    if mask.ndim != 2 or not ((mask == 0) | (mask == 1)).all():  # not a (rows, positions) padding mask
+        return "other"
     if mask.all():
         return "none"
     return "trailing" if (mask[:, 1:] <= mask[:, :-1]).all() else "other"

@@ -29,6 +29,7 @@ def test_padding_kind_reads_where_each_rows_padding_lies():
     assert padding_kind(torch.tensor([[1, 1, 1, 0, 0], [0, 0, 0, 0, 0]])) == "trailing"
     assert padding_kind(torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])) == "other"  # left padding
     assert padding_kind(torch.tensor([[1, 0, 1, 1, 1]])) == "other"  # a hole
+    assert padding_kind(torch.ones(1, 1, 5, 5)) == "other"  # a 4-D mask is not a padding mask: kept as it is
 
 
 @pytest.mark.parametrize("mask, attn, kept", [
