@@ -158,6 +158,16 @@ def _timed(trainer, clock, args) -> dict:
     return {"loss": clock.losses[0], "ms_per_step": ms, "tokens_per_step": tokens}
 
 
+def shared_arguments(output_dir: Path, steps: int) -> dict:
+    """The TrainingArguments every peer run shares (SFTConfig extends them): our batch shape, optimisation settings
+    and logging, no saving; the tokens each step saw counted without padding."""
+    return dict(output_dir=str(output_dir), per_device_train_batch_size=4, gradient_accumulation_steps=4,
+                max_steps=steps, learning_rate=1e-4, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+                max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True, seed=0,
+                dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
+                include_num_input_tokens_seen="non_padding")
+
+
 def run_trainer(root: Path, rows: list[dict], args, steps: int, optim: Optional[str] = None) -> dict:
     """{first step's loss, ms per step over the last args.steps steps, tokens per step}, with the HF Trainer (its
     default optimizer unless `optim`)."""
@@ -171,12 +181,8 @@ def run_trainer(root: Path, rows: list[dict], args, steps: int, optim: Optional[
     tokenizer = AutoTokenizer.from_pretrained(root / "init")
     model = AutoModelForCausalLM.from_pretrained(root / "init", dtype=torch.float32, attn_implementation="sdpa")
     clock = _Clock.make()
-    training_args = TrainingArguments(
-        output_dir=str(root / "trainer"), per_device_train_batch_size=4, gradient_accumulation_steps=4,
-        max_steps=steps, learning_rate=1e-4, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True, seed=0,
-        dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
-        include_num_input_tokens_seen="non_padding", **({"optim": optim} if optim else {}))
+    training_args = TrainingArguments(**shared_arguments(root / "trainer", steps),
+                                      **({"optim": optim} if optim else {}))
     trainer = InOrder(model=model, args=training_args, train_dataset=rows[:steps * 16],
                       data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100),
                       callbacks=[clock])
@@ -198,11 +204,7 @@ def run_trl(root: Path, rows: list[dict], args, steps: int, packed: bool, checkp
     model = AutoModelForCausalLM.from_pretrained(root / "init", dtype=torch.float32, attn_implementation="sdpa")
     clock = _Clock.make()
     config = SFTConfig(
-        output_dir=str(root / "trl"), per_device_train_batch_size=4, gradient_accumulation_steps=4,
-        max_steps=steps, learning_rate=1e-4, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True, seed=0,
-        dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), bf16=False,
-        include_num_input_tokens_seen="non_padding", completion_only_loss=True,  # the prompt masked, as ours
+        **shared_arguments(root / "trl", steps), bf16=False, completion_only_loss=True,  # the prompt masked, as ours
         # (padding-free: our rows, already cut to seq_len; packed: TRL's rows of seq_len)
         **({"packing": True, "max_length": args.seq_len} if packed else {"padding_free": True, "max_length": None}),
         **({} if checkpointing is None else {"gradient_checkpointing": checkpointing}))
