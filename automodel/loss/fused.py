@@ -92,10 +92,16 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias:
                                targets: torch.Tensor, transform: Transform, chunk_tokens: int) -> torch.Tensor:
     """Summed cross-entropy of transform(hidden @ weight.T + bias) against `targets` (every one trained),
     `chunk_tokens` rows at a time, its gradients computed as it goes (no recompute in the backward)."""
+    head, params = _linear(transform, weight, bias)
+    return fused_linear_loss(hidden, head, params, targets, chunk_tokens)
+
+
+def _linear(transform: Transform, weight: torch.Tensor,
+            bias: Optional[torch.Tensor]) -> tuple[HeadFn, list[torch.Tensor]]:
+    """transform(F.linear(...)) as a function of its parameters (weight, and bias where there is one)."""
     if bias is None:
-        return fused_linear_loss(hidden, lambda h, w: transform(F.linear(h, w)), (weight,), targets, chunk_tokens)
-    return fused_linear_loss(hidden, lambda h, w, b: transform(F.linear(h, w, b)), (weight, bias), targets,
-                             chunk_tokens)
+        return (lambda h, w: transform(F.linear(h, w))), [weight]
+    return (lambda h, w, b: transform(F.linear(h, w, b))), [weight, bias]
 
 
 def linear_head(module: nn.Module, transform: Transform) -> Optional[tuple[HeadFn, list[torch.Tensor]]]:
@@ -103,9 +109,7 @@ def linear_head(module: nn.Module, transform: Transform) -> Optional[tuple[HeadF
     an nn.Linear, or peft's LoRA Linear with one active, unmerged adapter (no DoRA) over one; else None. The
     parameters are read at call time (the functional backend binds the state's tensors to the module)."""
     if type(module) is nn.Linear:
-        if module.bias is None:
-            return (lambda h, w: transform(F.linear(h, w))), [module.weight]
-        return (lambda h, w, b: transform(F.linear(h, w, b))), [module.weight, module.bias]
+        return _linear(transform, module.weight, module.bias)
     lora = _lora_parts(module)
     if lora is None:
         return None
